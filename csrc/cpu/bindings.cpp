@@ -1,0 +1,115 @@
+// pybind11 module _C: the CPU kernels, called with raw data pointers.
+//
+// Python owns allocation, validation and autograd (DESIGN.md); this layer checks
+// again everything that could make a kernel read or write outside the buffers
+// Python says it passed (pointer, element count), whatever the caller sends.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/contrastive.h"
+
+namespace py = pybind11;
+
+namespace {
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1 };
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error("metassl_fast._C: " + msg);
+}
+
+// A buffer of `numel` elements must hold `need` of them.
+void require_buffer(uintptr_t ptr, int64_t numel, int64_t need, const char* name) {
+  require(ptr != 0, std::string(name) + " is a null pointer");
+  require(numel >= need, std::string(name) + " holds " + std::to_string(numel) +
+                             " elements, the sizes need " + std::to_string(need));
+}
+
+// Elements a row-major (rows x cols, row stride ld) view touches.
+int64_t span(int64_t rows, int64_t cols, int64_t ld) {
+  return rows == 0 ? 0 : (rows - 1) * ld + cols;
+}
+
+double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C, int64_t ld,
+                  int64_t row0, int64_t n_pairs, uintptr_t lse, int64_t lse_numel,
+                  bool compute_lse, uintptr_t pos, int64_t pos_numel, uintptr_t g_row,
+                  int64_t g_row_numel, uintptr_t lse_col, uintptr_t g_col, int64_t col_numel,
+                  bool write_grad, int nthreads) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require(B >= 0 && C >= 1 && ld >= C, "need B >= 0, C >= 1 and ld >= C");
+  require(row0 >= 0 && n_pairs >= 1 && n_pairs <= C && row0 + B <= n_pairs,
+          "rows [row0, row0 + B) must be positive pairs: row0 >= 0, row0 + B <= n_pairs <= C");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  require(compute_lse || write_grad, "a call must compute lse or write the gradient");
+  require_buffer(S, S_numel, span(B, C, ld), "S");
+  require_buffer(lse, lse_numel, B, "lse");
+  if (pos) require_buffer(pos, pos_numel, B, "pos");
+  if (write_grad) {
+    require_buffer(g_row, g_row_numel, B, "g_row");
+    require((lse_col == 0) == (g_col == 0), "lse_col and g_col come together");
+    if (lse_col) {
+      require(!compute_lse, "the column term needs the final row lse (compute_lse=False)");
+      require_buffer(lse_col, col_numel, n_pairs, "lse_col");
+      require_buffer(g_col, col_numel, n_pairs, "g_col");
+    }
+  }
+  msf::RowBlockArgs a;
+  a.B = B, a.C = C, a.ld = ld, a.row0 = row0, a.n_pairs = n_pairs;
+  a.compute_lse = compute_lse, a.write_grad = write_grad;
+  py::gil_scoped_release nogil;
+  if (dtype == kFloat32)
+    return msf::block_rows<float>(reinterpret_cast<float*>(S), a, reinterpret_cast<float*>(lse),
+                                  reinterpret_cast<float*>(pos),
+                                  reinterpret_cast<const float*>(g_row),
+                                  reinterpret_cast<const float*>(lse_col),
+                                  reinterpret_cast<const float*>(g_col), nthreads);
+  return msf::block_rows<double>(reinterpret_cast<double*>(S), a, reinterpret_cast<double*>(lse),
+                                 reinterpret_cast<double*>(pos),
+                                 reinterpret_cast<const double*>(g_row),
+                                 reinterpret_cast<const double*>(lse_col),
+                                 reinterpret_cast<const double*>(g_col), nthreads);
+}
+
+void block_col_stats(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t n_cols,
+                     int64_t ld, uintptr_t col_max, uintptr_t col_sum, int64_t col_numel,
+                     int nthreads) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require(B >= 0 && n_cols >= 0 && ld >= n_cols && ld >= 1, "need B, n_cols >= 0 and ld >= n_cols");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  require_buffer(S, S_numel, span(B, n_cols, ld), "S");
+  require_buffer(col_max, col_numel, n_cols, "col_max");
+  require_buffer(col_sum, col_numel, n_cols, "col_sum");
+  py::gil_scoped_release nogil;
+  if (dtype == kFloat32)
+    msf::block_col_stats<float>(reinterpret_cast<const float*>(S), B, n_cols, ld,
+                                reinterpret_cast<float*>(col_max),
+                                reinterpret_cast<float*>(col_sum), nthreads);
+  else
+    msf::block_col_stats<double>(reinterpret_cast<const double*>(S), B, n_cols, ld,
+                                 reinterpret_cast<double*>(col_max),
+                                 reinterpret_cast<double*>(col_sum), nthreads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "metassl_fast CPU kernels (raw-pointer interface; use metassl_fast's Python API)";
+  m.def("block_rows", &block_rows, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
+        py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("n_pairs"),
+        py::arg("lse"), py::arg("lse_numel"), py::arg("compute_lse"), py::arg("pos"),
+        py::arg("pos_numel"), py::arg("g_row"), py::arg("g_row_numel"), py::arg("lse_col"),
+        py::arg("g_col"), py::arg("col_numel"), py::arg("write_grad"), py::arg("nthreads"),
+        "Row statistics and, optionally, the in-place gradient of one row block of S; "
+        "returns sum(G * S). See csrc/cpu/contrastive.h.");
+  m.def("block_col_stats", &block_col_stats, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
+        py::arg("B"), py::arg("n_cols"), py::arg("ld"), py::arg("col_max"), py::arg("col_sum"),
+        py::arg("col_numel"), py::arg("nthreads"),
+        "Merge one row block of S into running per-column (max, sum of exp).");
+#ifdef __AVX2__
+  m.attr("simd") = "avx2";
+#else
+  m.attr("simd") = "baseline";
+#endif
+}

@@ -1,0 +1,267 @@
+// Row-block kernels of the fused contrastive loss; the math is in contrastive.h.
+//
+// Why the loops look like this: a row of S (C <= a few 10^4 floats) sits in L1/L2,
+// so each row is finished (max, exp+sum, gradient) before the next is touched.
+// The loops are written on explicit vectors (GCC vector extensions) rather than left
+// to the auto-vectoriser, which does not vectorise reductions or this exp without
+// -ffast-math (and -ffast-math would drop the NaN propagation we promise).
+#include "cpu/contrastive.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace msf {
+namespace {
+
+// One SIMD register of T: GCC vector extensions, lowered to AVX2 under -march=native
+// on an AVX2 machine and to pairs of SSE registers elsewhere.
+template <typename T>
+struct Vec {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int W = 32 / sizeof(T);
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V splat(T x) { return V{} + x; }
+  static T hsum(V v) {
+    T s = 0;
+    for (int l = 0; l < W; ++l) s += v[l];
+    return s;
+  }
+  static T hmax(V v) {
+    T m = v[0];
+    for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+  }
+};
+
+// exp for float: Cephes' range reduction and degree-6 polynomial (about 1 ulp on
+// [-87, 88]), written for a scalar and for a vector alike.  NaN stays NaN, x < -87
+// gives 0 (such softmax terms are 0 in float32 anyway), x > 88.7 gives inf.
+template <typename F, typename I>
+inline F exp_poly(F x) {
+  const F lo = F{} - 87.0f, hi = F{} + 88.5f;
+  F xc = x < lo ? lo : x;  // comparisons are false for NaN: NaN stays NaN
+  xc = xc > hi ? hi : xc;
+  // round(x log2 e) by the 1.5 * 2^23 trick: exact for |x log2 e| < 2^22
+  F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  F nn = n == n ? n : F{};  // keep the integer conversion defined for NaN
+  I bits;
+  if constexpr (std::is_same_v<F, float>) {
+    bits = (static_cast<int32_t>(nn) + 127) << 23;
+  } else {
+    bits = (__builtin_convertvector(nn, I) + 127) << 23;
+  }
+  F scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  F res = p * scale;
+  res = x < lo ? F{} : res;
+  return x > 88.7f ? F{} + std::numeric_limits<float>::infinity() : res;
+}
+
+typedef int32_t VI __attribute__((vector_size(32)));
+inline float exp_t(float x) { return exp_poly<float, int32_t>(x); }
+inline Vec<float>::V exp_t(Vec<float>::V x) { return exp_poly<Vec<float>::V, VI>(x); }
+// float64 is the precision of the tests and gradcheck: the exact libm exp.
+inline double exp_t(double x) { return std::exp(x); }
+inline Vec<double>::V exp_t(Vec<double>::V x) {
+  for (int l = 0; l < Vec<double>::W; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+template <typename T>
+T row_max(const T* row, int64_t C) {
+  using X = Vec<T>;
+  typename X::V m = X::splat(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + X::W <= C; j += X::W) {
+    typename X::V v = X::load(row + j);
+    m = v > m ? v : m;
+  }
+  T out = X::hmax(m);
+  for (; j < C; ++j) out = row[j] > out ? row[j] : out;
+  return out;
+}
+
+// e_j = exp(row_j - m) into e; returns sum_j e_j and sets *dot = sum_j e_j row_j.
+template <typename T>
+T exp_sum(const T* row, int64_t C, T m, T* e, T* dot) {
+  using X = Vec<T>;
+  typename X::V s = X::splat(0), d = X::splat(0);
+  int64_t j = 0;
+  for (; j + X::W <= C; j += X::W) {
+    typename X::V x = X::load(row + j);
+    typename X::V v = exp_t(x - m);
+    X::store(e + j, v);
+    s += v;
+    d += v * x;
+  }
+  T out = X::hsum(s), dd = X::hsum(d);
+  for (; j < C; ++j) {
+    T v = exp_t(row[j] - m);
+    e[j] = v;
+    out += v;
+    dd += v * row[j];
+  }
+  *dot = dd;
+  return out;
+}
+
+// row_j <- gr exp(row_j - l) [+ g_col_j exp(row_j - lse_col_j)] on [j0, j1); returns
+// the sum of the new row_j times the old.
+template <typename T, bool WITH_COL>
+T grad_known_lse(T* row, int64_t j0, int64_t j1, T gr, T l, const T* lse_col, const T* g_col) {
+  using X = Vec<T>;
+  typename X::V d = X::splat(0);
+  int64_t j = j0;
+  for (; j + X::W <= j1; j += X::W) {
+    typename X::V x = X::load(row + j);
+    typename X::V gv = gr * exp_t(x - l);
+    if constexpr (WITH_COL) gv += X::load(g_col + j) * exp_t(x - X::load(lse_col + j));
+    d += gv * x;
+    X::store(row + j, gv);
+  }
+  T out = X::hsum(d);
+  for (; j < j1; ++j) {
+    T x = row[j];
+    T gv = gr * exp_t(x - l);
+    if constexpr (WITH_COL) gv += g_col[j] * exp_t(x - lse_col[j]);
+    out += gv * x;
+    row[j] = gv;
+  }
+  return out;
+}
+
+// Run fn(begin, end, t) on `nthreads` contiguous chunks of [0, n); chunk 0 on the
+// calling thread.  std::thread rather than OpenMP: torch ships its own OpenMP
+// runtime, and two runtimes spinning on two cores starve each other.
+template <typename F>
+void parallel_chunks(int64_t n, int nthreads, F&& fn) {
+  int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
+  if (t == 1) {
+    fn(int64_t{0}, n, 0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  int64_t step = (n + t - 1) / t;
+  for (int k = 1; k < t; ++k) {
+    int64_t b = std::min(n, k * step), e = std::min(n, (k + 1) * step);
+    pool.emplace_back([&fn, b, e, k] { fn(b, e, k); });
+  }
+  fn(int64_t{0}, std::min(n, step), 0);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+template <typename T>
+double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, const T* g_row, const T* lse_col,
+                  const T* g_col, int nthreads) {
+  const int64_t C = a.C, n_pairs = a.n_pairs;
+  std::vector<double> partial(static_cast<size_t>(std::max(1, nthreads)), 0.0);
+  parallel_chunks(a.B, nthreads, [&](int64_t r0, int64_t r1, int tid) {
+    std::vector<T> e(a.compute_lse || !a.write_grad ? C : 0);
+    double acc = 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = S + r * a.ld;
+      const int64_t i = a.row0 + r;  // positive column of this row
+      const T s_pos = row[i];
+      if (pos) pos[r] = s_pos;
+      if (!a.write_grad) {  // statistics only
+        T m = row_max(row, C);
+        T dot;
+        lse[r] = m + std::log(exp_sum(row, C, m, e.data(), &dot));
+        continue;
+      }
+      const T gr = g_row[r];
+      T dot_gs = 0;  // sum_j G_rj S_rj before the diagonal term
+      if (a.compute_lse) {
+        // one exp per element: e = exp(S - m), lse = m + log(sum e), G = g e / sum e
+        T m = row_max(row, C);
+        T dot;
+        T sum = exp_sum(row, C, m, e.data(), &dot);
+        lse[r] = m + std::log(sum);
+        T f = gr / sum;
+        for (int64_t j = 0; j < C; ++j) row[j] = f * e[j];
+        dot_gs = f * dot;
+      } else {
+        const T l = lse[r];
+        int64_t j0 = 0;
+        if (lse_col) {
+          dot_gs += grad_known_lse<T, true>(row, 0, n_pairs, gr, l, lse_col, g_col);
+          j0 = n_pairs;
+        }
+        dot_gs += grad_known_lse<T, false>(row, j0, C, gr, l, nullptr, nullptr);
+      }
+      // the positive: -[j == i] from the row term and, if present, the column term
+      const T delta = gr + (lse_col ? g_col[i] : T(0));
+      row[i] -= delta;
+      acc += static_cast<double>(dot_gs) - static_cast<double>(delta) * s_pos;
+    }
+    partial[tid] = acc;
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+template <typename T>
+void block_col_stats(const T* S, int64_t B, int64_t n_cols, int64_t ld, T* col_max, T* col_sum,
+                     int nthreads) {
+  parallel_chunks(n_cols, nthreads, [&](int64_t c0, int64_t c1, int) {
+    const int64_t w = c1 - c0;
+    std::vector<T> bm(w, -std::numeric_limits<T>::infinity()), bs(w, T(0));
+    for (int64_t r = 0; r < B; ++r) {
+      const T* row = S + r * ld + c0;
+      for (int64_t j = 0; j < w; ++j) bm[j] = row[j] > bm[j] ? row[j] : bm[j];
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      T m_old = col_max[c0 + j];
+      T m_new = m_old > bm[j] ? m_old : bm[j];
+      // exp(-inf - m) is 0: a column seen for the first time starts from sum 0
+      bs[j] = col_sum[c0 + j] * exp_t(m_old - m_new);
+      bm[j] = m_new;
+    }
+    using X = Vec<T>;
+    for (int64_t r = 0; r < B; ++r) {
+      const T* row = S + r * ld + c0;
+      int64_t j = 0;
+      for (; j + X::W <= w; j += X::W)
+        X::store(bs.data() + j, X::load(bs.data() + j) +
+                                    exp_t(X::load(row + j) - X::load(bm.data() + j)));
+      for (; j < w; ++j) bs[j] += exp_t(row[j] - bm[j]);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      col_max[c0 + j] = bm[j];
+      col_sum[c0 + j] = bs[j];
+    }
+  });
+}
+
+template double block_rows<float>(float*, const RowBlockArgs&, float*, float*, const float*,
+                                  const float*, const float*, int);
+template double block_rows<double>(double*, const RowBlockArgs&, double*, double*, const double*,
+                                   const double*, const double*, int);
+template void block_col_stats<float>(const float*, int64_t, int64_t, int64_t, float*, float*, int);
+template void block_col_stats<double>(const double*, int64_t, int64_t, int64_t, double*, double*,
+                                      int);
+
+}  // namespace msf

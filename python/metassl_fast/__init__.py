@@ -1,0 +1,9 @@
+"""metassl_fast: fused contrastive losses and batched meta-learning kernels for PyTorch."""
+from . import ops  # noqa: F401  (registers the custom ops)
+from ._backend import available_backends
+from .functional import clip_loss, info_nce
+from .modules import ClipLoss, InfoNCE
+
+__version__ = "0.1.0"
+
+__all__ = ["ClipLoss", "InfoNCE", "available_backends", "clip_loss", "info_nce", "__version__"]

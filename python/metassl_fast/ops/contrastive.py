@@ -1,0 +1,315 @@
+"""The fused contrastive op (InfoNCE, symmetric InfoNCE, CLIP) as torch.library custom ops.
+
+    S = s Q K^T,  K = [key; negatives]  (C = N + M columns; columns < N are keys)
+    row_i = lse_j S_ij - S_ii             col_j = lse_i S_ij - S_jj   (j < N, symmetric)
+    G_ij  = g_row_i (softmax_row(S)_ij - [i = j]) + [j < N] g_col_j (softmax_col(S)_ij - [i = j])
+    dQ = s G K,  dK = s G^T Q,  ds = sum_ij G_ij S_ij / s
+    with normalisation q = x / |x|:  dx = (dq - q (q . dq)) / |x|
+
+CPU backend: S is streamed in row blocks of at most TARGET_BLOCK_BYTES.  torch's
+BLAS computes each block (and multiplies the gradient block back); the C++ kernel
+(csrc/cpu/contrastive.cpp) does the log-sum-exp, softmax and gradient on the block
+in cache.  Extra memory is O(N D + block), never O(N C).
+GEMM count: one-sided 3 (S, dQ, dK in one pass during the forward); symmetric 4
+(pass 1 for the row and column LSE, pass 2 recomputes S for the gradient).
+For a scalar loss with grad enabled the gradient is computed in the forward and the
+backward only scales it by grad_output; reduction="none" recomputes in backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+TARGET_BLOCK_BYTES = 8 << 20  # one S block: fits the L3 of small CPUs; GEMMs are no faster above
+NORM_EPS = 1e-12  # F.normalize's eps: |x| is clamped to it
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_rows(n_rows: int, n_cols: int, itemsize: int) -> int:
+    return max(1, min(n_rows, TARGET_BLOCK_BYTES // (n_cols * itemsize)))
+
+
+def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return x / norm, norm
+
+
+def _normalize_backward(dxn: Tensor, xn: Tensor, norm: Tensor) -> Tensor:
+    # where |x| was clamped to eps the map is x / eps: its gradient is dxn / eps
+    radial = (xn * dxn).sum(dim=1, keepdim=True)
+    clamped = norm <= NORM_EPS
+    return torch.where(clamped, dxn, dxn - xn * radial) / norm
+
+
+def _inputs(query, key, negatives, normalize):
+    """Upcast to the accumulation dtype and normalise: (q, keys, q_norm, keys_norm)."""
+    acc = _acc_dtype(query.dtype)
+    q = query.to(acc)
+    keys = key.to(acc) if negatives is None else torch.cat([key.to(acc), negatives.to(acc)])
+    qn = kn = None
+    if normalize:
+        q, qn = _normalized(q)
+        keys, kn = _normalized(keys)
+    return q, keys, qn, kn
+
+
+def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row, g_col,
+           need_dq, need_dk):
+    """One pass over the row blocks of S = qs keys^T (qs is already scaled by s).
+
+    stats: compute lse_row (written) and the positives; col_stats: running column
+    (max, sum); grad: overwrite each block with G and return (dq / s, dk, sum G S)."""
+    C_ext = _ext.require("_C")
+    n_rows, n_cols = qs.shape[0], keys.shape[0]
+    dtype = qs.dtype
+    code = _DTYPE_CODE[dtype]
+    nthreads = max(1, torch.get_num_threads())
+    B = _block_rows(n_rows, n_cols, qs.element_size())
+    buf = torch.empty(B, n_cols, dtype=dtype)
+    keys_t = keys.t()
+    pos = torch.empty(n_rows, dtype=dtype) if stats else None
+    col_max = col_sum = None
+    if col_stats:
+        col_max = torch.full((n_pairs,), -math.inf, dtype=dtype)
+        col_sum = torch.zeros(n_pairs, dtype=dtype)
+    dq = torch.empty_like(qs) if grad and need_dq else None
+    dk = torch.zeros_like(keys) if grad and need_dk else None
+    gs = 0.0
+    no_ptr = (0, 0)
+    for r0 in range(0, n_rows, B):
+        r1 = min(n_rows, r0 + B)
+        S = buf[: r1 - r0]
+        torch.mm(qs[r0:r1], keys_t, out=S)
+        if col_stats:
+            C_ext.block_col_stats(
+                dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, n_cols=n_pairs,
+                ld=n_cols, col_max=col_max.data_ptr(), col_sum=col_sum.data_ptr(),
+                col_numel=n_pairs, nthreads=nthreads)
+        lse_blk = lse_row[r0:r1]
+        pos_ptr = (pos[r0:r1].data_ptr(), r1 - r0) if stats else no_ptr
+        g_ptr = (g_row[r0:r1].data_ptr(), r1 - r0) if grad else no_ptr
+        with_col = grad and lse_col is not None
+        gs += C_ext.block_rows(
+            dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, C=n_cols, ld=n_cols,
+            row0=r0, n_pairs=n_pairs, lse=lse_blk.data_ptr(), lse_numel=r1 - r0,
+            compute_lse=stats, pos=pos_ptr[0], pos_numel=pos_ptr[1], g_row=g_ptr[0],
+            g_row_numel=g_ptr[1], lse_col=lse_col.data_ptr() if with_col else 0,
+            g_col=g_col.data_ptr() if with_col else 0, col_numel=n_pairs if with_col else 0,
+            write_grad=grad, nthreads=nthreads)
+        if grad:
+            if dq is not None:
+                torch.mm(S, keys, out=dq[r0:r1])
+            if dk is not None:
+                dk.addmm_(S.t(), qs[r0:r1])
+    lse_c = col_max + torch.log(col_sum) if col_stats else None
+    return pos, lse_c, dq, dk, gs
+
+
+def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, dtype) -> Tensor:
+    """dL/d(row loss) for each row (the column weights are the same when symmetric)."""
+    half = 0.5 if symmetric else 1.0
+    if reduction == "none":
+        return (half * grad).to(dtype).contiguous()
+    w = half / n if reduction == "mean" else half
+    if grad is not None:
+        w = w * float(grad)
+    return torch.full((n,), w, dtype=dtype)
+
+
+def _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need):
+    """Unscale, undo the normalisation, split keys/negatives, cast to input dtypes."""
+    need_dq, need_dk, need_dneg, need_ds = need
+    n = key.shape[0]
+    empty = query.new_empty(0)
+    out_q = out_k = out_n = empty
+    if need_dq:
+        dq = dq * s
+        if qn is not None:
+            dq = _normalize_backward(dq, q, qn)
+        out_q = dq.to(query.dtype)
+    if need_dk or need_dneg:
+        if kn is not None:
+            dk = _normalize_backward(dk, keys, kn)
+        # copies when negatives exist: two outputs must not share one buffer
+        split = negatives is not None
+        if need_dk:
+            out_k = dk[:n].to(key.dtype, copy=split)
+        if need_dneg:
+            out_n = dk[n:].to(negatives.dtype, copy=True)
+    out_s = (torch.tensor(gs / s, dtype=scale.dtype) if need_ds else scale.new_empty(0))
+    return out_q, out_k, out_n, out_s
+
+
+def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need):
+    q, keys, qn, kn = _inputs(query, key, negatives, normalize)
+    s = float(scale)
+    qs = q * s
+    n = query.shape[0]
+    acc = q.dtype
+    lse_row = torch.empty(n, dtype=acc)
+    lse_col = None
+    want_keys_grad = need[1] or need[2]
+    if not symmetric and precompute:  # one pass: statistics and gradient together
+        g_row = _row_weights(reduction, n, False, None, acc)
+        pos, _, dq, dk, gs = _sweep(qs, keys, n, stats=True, col_stats=False, grad=True,
+                                    lse_row=lse_row, lse_col=None, g_row=g_row, g_col=None,
+                                    need_dq=need[0], need_dk=want_keys_grad)
+    else:
+        pos, lse_col, _, _, _ = _sweep(qs, keys, n, stats=True, col_stats=symmetric, grad=False,
+                                       lse_row=lse_row, lse_col=None, g_row=None, g_col=None,
+                                       need_dq=False, need_dk=False)
+        if precompute:
+            g = _row_weights(reduction, n, True, None, acc)
+            _, _, dq, dk, gs = _sweep(qs, keys, n, stats=False, col_stats=False, grad=True,
+                                      lse_row=lse_row, lse_col=lse_col, g_row=g, g_col=g,
+                                      need_dq=need[0], need_dk=want_keys_grad)
+    per_row = lse_row - pos
+    if symmetric:
+        per_row = 0.5 * (per_row + (lse_col - pos))
+    if reduction == "mean":
+        loss = per_row.mean()
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        loss = per_row
+    if precompute:
+        grads = _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need)
+    else:
+        grads = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
+    lse_col_out = lse_col if symmetric else lse_row.new_empty(0)
+    return (loss.to(query.dtype), lse_row, lse_col_out) + grads
+
+
+def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
+                  reduction, need):
+    q, keys, qn, kn = _inputs(query, key, negatives, normalize)
+    s = float(scale)
+    n = query.shape[0]
+    acc = q.dtype
+    g = _row_weights(reduction, n, symmetric, grad.to(acc), acc)
+    _, _, dq, dk, gs = _sweep(q * s, keys, n, stats=False, col_stats=False, grad=True,
+                              lse_row=lse_row.contiguous(), lse_col=lse_col.contiguous() if symmetric else None,
+                              g_row=g, g_col=g if symmetric else None,
+                              need_dq=need[0], need_dk=need[1] or need[2])
+    return _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need)
+
+
+def _check_backend(backend: str) -> None:
+    if backend != "cpu":  # resolve() stops the others before they get here
+        raise RuntimeError(f"metassl_fast::contrastive has no {backend!r} kernel")
+
+
+# ---------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("metassl_fast::contrastive_fwd", mutates_args=())
+def contrastive_fwd(
+    query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor, symmetric: bool,
+    normalize: bool, reduction: str, precompute: bool, need_dq: bool, need_dk: bool,
+    need_dneg: bool, need_dscale: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, lse_row (N,), lse_col (N,) or (0,), dq, dk, dneg, dscale); the
+    four gradients are those of the reduced loss for grad_output = 1 when precompute,
+    else empty."""
+    _check_backend(backend)
+    need = (need_dq, need_dk, need_dneg, need_dscale)
+    return _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need)
+
+
+@contrastive_fwd.register_fake
+def _(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need_dq, need_dk,
+      need_dneg, need_dscale, backend):
+    n = query.shape[0]
+    acc = _acc_dtype(query.dtype)
+    loss = query.new_empty((n,) if reduction == "none" else ())
+    lse_row = query.new_empty((n,), dtype=acc)
+    lse_col = query.new_empty((n,) if symmetric else (0,), dtype=acc)
+
+    def grad_like(x, needed):
+        return x.new_empty(x.shape if (precompute and needed) else (0,))
+
+    return (loss, lse_row, lse_col, grad_like(query, need_dq), grad_like(key, need_dk),
+            grad_like(negatives if negatives is not None else query, need_dneg and negatives is not None),
+            grad_like(scale, need_dscale))
+
+
+@torch.library.custom_op("metassl_fast::contrastive_bwd", mutates_args=())
+def contrastive_bwd(
+    grad: Tensor, query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor,
+    lse_row: Tensor, lse_col: Tensor, symmetric: bool, normalize: bool, reduction: str,
+    need_dq: bool, need_dk: bool, need_dneg: bool, need_dscale: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Recomputing backward (used when the forward did not precompute): (dq, dk, dneg,
+    dscale), each empty where not needed."""
+    _check_backend(backend)
+    need = (need_dq, need_dk, need_dneg, need_dscale)
+    return _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric,
+                         normalize, reduction, need)
+
+
+@contrastive_bwd.register_fake
+def _(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize, reduction,
+      need_dq, need_dk, need_dneg, need_dscale, backend):
+    def like(x, needed):
+        return x.new_empty(x.shape if needed else (0,))
+
+    return (like(query, need_dq), like(key, need_dk),
+            like(negatives if negatives is not None else query, need_dneg and negatives is not None),
+            like(scale, need_dscale))
+
+
+def _setup_context(ctx, inputs, output):
+    (query, key, negatives, scale, symmetric, normalize, reduction, precompute,
+     _ndq, _ndk, _ndn, _nds, backend) = inputs
+    _, lse_row, lse_col, dq, dk, dneg, ds = output
+    ctx.symmetric, ctx.normalize, ctx.reduction = symmetric, normalize, reduction
+    ctx.precompute, ctx.backend = precompute, backend
+    ctx.has_negatives = negatives is not None
+    if precompute:
+        ctx.save_for_backward(dq, dk, dneg, ds)
+    else:
+        ctx.save_for_backward(query, key, negatives, scale, lse_row, lse_col)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    nq, nk, nn, ns = ctx.needs_input_grad[:4]
+    nn = nn and ctx.has_negatives
+    if ctx.precompute:
+        dq, dk, dneg, ds = ctx.saved_tensors
+        g = grad_loss
+        outs = (dq * g.to(dq.dtype) if nq else None, dk * g.to(dk.dtype) if nk else None,
+                dneg * g.to(dneg.dtype) if nn else None, ds * g.to(ds.dtype) if ns else None)
+    else:
+        query, key, negatives, scale, lse_row, lse_col = ctx.saved_tensors
+        dq, dk, dneg, ds = contrastive_bwd(
+            grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
+            ctx.normalize, ctx.reduction, nq, nk, nn, ns, ctx.backend)
+        outs = (dq if nq else None, dk if nk else None, dneg if nn else None, ds if ns else None)
+    return outs + (None,) * 9
+
+
+torch.library.register_autograd("metassl_fast::contrastive_fwd", _backward, setup_context=_setup_context)
+
+
+def contrastive(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor,
+                symmetric: bool, normalize: bool, reduction: str, backend: str) -> Tensor:
+    """Run the fused op on validated inputs; returns the loss."""
+    grads = torch.is_grad_enabled()
+    need_dq = grads and query.requires_grad
+    need_dk = grads and key.requires_grad
+    need_dneg = grads and negatives is not None and negatives.requires_grad
+    need_ds = grads and scale.requires_grad
+    precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
+    out = torch.ops.metassl_fast.contrastive_fwd(
+        query, key, negatives, scale, symmetric, normalize, reduction, precompute,
+        need_dq, need_dk, need_dneg, need_ds, backend)
+    return out[0]
