@@ -128,8 +128,8 @@ def _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, 
     """Unscale, undo the normalisation, split keys/negatives, cast to input dtypes."""
     need_dq, need_dk, need_dneg, need_ds = need
     n = key.shape[0]
-    empty = query.new_empty(0)
-    out_q = out_k = out_n = empty
+    # a fresh empty tensor per unused output: outputs of a custom op may not alias
+    out_q, out_k, out_n = query.new_empty(0), key.new_empty(0), query.new_empty(0)
     if need_dq:
         dq = dq * s
         if qn is not None:
@@ -298,6 +298,15 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 torch.library.register_autograd("metassl_fast::contrastive_fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("metassl_fast: double backward (a gradient of the gradient) of the contrastive "
+                       "losses is not supported; use backend='torch' for higher-order derivatives")
+
+
+torch.library.register_autograd("metassl_fast::contrastive_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def contrastive(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor,

@@ -1,0 +1,410 @@
+"""info_nce / clip_loss: every backend against the float64 reference, loss and every gradient."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metassl_fast as msf
+from metassl_fast import _ext
+from metassl_fast.ops import contrastive as ops
+from metassl_fast.reference import contrastive_loss
+
+# Backends this machine can run; the rest are listed with the reason they are skipped.
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"),
+                                                 reason=f"_C not built: {_ext.load_error('_C')}")),
+    pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA kernel for contrastive yet (GPU issue)")),
+    pytest.param("triton", marks=pytest.mark.skip(reason="no Triton kernel for contrastive yet (GPU issue)")),
+]
+
+# max |ours - ref| <= atol + rtol |ref|, per input dtype (reference run in float64)
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1e-2, 4e-2),
+}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the S block so that every shape spans several row blocks (tile edges)."""
+    monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
+
+
+def _make(n, d, m, dtype, *, seed=0, temp=0.3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    neg = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if m else None
+    t = torch.tensor(temp, dtype=torch.float64, requires_grad=True)
+    return q, k, neg, t
+
+
+def _run(fn, q, k, neg, t, reduction):
+    loss = fn(q, k, neg, t)
+    # a non-uniform upstream gradient, so reduction="none" weights rows differently
+    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape).to(loss.dtype)
+    inputs = [x for x in (q, k, neg, t) if x is not None]
+    grads = torch.autograd.grad((loss * w).sum(), inputs)
+    return [loss] + list(grads)
+
+
+def _compare(ours, ref, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    names = ["loss", "d_query", "d_key", "d_negatives", "d_temperature"]
+    if len(ours) == 4:
+        names = ["loss", "d_query", "d_key", "d_temperature"]
+    for name, a, b in zip(names, ours, ref):
+        assert a.dtype == b.dtype or name == "d_temperature", f"{what} {name}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{what} {name}: shape {a.shape} != {b.shape}"
+        a64, b64 = a.double(), b.double()
+        assert torch.isfinite(a64).all(), f"{what} {name}: non-finite values"
+        err = (a64 - b64).abs().max().item()
+        bound = atol + rtol * b64.abs().max().item()
+        assert err <= bound, f"{what} {name}: max error {err:.3e} > {bound:.3e}"
+
+
+def _loss_fn(backend, symmetric, reduction, normalize=True):
+    def fn(q, k, neg, t):
+        return msf.info_nce(q, k, temperature=t, negatives=neg, symmetric=symmetric,
+                            normalize=normalize, reduction=reduction, backend=backend)
+    return fn
+
+
+def _reference(symmetric, reduction, normalize=True):
+    def fn(q, k, neg, t):
+        return contrastive_loss(q, k, neg, 1.0 / t, symmetric, normalize, reduction)
+    return fn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 257])
+@pytest.mark.parametrize("d", [1, 3, 64, 130])
+@pytest.mark.parametrize("m", [0, 5, 100])
+def test_float64_grid(backend, n, d, m, small_blocks):
+    """The issue's shape grid, every reduction, symmetric on and off, float64."""
+    q, k, neg, t = _make(n, d, m, torch.float64, seed=n * 1000 + d * 10 + m)
+    for symmetric, reduction in itertools.product([False, True], ["mean", "sum", "none"]):
+        what = f"n={n} d={d} m={m} symmetric={symmetric} reduction={reduction}"
+        ours = _run(_loss_fn(backend, symmetric, reduction), q, k, neg, t, reduction)
+        ref = _run(_reference(symmetric, reduction), q, k, neg, t, reduction)
+        _compare(ours, ref, torch.float64, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("n,d,m", [(1, 3, 0), (65, 130, 5), (257, 64, 100)])
+def test_without_normalisation(backend, symmetric, reduction, n, d, m, small_blocks):
+    q, k, neg, t = _make(n, d, m, torch.float64, temp=2.0)
+    ours = _run(_loss_fn(backend, symmetric, reduction, normalize=False), q, k, neg, t, reduction)
+    ref = _run(_reference(symmetric, reduction, normalize=False), q, k, neg, t, reduction)
+    _compare(ours, ref, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("n,d,m", [(3, 3, 0), (65, 64, 5), (257, 130, 100)])
+def test_low_precision_against_float64(backend, dtype, symmetric, n, d, m):
+    """Inputs in dtype; the reference runs on the same values upcast to float64."""
+    q, k, neg, t = _make(n, d, m, dtype)
+    ours = _run(_loss_fn(backend, symmetric, "mean"), q, k, neg, t, "mean")
+    q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
+    neg64 = neg.detach().double().requires_grad_() if neg is not None else None
+    ref = _run(_reference(symmetric, "mean"), q64, k64, neg64, t, "mean")
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if i < len(ours) - 1:  # loss and feature gradients come back in the input dtype
+            assert a.dtype == dtype, f"output {i} has dtype {a.dtype}, expected {dtype}"
+    _compare([x.double() for x in ours], ref, dtype, f"dtype={dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck(backend, symmetric, reduction, small_blocks):
+    q, k, neg, t = _make(5, 3, 2, torch.float64, temp=0.5)
+
+    def f(q, k, neg, t):
+        return msf.info_nce(q, k, temperature=t, negatives=neg, symmetric=symmetric,
+                            reduction=reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, neg, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_clip(backend, small_blocks):
+    q, k, _, _ = _make(6, 4, 0, torch.float64)
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s: msf.clip_loss(a, b, s, backend=backend), (q, k, scale))
+
+
+def _open_clip_eager(image, text, logit_scale):
+    """open_clip's ClipLoss for one process, as written there."""
+    logits_per_image = logit_scale * image @ text.T
+    logits_per_text = logit_scale * text @ image.T
+    labels = torch.arange(image.shape[0])
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d", [(1, 3), (64, 130), (257, 64)])
+def test_clip_loss_matches_open_clip_formula(backend, n, d, small_blocks):
+    q, k, _, _ = _make(n, d, 0, torch.float64)
+    q = F.normalize(q.detach(), dim=1).requires_grad_()
+    k = F.normalize(k.detach(), dim=1).requires_grad_()
+    s = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    ours = msf.ClipLoss(backend=backend)(q, k, s.exp())
+    g_ours = torch.autograd.grad(ours, (q, k, s))
+    ref = _open_clip_eager(q, k, s.exp())
+    g_ref = torch.autograd.grad(ref, (q, k, s))
+    _compare([ours, *g_ours], [ref, *g_ref], torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_block_size_and_threads(backend):
+    """The production block size and thread counts give the same answer."""
+    q, k, neg, t = _make(300, 40, 50, torch.float64)
+    ref = _run(_reference(True, "mean"), q, k, neg, t, "mean")
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            _compare(_run(_loss_fn(backend, True, "mean"), q, k, neg, t, "mean"), ref, torch.float64)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, small_blocks):
+    g = torch.Generator().manual_seed(3)
+    base_q = torch.randn(130, 70, dtype=torch.float64, generator=g)
+    base_k = torch.randn(64, 65, dtype=torch.float64, generator=g)
+    base_n = torch.randn(10, 128, dtype=torch.float64, generator=g)
+    q = base_q[::2, 3:67].detach().requires_grad_()   # row stride 140, sliced columns
+    k = base_k.t()[:, :64].detach().requires_grad_()    # transposed (65, 64): column stride 65
+    neg = base_n[:, ::2].detach().requires_grad_()     # innermost stride 2
+    assert not q.is_contiguous() and not k.is_contiguous() and not neg.is_contiguous()
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ours = _run(_loss_fn(backend, True, "none"), q, k, neg, t, "none")
+    ref = _run(_reference(True, "none"), q, k, neg, t, "none")
+    _compare(ours, ref, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_only_where_required(backend):
+    """A frozen key tower and a queue without grad get no gradient, the rest is exact."""
+    q, k, neg, _ = _make(33, 8, 7, torch.float64)
+    k = k.detach()
+    neg = neg.detach()
+    loss = msf.info_nce(q, k, temperature=0.1, negatives=neg, backend=backend)
+    loss.backward()
+    assert k.grad is None and neg.grad is None
+    q_ref = q.detach().requires_grad_()
+    contrastive_loss(q_ref, k, neg, torch.tensor(10.0, dtype=torch.float64), False, True, "mean").backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward(backend):
+    q, k, neg, _ = _make(40, 16, 3, torch.float32)
+    with torch.no_grad():
+        for symmetric in (False, True):
+            ours = msf.info_nce(q, k, negatives=neg, symmetric=symmetric, backend=backend)
+            ref = contrastive_loss(q.double(), k.double(), neg.double(),
+                                   torch.tensor(1 / 0.07, dtype=torch.float64), symmetric, True, "mean")
+            assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_gives_nan_loss(backend):
+    q, k, _, _ = _make(16, 8, 0, torch.float32)
+    q = q.detach().clone()
+    q[3, 2] = float("nan")
+    for symmetric in (False, True):
+        loss = msf.info_nce(q, k.detach(), symmetric=symmetric, backend=backend)
+        assert torch.isnan(loss), "a NaN input must give a NaN loss"
+        per_row = msf.info_nce(q, k.detach(), reduction="none", backend=backend)
+        assert torch.isnan(per_row[3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_match_functional(backend):
+    q, k, neg, _ = _make(20, 8, 4, torch.float32)
+    crit = msf.InfoNCE(temperature=0.2, symmetric=True, normalize=True, reduction="sum", backend=backend)
+    a = crit(q, k, neg)
+    b = msf.info_nce(q, k, temperature=0.2, negatives=neg, symmetric=True, reduction="sum", backend=backend)
+    torch.testing.assert_close(a, b)
+    assert "temperature=0.2" in repr(crit)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_are_stable(backend):
+    """CLIP's logit_scale of 100 on unnormalised features: no overflow in exp."""
+    q, k, _, _ = _make(70, 16, 0, torch.float32)
+    s = 100.0
+    ours = msf.clip_loss(q * 3, k * 3, s, backend=backend)
+    ref = contrastive_loss(q.double() * 3, k.double() * 3, None, torch.tensor(s, dtype=torch.float64),
+                           True, False, "mean")
+    assert torch.isfinite(ours)
+    assert abs(ours.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_default_backend_on_cpu_is_the_cpp_kernel(monkeypatch):
+    monkeypatch.delenv("METASSL_FAST_BACKEND", raising=False)
+    expected = "cpu" if _ext.available("_C") else "torch"
+    assert msf._backend.resolve(None, torch.device("cpu")) == expected
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("METASSL_FAST_BACKEND", "torch")
+    assert msf._backend.resolve(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("METASSL_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="METASSL_FAST_BACKEND"):
+        msf.info_nce(torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_missing_gpu_backend_says_so(backend):
+    with pytest.raises(RuntimeError, match=backend):
+        msf.info_nce(torch.randn(2, 3), torch.randn(2, 3), backend=backend)
+
+
+# --------------------------------------------------------------------------- bad input
+
+X = torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("call,exc,name", [
+    (lambda: msf.info_nce(torch.randn(4), X), ValueError, "query"),
+    (lambda: msf.info_nce(X, torch.randn(4, 3, 1)), ValueError, "key"),
+    (lambda: msf.info_nce(X, torch.randn(5, 3)), ValueError, "key"),
+    (lambda: msf.info_nce(X, torch.randn(4, 2)), ValueError, "key"),
+    (lambda: msf.info_nce(X.long(), X.long()), TypeError, "query"),
+    (lambda: msf.info_nce(X, X.double()), TypeError, "key"),
+    (lambda: msf.info_nce(X, X, negatives=torch.randn(5, 2)), ValueError, "negatives"),
+    (lambda: msf.info_nce(X, X, negatives=torch.randn(5, 3).double()), TypeError, "negatives"),
+    (lambda: msf.info_nce(X, X, negatives=torch.randn(5)), ValueError, "negatives"),
+    (lambda: msf.info_nce(X, X, negatives=torch.randn(0, 3)), ValueError, "negatives"),
+    (lambda: msf.info_nce(X, X, temperature=0.0), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=-1.0), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=float("nan")), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=float("inf")), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=torch.tensor([0.1, 0.2])), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=torch.tensor(-0.1)), ValueError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature=torch.tensor(1)), TypeError, "temperature"),
+    (lambda: msf.info_nce(X, X, temperature="0.1"), TypeError, "temperature"),
+    (lambda: msf.info_nce(torch.randn(0, 3), torch.randn(0, 3)), ValueError, "empty"),
+    (lambda: msf.info_nce(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "query"),
+    (lambda: msf.info_nce(X, X, reduction="avg"), ValueError, "reduction"),
+    (lambda: msf.info_nce(X, X, backend="gpu"), ValueError, "backend"),
+    (lambda: msf.info_nce(X, X, symmetric="yes"), TypeError, "symmetric"),
+    (lambda: msf.info_nce(X, X, normalize=1), TypeError, "normalize"),
+    (lambda: msf.info_nce(X.numpy(), X), TypeError, "query"),
+    (lambda: msf.info_nce(X, X, negatives=X.to("meta")), ValueError, "negatives"),
+    (lambda: msf.info_nce(X, X.to("meta")), ValueError, "key"),
+    (lambda: msf.clip_loss(X, X, torch.ones(2)), ValueError, "logit_scale"),
+    (lambda: msf.clip_loss(X, X, torch.ones(1, 1)), ValueError, "logit_scale"),
+    (lambda: msf.clip_loss(X, X, 0.0), ValueError, "logit_scale"),
+    (lambda: msf.clip_loss(X, X, torch.tensor(float("nan"))), ValueError, "logit_scale"),
+    (lambda: msf.clip_loss(X, torch.randn(3, 3), 1.0), ValueError, "text_features"),
+    (lambda: msf.InfoNCE(temperature=0), ValueError, "temperature"),
+    (lambda: msf.InfoNCE(reduction="max"), ValueError, "reduction"),
+])
+def test_bad_input_names_the_argument(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_cpp_checks_buffer_bounds():
+    """The compiled module refuses sizes that would take it outside the buffers."""
+    C = _ext.require("_C") if _ext.available("_C") else pytest.skip("_C not built")
+    S = torch.zeros(4, 8)
+    lse = torch.zeros(4)
+    common = dict(dtype=0, S=S.data_ptr(), B=4, C=8, ld=8, row0=0, n_pairs=8, lse=lse.data_ptr(),
+                  lse_numel=4, compute_lse=True, pos=0, pos_numel=0, g_row=0, g_row_numel=0,
+                  lse_col=0, g_col=0, col_numel=0, write_grad=False, nthreads=1)
+    C.block_rows(S_numel=32, **common)  # the sizes that fit pass
+    with pytest.raises(ValueError, match="S holds"):
+        C.block_rows(S_numel=31, **common)
+    with pytest.raises(ValueError, match="lse holds"):
+        C.block_rows(S_numel=32, **{**common, "lse_numel": 3})
+    with pytest.raises(ValueError, match="row0"):
+        C.block_rows(S_numel=32, **{**common, "row0": 6})
+    with pytest.raises(ValueError, match="ld"):
+        C.block_rows(S_numel=32, **{**common, "ld": 7})
+    with pytest.raises(ValueError, match="dtype"):
+        C.block_rows(S_numel=32, **{**common, "dtype": 5})
+    with pytest.raises(ValueError, match="g_row"):
+        C.block_rows(S_numel=32, **{**common, "write_grad": True})
+    with pytest.raises(ValueError, match="col_max"):
+        C.block_col_stats(dtype=0, S=S.data_ptr(), S_numel=32, B=4, n_cols=8, ld=8,
+                          col_max=lse.data_ptr(), col_sum=lse.data_ptr(), col_numel=4, nthreads=1)
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+def _op_args(precompute, symmetric, reduction, neg=True):
+    q, k, n, _ = _make(9, 5, 3 if neg else 0, torch.float32)
+    scale = torch.tensor(4.0, requires_grad=True)
+    return (q, k, n, scale, symmetric, True, reduction, precompute, True, True, neg, True, "cpu")
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reduction,precompute", [("mean", True), ("sum", True), ("none", False)])
+def test_opcheck_forward(symmetric, reduction, precompute):
+    torch.library.opcheck(torch.ops.metassl_fast.contrastive_fwd.default,
+                          _op_args(precompute, symmetric, reduction))
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck_backward(symmetric):
+    q, k, n, scale, *_ = _op_args(False, symmetric, "none")
+    out = torch.ops.metassl_fast.contrastive_fwd(q, k, n, scale, symmetric, True, "none", False,
+                                                 True, True, True, True, "cpu")
+    grad = torch.randn(9)
+    torch.library.opcheck(torch.ops.metassl_fast.contrastive_bwd.default,
+                          (grad, q.detach(), k.detach(), n.detach(), scale.detach(), out[1].detach(), out[2].detach(),
+                           symmetric, True, "none", True, True, True, True, "cpu"))
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_double_backward_is_a_clear_error():
+    q, k, _, _ = _make(5, 3, 0, torch.float64)
+    loss = msf.info_nce(q, k, reduction="none", backend="cpu")
+    (gq,) = torch.autograd.grad(loss.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("symmetric,reduction", [(False, "mean"), (True, "none")])
+def test_torch_compile_fullgraph(symmetric, reduction):
+    torch._dynamo.reset()
+    q, k, neg, _ = _make(37, 16, 5, torch.float32)
+    t = torch.tensor(0.25, requires_grad=True)
+
+    def step(q, k, neg, t):
+        loss = msf.info_nce(q, k, temperature=t, negatives=neg, symmetric=symmetric,
+                            reduction=reduction, backend="cpu")
+        return (loss * torch.arange(1, loss.numel() + 1).reshape(loss.shape)).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(q, k, neg, t)
+    g_got = torch.autograd.grad(got, (q, k, neg, t))
+    want = step(q, k, neg, t)
+    g_want = torch.autograd.grad(want, (q, k, neg, t))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
