@@ -34,6 +34,7 @@ TOL = {
 def small_blocks(monkeypatch):
     """Shrink the S block so that every shape spans several row blocks (tile edges)."""
     monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
 
 
 def _make(n, d, m, dtype, *, seed=0, temp=0.3):

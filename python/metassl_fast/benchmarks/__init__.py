@@ -1,0 +1,1 @@
+"""Benchmark drivers behind `metassl-fast bench` (also run by bench/bench_<op>.py)."""

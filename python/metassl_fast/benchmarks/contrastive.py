@@ -1,0 +1,330 @@
+"""Benchmark of info_nce and clip_loss against the eager code their users run today.
+
+Each (op, N) runs in a fresh worker process, so peak memory on the CPU counts all of
+torch's allocations: peak RSS (VmHWM, reset through /proc/self/clear_refs) over the
+RSS before the measured call.  glibc's mmap threshold is pinned in the worker so a
+freed buffer goes back to the OS at once instead of hiding in the heap.
+Times are forward+backward, median (and 20/80 quantiles) of repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+OPS = ("info_nce", "clip_loss")
+TEMPERATURE = 0.07
+
+
+# ----------------------------------------------------------------------------- the contenders
+
+def _eager_info_nce(q, k, logit_scale):
+    """lightly / info-nce-pytorch style: normalise, materialise the logits, cross-entropy."""
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = qn @ kn.T / TEMPERATURE
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+def _eager_clip_loss(image, text, logit_scale):
+    """open_clip ClipLoss.forward for one process, as written there."""
+    logits_per_image = logit_scale * image @ text.T
+    logits_per_text = logit_scale * text @ image.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _ours(op):
+    import metassl_fast as msf
+
+    if op == "info_nce":
+        return lambda q, k, s: msf.info_nce(q, k, temperature=TEMPERATURE)
+    return lambda q, k, s: msf.clip_loss(q, k, s)
+
+
+def _reference_loss(op):
+    from metassl_fast.reference import contrastive_loss
+
+    if op == "info_nce":
+        return lambda q, k, s: contrastive_loss(q, k, None, torch.tensor(1 / TEMPERATURE, dtype=q.dtype),
+                                                False, True, "mean")
+    return lambda q, k, s: contrastive_loss(q, k, None, s, True, False, "mean")
+
+
+def _inputs(op, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g)
+    k = torch.randn(n, d, generator=g)
+    if op == "clip_loss":  # open_clip normalises in the encoders, before the loss
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    q = q.to(dtype).requires_grad_()
+    k = k.to(dtype).requires_grad_()
+    s = torch.tensor(math.log(1 / TEMPERATURE)).exp().to(dtype).detach().requires_grad_()
+    return q, k, s
+
+
+def _step(fn, q, k, s):
+    q.grad = k.grad = s.grad = None
+    loss = fn(q, k, s)
+    loss.backward()
+    return loss
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_extra_mb(fn, q, k, s):
+    """Peak RSS of one call over the RSS before it, in MiB (None where the kernel
+    does not let us reset the peak)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    _step(fn, q, k, s)
+    return (_status_kb("VmHWM") - before) / 1024.0
+
+
+def _max_rel_err(fn, op, q, k, s):
+    """max over (loss, dq, dk[, ds]) of max|ours - ref| / max|ref|, ref in float64."""
+    loss = _step(fn, q, k, s)
+    got = [loss.detach(), q.grad, k.grad] + ([s.grad] if op == "clip_loss" else [])
+    q64, k64, s64 = (x.detach().double().requires_grad_() for x in (q, k, s))
+    ref_loss = _step(_reference_loss(op), q64, k64, s64)
+    want = [ref_loss.detach(), q64.grad, k64.grad] + ([s64.grad] if op == "clip_loss" else [])
+    err = 0.0
+    for a, b in zip(got, want):
+        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+def _worker(args):
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    q, k, s = _inputs(args.op, args.n, args.d, dtype)
+    eager = _eager_info_nce if args.op == "info_nce" else _eager_clip_loss
+    fns = {impl: (_ours(args.op) if impl == "ours" else eager) for impl in args.impls.split(",")}
+    times = {impl: [] for impl in fns}
+    peaks = {}
+    for impl, fn in fns.items():
+        if args.repeats > 1:
+            _step(fn, q, k, s)  # warm-up: lazy initialisation, thread pools, BLAS buffers
+        t0 = time.perf_counter()
+        peaks[impl] = _peak_extra_mb(fn, q, k, s)
+        if args.repeats == 1:  # one run (the large sizes): it is also the timed one
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    for _ in range(args.repeats if args.repeats > 1 else 0):
+        for impl, fn in fns.items():  # interleaved, so machine noise hits both alike
+            t0 = time.perf_counter()
+            _step(fn, q, k, s)
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for impl, fn in fns.items():
+        ts = sorted(times[impl])
+        out[impl] = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+                     "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "peak_mb": peaks[impl],
+                     "max_rel_err": _max_rel_err(fn, args.op, q, k, s) if args.check_error else None}
+    print("RESULT " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def _configs(sizes, large, repeats, check_max):
+    cfgs = []
+    for op in OPS:
+        for n in sizes:
+            # fewer repeats where one eager call takes seconds: the default run stays < 3 min
+            reps = repeats if n < 8192 else max(3, repeats // 2)
+            cfgs.append(dict(op=op, n=n, impls="ours,eager", repeats=reps, check_error=n <= check_max))
+    for n in large:  # eager would need n^2 * 4 bytes several times over: ours only, one timed run
+        cfgs.append(dict(op="info_nce", n=n, impls="ours", repeats=1, check_error=False))
+    return cfgs
+
+
+def _progress(i, total, label):
+    width = 30
+    done = int(width * i / total)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label:<40}")
+    sys.stderr.flush()
+    if i == total:
+        sys.stderr.write("\n")
+
+
+def _run_worker(cfg, d, dtype, threads):
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # fixed: freed big buffers leave the RSS
+    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.contrastive", "--worker",
+           "--op", cfg["op"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
+           "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
+    if cfg["check_error"]:
+        cmd.append("--check-error")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def run(sizes=(1024, 2048, 4096, 8192), large=(65536,), d=128, dtype="float32", repeats=5,
+        out_dir="bench/out", threads=None, plot=True, check_max=4096, stream=sys.stdout):
+    """Run the CPU benchmark; returns the result rows (also appended to out_dir/results.csv)."""
+    import metassl_fast
+
+    threads = threads or torch.get_num_threads()
+    device = _cpu_name()
+    cfgs = _configs(sizes, large, repeats, check_max)
+    rows = []
+    for i, cfg in enumerate(cfgs):
+        _progress(i, len(cfgs), f"{cfg['op']} N={cfg['n']}")
+        res = _run_worker(cfg, d, dtype, threads)
+        eager = res.get("eager")
+        for impl, r in res.items():
+            rows.append({
+                "op": cfg["op"], "impl": impl, "N": cfg["n"], "D": d, "dtype": dtype,
+                "median_ms": r["median_ms"], "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"],
+                "speedup": (eager["median_ms"] / r["median_ms"]) if eager else None,
+                "peak_mb": r["peak_mb"],
+                "mem_ratio": (r["peak_mb"] / eager["peak_mb"]) if eager and r["peak_mb"] and eager["peak_mb"] else None,
+                "max_rel_err": r["max_rel_err"], "repeats": cfg["repeats"],
+            })
+    _progress(len(cfgs), len(cfgs), "done")
+    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
+            "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    table = format_table(rows, meta)
+    print(table, file=stream)
+    os.makedirs(out_dir, exist_ok=True)
+    _append_csv(os.path.join(out_dir, "results.csv"), rows, meta)
+    with open(os.path.join(out_dir, "latest.md"), "w") as f:
+        f.write(table + "\n")
+    if plot:
+        _plot(os.path.join(out_dir, "contrastive_cpu.png"), rows, meta, stream)
+    return rows
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows, meta):
+    head = (f"contrastive losses, forward+backward, {meta['device']}, {meta['threads']} threads, "
+            f"torch {meta['torch']}, metassl_fast {meta['version']}, {meta['date']}\n\n"
+            "| op | impl | N | D | dtype | median ms (p20-p80) | speed-up | peak MiB | mem ratio | max rel err |\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['impl']} | {r['N']} | {r['D']} | {r['dtype']} | "
+            f"{r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | "
+            f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | {_fmt(r['peak_mb'], '.1f')} | "
+            f"{_fmt(r['mem_ratio'], '.4f')} | {_fmt(r['max_rel_err'], '.1e')} |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["date", "version", "torch", "device", "threads", "op", "impl", "dtype", "N", "D",
+              "median_ms", "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_err", "repeats"]
+
+
+def _append_csv(path, rows, meta):
+    import csv
+
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**{k: meta[k] for k in ("date", "version", "torch", "device", "threads")},
+                        **{k: r[k] for k in CSV_FIELDS if k in r}})
+
+
+def _plot(path, rows, meta, stream):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no plot; pip install 'metassl-fast[bench]')", file=stream)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for op in OPS:
+        for impl, style in (("ours", "-o"), ("eager", "--s")):
+            pts = sorted((r["N"], r["median_ms"], r["peak_mb"]) for r in rows
+                         if r["op"] == op and r["impl"] == impl)
+            if not pts:
+                continue
+            n, t, m = zip(*pts)
+            axes[0].plot(n, t, style, label=f"{op} {impl}")
+            axes[1].plot(n, [x if x is not None else float("nan") for x in m], style, label=f"{op} {impl}")
+    for ax, ylabel in zip(axes, ("forward+backward median (ms)", "peak extra memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (batch)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"metassl_fast {meta['version']} vs eager, {meta['device']}, D={rows[0]['D']}, {rows[0]['dtype']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}", file=stream)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--op", choices=OPS)
+    p.add_argument("--n", type=int)
+    p.add_argument("--impls", default="ours,eager")
+    p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check-max", type=int, default=4096,
+                   help="largest N whose error against the float64 reference is measured")
+    p.add_argument("--sizes", default="1024,2048,4096,8192", help="N for ours vs eager (comma list)")
+    p.add_argument("--large", default="65536", help="N for ours alone (comma list, '' for none)")
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="bench/out", help="folder for results.csv, latest.md and the plot")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        return _worker(args)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    large = [int(x) for x in args.large.split(",") if x]
+    run(sizes, large, args.d, args.dtype, args.repeats, args.out, args.threads or None, not args.no_plot,
+        args.check_max)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`metassl-fast` command line: `info` (what is built and usable) and `bench` (the main job)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info(stream=sys.stdout) -> None:
+    import torch
+
+    import metassl_fast
+    from metassl_fast import _ext
+    from metassl_fast.benchmarks.contrastive import _cpu_name
+
+    print(f"metassl_fast {metassl_fast.__version__}", file=stream)
+    print(f"python {platform.python_version()}, torch {torch.__version__}", file=stream)
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}", file=stream)
+    except ImportError:
+        print("triton not installed", file=stream)
+    if _ext.available("_C"):
+        print(f"_C: built (simd: {_ext.require('_C').simd})", file=stream)
+    if _ext.available("_C_cuda"):
+        mod = _ext.require("_C_cuda")
+        print(f"_C_cuda: built against CUDA runtime {mod.runtime_version()}, "
+              f"{mod.device_count()} device(s) visible", file=stream)
+    print("backends:", file=stream)
+    for name, state in metassl_fast.available_backends().items():
+        print(f"  {name:7s} {state}", file=stream)
+    if torch.cuda.is_available():
+        print(f"device: cuda: {torch.cuda.get_device_name()}", file=stream)
+    else:
+        print(f"device: {_cpu_name()}, torch threads {torch.get_num_threads()}", file=stream)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="metassl-fast", description=__doc__)
+    parser.add_argument("command", choices=["info", "bench"])
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "info":
+        info()
+    else:
+        from metassl_fast.benchmarks.contrastive import main as bench_main
+
+        bench_main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
