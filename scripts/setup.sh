@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Make ./.venv with torch and metassl_fast (built from this checkout) installed.
+# Sourced by scripts/test.sh and scripts/bench.sh; safe to run again (rebuilds only
+# what changed, through the CMake tree kept in build/).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+# torch goes in first and on its own: a bare `torch` requirement can pull a
+# multi-GB CUDA build. Override for another machine, e.g.
+#   METASSL_TORCH="torch --index-url https://download.pytorch.org/whl/cpu" bash scripts/test.sh
+METASSL_TORCH=${METASSL_TORCH:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $METASSL_TORCH into .venv" >&2
+  # shellcheck disable=SC2086  # METASSL_TORCH may carry pip options
+  "$VPY" -m pip install -q $METASSL_TORCH
+fi
+echo "setup: building and installing metassl_fast into .venv" >&2
+"$VPY" -m pip install -q ".[test,bench]"
