@@ -198,17 +198,21 @@ def test_non_contiguous_inputs(backend, small_blocks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_only_where_required(backend):
-    """A frozen key tower and a queue without grad get no gradient, the rest is exact."""
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("key_grad,neg_grad", [(False, False), (True, False), (False, True)])
+def test_grad_only_where_required(backend, symmetric, key_grad, neg_grad, small_blocks):
+    """A frozen key tower or a queue without grad gets no gradient; the rest is exact."""
     q, k, neg, _ = _make(33, 8, 7, torch.float64)
-    k = k.detach()
-    neg = neg.detach()
-    loss = msf.info_nce(q, k, temperature=0.1, negatives=neg, backend=backend)
-    loss.backward()
-    assert k.grad is None and neg.grad is None
-    q_ref = q.detach().requires_grad_()
-    contrastive_loss(q_ref, k, neg, torch.tensor(10.0, dtype=torch.float64), False, True, "mean").backward()
-    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
+    k = k.detach().requires_grad_(key_grad)
+    neg = neg.detach().requires_grad_(neg_grad)
+    msf.info_nce(q, k, temperature=0.1, negatives=neg, symmetric=symmetric, backend=backend).backward()
+    assert (k.grad is not None) == key_grad and (neg.grad is not None) == neg_grad
+    q_ref, k_ref, n_ref = (x.detach().requires_grad_(x.requires_grad) for x in (q, k, neg))
+    contrastive_loss(q_ref, k_ref, n_ref, torch.tensor(10.0, dtype=torch.float64), symmetric, True,
+                     "mean").backward()
+    for ours, ref in ((q, q_ref), (k, k_ref), (neg, n_ref)):
+        if ours.requires_grad:
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

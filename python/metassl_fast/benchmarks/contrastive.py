@@ -115,11 +115,18 @@ def _max_rel_err(fn, op, q, k, s):
 
 
 def _worker(args):
+    out = {}
+    for op in args.ops.split(","):
+        out[op] = _measure(op, args)
+    print("RESULT " + json.dumps(out))
+
+
+def _measure(op, args):
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    q, k, s = _inputs(args.op, args.n, args.d, dtype)
-    eager = _eager_info_nce if args.op == "info_nce" else _eager_clip_loss
-    fns = {impl: (_ours(args.op) if impl == "ours" else eager) for impl in args.impls.split(",")}
+    q, k, s = _inputs(op, args.n, args.d, dtype)
+    eager = _eager_info_nce if op == "info_nce" else _eager_clip_loss
+    fns = {impl: (_ours(op) if impl == "ours" else eager) for impl in args.impls.split(",")}
     times = {impl: [] for impl in fns}
     peaks = {}
     for impl, fn in fns.items():
@@ -139,21 +146,22 @@ def _worker(args):
         ts = sorted(times[impl])
         out[impl] = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
                      "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "peak_mb": peaks[impl],
-                     "max_rel_err": _max_rel_err(fn, args.op, q, k, s) if args.check_error else None}
-    print("RESULT " + json.dumps(out))
+                     "max_rel_err": _max_rel_err(fn, op, q, k, s) if args.check_error else None}
+    return out
 
 
 # ----------------------------------------------------------------------------- driver side
 
 def _configs(sizes, large, repeats, check_max):
+    """One worker process per N (both ops in it: a process start costs ~5 s here)."""
     cfgs = []
-    for op in OPS:
-        for n in sizes:
-            # fewer repeats where one eager call takes seconds: the default run stays < 3 min
-            reps = repeats if n < 8192 else max(3, repeats // 2)
-            cfgs.append(dict(op=op, n=n, impls="ours,eager", repeats=reps, check_error=n <= check_max))
+    for n in sizes:
+        # fewer repeats where one eager call takes seconds: the default run stays < 3 min
+        reps = repeats if n < 8192 else max(3, repeats // 2)
+        cfgs.append(dict(ops=",".join(OPS), n=n, impls="ours,eager", repeats=reps,
+                         check_error=n <= check_max))
     for n in large:  # eager would need n^2 * 4 bytes several times over: ours only, one timed run
-        cfgs.append(dict(op="info_nce", n=n, impls="ours", repeats=1, check_error=False))
+        cfgs.append(dict(ops="info_nce", n=n, impls="ours", repeats=1, check_error=False))
     return cfgs
 
 
@@ -170,7 +178,7 @@ def _run_worker(cfg, d, dtype, threads):
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # fixed: freed big buffers leave the RSS
     cmd = [sys.executable, "-m", "metassl_fast.benchmarks.contrastive", "--worker",
-           "--op", cfg["op"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
+           "--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
            "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
     if cfg["check_error"]:
         cmd.append("--check-error")
@@ -191,18 +199,21 @@ def run(sizes=(1024, 2048, 4096, 8192), large=(65536,), d=128, dtype="float32", 
     cfgs = _configs(sizes, large, repeats, check_max)
     rows = []
     for i, cfg in enumerate(cfgs):
-        _progress(i, len(cfgs), f"{cfg['op']} N={cfg['n']}")
+        _progress(i, len(cfgs), f"{cfg['ops']} N={cfg['n']}")
         res = _run_worker(cfg, d, dtype, threads)
-        eager = res.get("eager")
-        for impl, r in res.items():
-            rows.append({
-                "op": cfg["op"], "impl": impl, "N": cfg["n"], "D": d, "dtype": dtype,
-                "median_ms": r["median_ms"], "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"],
-                "speedup": (eager["median_ms"] / r["median_ms"]) if eager else None,
-                "peak_mb": r["peak_mb"],
-                "mem_ratio": (r["peak_mb"] / eager["peak_mb"]) if eager and r["peak_mb"] and eager["peak_mb"] else None,
-                "max_rel_err": r["max_rel_err"], "repeats": cfg["repeats"],
-            })
+        for op, by_impl in res.items():
+            eager = by_impl.get("eager")
+            for impl, r in by_impl.items():
+                rows.append({
+                    "op": op, "impl": impl, "N": cfg["n"], "D": d, "dtype": dtype,
+                    "median_ms": r["median_ms"], "p20_ms": r["p20_ms"], "p80_ms": r["p80_ms"],
+                    "speedup": (eager["median_ms"] / r["median_ms"]) if eager else None,
+                    "peak_mb": r["peak_mb"],
+                    "mem_ratio": (r["peak_mb"] / eager["peak_mb"])
+                    if eager and r["peak_mb"] and eager["peak_mb"] else None,
+                    "max_rel_err": r["max_rel_err"], "repeats": cfg["repeats"],
+                })
+    rows.sort(key=lambda r: (OPS.index(r["op"]), r["N"], r["impl"] != "ours"))
     _progress(len(cfgs), len(cfgs), "done")
     meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
             "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -301,7 +312,7 @@ def _plot(path, rows, meta, stream):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--op", choices=OPS)
+    p.add_argument("--ops", default=",".join(OPS), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int)
     p.add_argument("--impls", default="ours,eager")
     p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)

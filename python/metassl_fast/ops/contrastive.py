@@ -55,23 +55,34 @@ def _normalize_backward(dxn: Tensor, xn: Tensor, norm: Tensor) -> Tensor:
 
 
 def _inputs(query, key, negatives, normalize):
-    """Upcast to the accumulation dtype and normalise: (q, keys, q_norm, keys_norm)."""
+    """Upcast to the accumulation dtype and normalise: (q, keys, q_norm, keys_norm),
+    the norms None without normalisation."""
     acc = _acc_dtype(query.dtype)
     q = query.to(acc)
     keys = key.to(acc) if negatives is None else torch.cat([key.to(acc), negatives.to(acc)])
-    qn = kn = None
+    q_norm = k_norm = None
     if normalize:
-        q, qn = _normalized(q)
-        keys, kn = _normalized(keys)
-    return q, keys, qn, kn
+        q, q_norm = _normalized(q)
+        keys, k_norm = _normalized(keys)
+    return q, keys, q_norm, k_norm
+
+
+def _key_rows(n, n_cols, need):
+    """Rows [c0, c1) of [key; negatives] whose gradient is needed, or None: a frozen
+    key tower or a MoCo queue without grad costs no GEMM."""
+    _, need_dk, need_dneg, _ = need
+    if not (need_dk or need_dneg):
+        return None
+    return (0 if need_dk else n, n_cols if need_dneg else n)
 
 
 def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row, g_col,
-           need_dq, need_dk):
+           need_dq, dk_rows):
     """One pass over the row blocks of S = qs keys^T (qs is already scaled by s).
 
     stats: compute lse_row (written) and the positives; col_stats: running column
-    (max, sum); grad: overwrite each block with G and return (dq / s, dk, sum G S)."""
+    (max, sum); grad: overwrite each block with G and return (dq / s, dk of key rows
+    dk_rows = (c0, c1) or None, sum G S)."""
     C_ext = _ext.require("_C")
     n_rows, n_cols = qs.shape[0], keys.shape[0]
     dtype = qs.dtype
@@ -86,7 +97,10 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
         col_max = torch.full((n_pairs,), -math.inf, dtype=dtype)
         col_sum = torch.zeros(n_pairs, dtype=dtype)
     dq = torch.empty_like(qs) if grad and need_dq else None
-    dk = torch.zeros_like(keys) if grad and need_dk else None
+    dk = None
+    if grad and dk_rows is not None:
+        c0, c1 = dk_rows
+        dk = keys.new_zeros(c1 - c0, keys.shape[1])
     gs = 0.0
     no_ptr = (0, 0)
     for r0 in range(0, n_rows, B):
@@ -113,7 +127,7 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
             if dq is not None:
                 torch.mm(S, keys, out=dq[r0:r1])
             if dk is not None:
-                dk.addmm_(S.t(), qs[r0:r1])
+                dk.addmm_(S[:, c0:c1].t(), qs[r0:r1])
     lse_c = col_max + torch.log(col_sum) if col_stats else None
     return pos, lse_c, dq, dk, gs
 
@@ -129,53 +143,54 @@ def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, d
     return torch.full((n,), w, dtype=dtype)
 
 
-def _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need):
+def _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need):
     """Unscale, undo the normalisation, split keys/negatives, cast to input dtypes."""
     need_dq, need_dk, need_dneg, need_ds = need
     n = key.shape[0]
+    rows = _key_rows(n, keys.shape[0], need)
     # a fresh empty tensor per unused output: outputs of a custom op may not alias
     out_q, out_k, out_n = query.new_empty(0), key.new_empty(0), query.new_empty(0)
     if need_dq:
         dq = dq * s
-        if qn is not None:
-            dq = _normalize_backward(dq, q, qn)
+        if q_norm is not None:
+            dq = _normalize_backward(dq, q, q_norm)
         out_q = dq.to(query.dtype)
     if need_dk or need_dneg:
-        if kn is not None:
-            dk = _normalize_backward(dk, keys, kn)
-        # copies when negatives exist: two outputs must not share one buffer
-        split = negatives is not None
+        c0, c1 = rows
+        if k_norm is not None:
+            dk = _normalize_backward(dk, keys[c0:c1], k_norm[c0:c1])
+        # a copy when both come from dk: two outputs must not share one buffer
         if need_dk:
-            out_k = dk[:n].to(key.dtype, copy=split)
+            out_k = dk[:n].to(key.dtype, copy=need_dneg)
         if need_dneg:
-            out_n = dk[n:].to(negatives.dtype, copy=True)
+            out_n = dk[n - c0:].to(negatives.dtype, copy=True)
     out_s = (torch.tensor(gs / s, dtype=scale.dtype) if need_ds else scale.new_empty(0))
     return out_q, out_k, out_n, out_s
 
 
 def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need):
-    q, keys, qn, kn = _inputs(query, key, negatives, normalize)
+    q, keys, q_norm, k_norm = _inputs(query, key, negatives, normalize)
     s = float(scale)
     qs = q * s
     n = query.shape[0]
     acc = q.dtype
     lse_row = torch.empty(n, dtype=acc)
     lse_col = None
-    want_keys_grad = need[1] or need[2]
+    dk_rows = _key_rows(n, keys.shape[0], need)
     if not symmetric and precompute:  # one pass: statistics and gradient together
         g_row = _row_weights(reduction, n, False, None, acc)
         pos, _, dq, dk, gs = _sweep(qs, keys, n, stats=True, col_stats=False, grad=True,
                                     lse_row=lse_row, lse_col=None, g_row=g_row, g_col=None,
-                                    need_dq=need[0], need_dk=want_keys_grad)
+                                    need_dq=need[0], dk_rows=dk_rows)
     else:
         pos, lse_col, _, _, _ = _sweep(qs, keys, n, stats=True, col_stats=symmetric, grad=False,
                                        lse_row=lse_row, lse_col=None, g_row=None, g_col=None,
-                                       need_dq=False, need_dk=False)
+                                       need_dq=False, dk_rows=None)
         if precompute:
             g = _row_weights(reduction, n, True, None, acc)
             _, _, dq, dk, gs = _sweep(qs, keys, n, stats=False, col_stats=False, grad=True,
                                       lse_row=lse_row, lse_col=lse_col, g_row=g, g_col=g,
-                                      need_dq=need[0], need_dk=want_keys_grad)
+                                      need_dq=need[0], dk_rows=dk_rows)
     per_row = lse_row - pos
     if symmetric:
         per_row = 0.5 * (per_row + (lse_col - pos))
@@ -186,7 +201,7 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
     else:
         loss = per_row
     if precompute:
-        grads = _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need)
+        grads = _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
     else:
         grads = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
     lse_col_out = lse_col if symmetric else lse_row.new_empty(0)
@@ -195,7 +210,7 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
 
 def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
                   reduction, need):
-    q, keys, qn, kn = _inputs(query, key, negatives, normalize)
+    q, keys, q_norm, k_norm = _inputs(query, key, negatives, normalize)
     s = float(scale)
     n = query.shape[0]
     acc = q.dtype
@@ -203,8 +218,8 @@ def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetri
     _, _, dq, dk, gs = _sweep(q * s, keys, n, stats=False, col_stats=False, grad=True,
                               lse_row=lse_row.contiguous(), lse_col=lse_col.contiguous() if symmetric else None,
                               g_row=g, g_col=g if symmetric else None,
-                              need_dq=need[0], need_dk=need[1] or need[2])
-    return _finish_grads(query, key, negatives, scale, s, q, keys, qn, kn, dq, dk, gs, need)
+                              need_dq=need[0], dk_rows=_key_rows(n, keys.shape[0], need))
+    return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
 
 
 def _check_backend(backend: str) -> None:
