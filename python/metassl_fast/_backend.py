@@ -31,13 +31,30 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"{source}='cpu' runs on CPU tensors, but the inputs are on {device}")
         _ext.require("_C")
-    elif backend in ("cuda", "triton"):
-        # The GPU kernels are the subject of the GPU issue; until they land, say so.
+    elif backend == "triton":
+        _require_triton(source, device)
+    elif backend == "cuda":
+        # The CUDA C++ kernels are the subject of the GPU issue; until they land, say so.
         raise RuntimeError(
-            f"{source}={backend!r}: the {backend} kernels of this op are not implemented in this "
-            "version of metassl_fast; use backend='torch' on GPUs for now"
+            f"{source}='cuda': the CUDA C++ kernels of this op are not implemented in this version "
+            "of metassl_fast; use backend='triton' (or 'torch') on GPUs for now"
         )
     return backend
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU (tests), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _require_triton(source: str, device: torch.device) -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"{source}='triton' needs the triton package ({exc}); pip install triton") from exc
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"{source}='triton' runs on CUDA tensors (or on CPU tensors with "
+                         f"TRITON_INTERPRET=1), but the inputs are on {device}")
 
 
 def _default(device: torch.device) -> str:
@@ -47,8 +64,9 @@ def _default(device: torch.device) -> str:
     if not _warned_gpu_fallback:
         _warned_gpu_fallback = True
         warnings.warn(
-            f"metassl_fast: no fused kernel for {device.type} tensors in this version; using the "
-            "torch reference, which materialises the N x N similarity matrix",
+            f"metassl_fast: no GPU-verified fused kernel for {device.type} tensors in this version; "
+            "using the torch reference, which materialises the N x N similarity matrix "
+            "(backend='triton' opts in to the Triton kernels)",
             stacklevel=3,
         )
     return "torch"
@@ -65,7 +83,9 @@ def available_backends() -> dict[str, str]:
     try:
         import triton  # noqa: F401
 
-        out["triton"] = "triton importable (kernels not implemented yet)"
+        out["triton"] = ("usable (CUDA tensors; not yet the default: no GPU has run it)"
+                         if torch.cuda.is_available() else
+                         "importable; runs on a CUDA device, or on the CPU with TRITON_INTERPRET=1")
     except ImportError:
         out["triton"] = "triton not installed"
     out["torch"] = "usable (reference)"

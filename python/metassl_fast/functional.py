@@ -29,6 +29,8 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
     value = _validate.positive_scalar(scale_name, scale_value, query.device)
     scale = 1.0 / value if scale_is_temperature else value
     which = _backend.resolve(backend, query.device)
+    if which == "triton" and query.dtype == torch.float64:
+        raise TypeError(f"{name_q}: backend='triton' takes float32, float16 or bfloat16, got float64")
     if which == "torch":
         return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
     return contrastive(query, key, negatives, scale, symmetric, normalize, reduction, which)

@@ -129,18 +129,30 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
             if dk is not None:
                 dk.addmm_(S[:, c0:c1].t(), qs[r0:r1])
     lse_c = col_max + torch.log(col_sum) if col_stats else None
-    return pos, lse_c, dq, dk, gs
+    return pos, lse_c, dq, dk, torch.tensor(gs, dtype=torch.float64)
 
 
-def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, dtype) -> Tensor:
-    """dL/d(row loss) for each row (the column weights are the same when symmetric)."""
+def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, dtype, device) -> Tensor:
+    """dL/d(row loss) for each row (the column weights are the same when symmetric);
+    grad is dL/d(output), None for 1.  Stays on the device (no host sync)."""
     half = 0.5 if symmetric else 1.0
     if reduction == "none":
         return (half * grad).to(dtype).contiguous()
     w = half / n if reduction == "mean" else half
-    if grad is not None:
-        w = w * float(grad)
-    return torch.full((n,), w, dtype=dtype)
+    if grad is None:
+        return torch.full((n,), w, dtype=dtype, device=device)
+    return (grad.to(dtype) * w).expand(n).contiguous()
+
+
+def _reduce(lse_row, pos, lse_col, symmetric, reduction, dtype):
+    per_row = lse_row - pos
+    if symmetric:
+        per_row = 0.5 * (per_row + (lse_col - pos))
+    if reduction == "mean":
+        per_row = per_row.mean()
+    elif reduction == "sum":
+        per_row = per_row.sum()
+    return per_row.to(dtype)
 
 
 def _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need):
@@ -164,7 +176,7 @@ def _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, 
             out_k = dk[:n].to(key.dtype, copy=need_dneg)
         if need_dneg:
             out_n = dk[n - c0:].to(negatives.dtype, copy=True)
-    out_s = (torch.tensor(gs / s, dtype=scale.dtype) if need_ds else scale.new_empty(0))
+    out_s = (gs / s).to(scale.dtype).reshape(()) if need_ds else scale.new_empty(0)
     return out_q, out_k, out_n, out_s
 
 
@@ -178,7 +190,7 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
     lse_col = None
     dk_rows = _key_rows(n, keys.shape[0], need)
     if not symmetric and precompute:  # one pass: statistics and gradient together
-        g_row = _row_weights(reduction, n, False, None, acc)
+        g_row = _row_weights(reduction, n, False, None, acc, q.device)
         pos, _, dq, dk, gs = _sweep(qs, keys, n, stats=True, col_stats=False, grad=True,
                                     lse_row=lse_row, lse_col=None, g_row=g_row, g_col=None,
                                     need_dq=need[0], dk_rows=dk_rows)
@@ -187,25 +199,17 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
                                        lse_row=lse_row, lse_col=None, g_row=None, g_col=None,
                                        need_dq=False, dk_rows=None)
         if precompute:
-            g = _row_weights(reduction, n, True, None, acc)
+            g = _row_weights(reduction, n, True, None, acc, q.device)
             _, _, dq, dk, gs = _sweep(qs, keys, n, stats=False, col_stats=False, grad=True,
                                       lse_row=lse_row, lse_col=lse_col, g_row=g, g_col=g,
                                       need_dq=need[0], dk_rows=dk_rows)
-    per_row = lse_row - pos
-    if symmetric:
-        per_row = 0.5 * (per_row + (lse_col - pos))
-    if reduction == "mean":
-        loss = per_row.mean()
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        loss = per_row
+    loss = _reduce(lse_row, pos, lse_col, symmetric, reduction, query.dtype)
     if precompute:
         grads = _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
     else:
         grads = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
     lse_col_out = lse_col if symmetric else lse_row.new_empty(0)
-    return (loss.to(query.dtype), lse_row, lse_col_out) + grads
+    return (loss, lse_row, lse_col_out) + grads
 
 
 def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
@@ -214,7 +218,7 @@ def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetri
     s = float(scale)
     n = query.shape[0]
     acc = q.dtype
-    g = _row_weights(reduction, n, symmetric, grad.to(acc), acc)
+    g = _row_weights(reduction, n, symmetric, grad, acc, q.device)
     _, _, dq, dk, gs = _sweep(q * s, keys, n, stats=False, col_stats=False, grad=True,
                               lse_row=lse_row.contiguous(), lse_col=lse_col.contiguous() if symmetric else None,
                               g_row=g, g_col=g if symmetric else None,
@@ -222,8 +226,112 @@ def _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetri
     return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
 
 
+# ---------------------------------------------------------------------------
+# Triton backend (kernels/contrastive.py): forward saves only the LSEs, backward
+# recomputes S in a row-outer (dQ, ds) and a column-outer (dK) kernel.
+# ---------------------------------------------------------------------------
+
+def _triton_config(d: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps).  A fixed small tile under the
+    interpreter; on a GPU a first guess by D, to be replaced by measured tuning."""
+    from .. import _backend
+
+    block_d = max(16, 1 << (max(1, d) - 1).bit_length())
+    if block_d > 1024:
+        raise ValueError(f"backend='triton' supports feature dimension D <= 1024, got D = {d}")
+    if _backend.interpreting():
+        return 16, 16, block_d, 1
+    if block_d <= 128:
+        return 128, 64, block_d, 8
+    if block_d <= 256:
+        return 64, 64, block_d, 8
+    return 64, 32, block_d, 8
+
+
+def _triton_inputs(query, key, negatives, normalize):
+    """Operands in the input dtype (normalised in float32 first), contiguous rows."""
+    q, keys, q_norm, k_norm = _inputs(query, key, negatives, normalize)
+    op_dtype = query.dtype if query.dtype != torch.float64 else torch.float32
+    return (q, keys, q_norm, k_norm, q.to(op_dtype).contiguous(), keys.to(op_dtype).contiguous())
+
+
+def _precision(dtype) -> str:
+    """fp32 operands use tf32 exactly when torch would (torch.backends.cuda.matmul.allow_tf32,
+    off by default); the setting means nothing for fp16/bf16 operands."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _triton_forward(query, key, negatives, scale, symmetric, normalize, reduction):
+    from ..kernels import contrastive as tk
+
+    _, _, _, _, q_op, k_op = _triton_inputs(query, key, negatives, normalize)
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    bm, bn, bd, warps = _triton_config(d)
+    dev = q_op.device
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    pos = torch.empty(n, dtype=torch.float32, device=dev)
+    col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
+    lock = torch.zeros(_cdiv(c, bn), dtype=torch.int32, device=dev)
+    tk.contrastive_fwd_kernel[(_cdiv(n, bm),)](
+        q_op, k_op, lse, pos, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
+        float(scale), SYMMETRIC=symmetric, PRECISION=_precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=bd, num_warps=warps)
+    lse_col = col_max + torch.log(col_sum) if symmetric else lse.new_empty(0)
+    loss = _reduce(lse, pos, lse_col, symmetric, reduction, query.dtype)
+    empty = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
+    return (loss, lse, lse_col) + empty
+
+
+def _triton_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
+                     reduction, need):
+    from ..kernels import contrastive as tk
+
+    q, keys, q_norm, k_norm, q_op, k_op = _triton_inputs(query, key, negatives, normalize)
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    s = float(scale)
+    bm, bn, bd, warps = _triton_config(d)
+    prec = _precision(q_op.dtype)
+    g = _row_weights(reduction, n, symmetric, grad, torch.float32, q_op.device)
+    lse_row = lse_row.float().contiguous()
+    lse_c = lse_col.float().contiguous() if symmetric else lse_row  # any length-N buffer
+    dq = gs = dk = None
+    if need[0] or need[3]:
+        dq = torch.empty(n, d, dtype=torch.float32, device=q_op.device)
+        grid = _cdiv(n, bm)
+        parts = torch.empty(grid, dtype=torch.float32, device=q_op.device)
+        tk.contrastive_bwd_dq_kernel[(grid,)](
+            q_op, k_op, lse_row, g, lse_c, g, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0),
+            dq.stride(0), s, SYMMETRIC=symmetric, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            num_warps=warps)
+        gs = parts.double().sum()
+    rows = _key_rows(n, c, need)
+    if rows is not None:
+        c0, c1 = rows
+        dk = torch.empty(c1 - c0, d, dtype=torch.float32, device=q_op.device)
+        tk.contrastive_bwd_dk_kernel[(_cdiv(c1 - c0, bn),)](
+            q_op, k_op, lse_row, g, lse_c, g, dk, n, c, d, c0, c1, q_op.stride(0), k_op.stride(0),
+            dk.stride(0), s, SYMMETRIC=symmetric, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            num_warps=warps)
+        dk = (dk * s).to(keys.dtype)
+    if dq is not None:
+        dq = dq.to(q.dtype)
+    return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward}
+
+
 def _check_backend(backend: str) -> None:
-    if backend != "cpu":  # resolve() stops the others before they get here
+    if backend not in ("cpu", "triton"):  # resolve() stops the others before they get here
         raise RuntimeError(f"metassl_fast::contrastive has no {backend!r} kernel")
 
 
@@ -242,6 +350,8 @@ def contrastive_fwd(
     else empty."""
     _check_backend(backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
+    if backend == "triton":  # never precomputes: the backward recomputes S on the GPU
+        return _triton_forward(query, key, negatives, scale, symmetric, normalize, reduction)
     return _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need)
 
 
@@ -272,8 +382,8 @@ def contrastive_bwd(
     dscale), each empty where not needed."""
     _check_backend(backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
-    return _cpu_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric,
-                         normalize, reduction, need)
+    return _BACKWARD[backend](grad, query, key, negatives, scale, lse_row, lse_col, symmetric,
+                              normalize, reduction, need)
 
 
 @contrastive_bwd.register_fake
@@ -337,7 +447,8 @@ def contrastive(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Ten
     need_dk = grads and key.requires_grad
     need_dneg = grads and negatives is not None and negatives.requires_grad
     need_ds = grads and scale.requires_grad
-    precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
+    # the CPU backend forms the gradient of a scalar loss during the forward (one pass)
+    precompute = backend == "cpu" and reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
     out = torch.ops.metassl_fast.contrastive_fwd(
         query, key, negatives, scale, symmetric, normalize, reduction, precompute,
         need_dq, need_dk, need_dneg, need_ds, backend)

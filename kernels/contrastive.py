@@ -1,0 +1,152 @@
+"""Triton kernels of the fused contrastive loss (InfoNCE, symmetric InfoNCE, CLIP).
+
+    S = s Q K^T      Q (N, D) queries, K (C, D) = [keys; negatives], keys are columns < N
+    lse_row_i = log sum_j exp S_ij                       (all C columns)
+    lse_col_j = log sum_i exp S_ij                       (j < N, symmetric only)
+    G_ij = g_row_i (exp(S_ij - lse_row_i) - [i = j]) + [j < N] g_col_j (exp(S_ij - lse_col_j) - [i = j])
+    dQ = s G K,  dK = s G^T Q,  ds = sum_ij G_ij S_ij / s
+
+Forward: one program per BLOCK_M rows streams every column tile once, keeps an
+online (max, sum) per row, and (symmetric) merges each tile's per-column (max, sum)
+over its rows into a global running pair under a per-tile lock, so row and column
+LSE come from one pass.  Programs start at a column tile offset by their id, which
+spreads them over the locks.  S is never written to memory.
+Backward: two kernels recompute S, one row-outer (dQ and the ds partials, one per
+program), one column-outer (dK for the requested key rows).  No atomics: results
+are bit-for-bit repeatable (the forward's column merge order varies with scheduling,
+so lse_col can differ in the last bits between runs).
+
+Limits: D <= 1024 (a row block of Q and a column tile of K are held whole, with
+BLOCK_D = next power of two of D); operands fp32, fp16 or bf16, accumulation fp32;
+fp32 dots use tf32 unless input_precision="ieee".  GEMM count: 1 (forward) + 2 + 2.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _s_tile(a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, d, d_mask, stride_a, stride_b, scale,
+            PRECISION: tl.constexpr):
+    """scale * A[a_idx] B[b_idx]^T as an fp32 (len(a_idx), len(b_idx)) tile, plus the operands."""
+    a = tl.load(a_ptr + a_idx[:, None] * stride_a + d[None, :], mask=a_mask[:, None] & d_mask[None, :], other=0.0)
+    b = tl.load(b_ptr + b_idx[:, None] * stride_b + d[None, :], mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
+    return s, a, b
+
+
+@triton.jit
+def _grad_tile(s, row_lse, row_g, col_lse, col_g, is_diag, col_is_key, valid, SYMMETRIC: tl.constexpr):
+    """G on a tile; row_* broadcast along the tile's row-loss axis, col_* along the other."""
+    diag = tl.where(is_diag, 1.0, 0.0)
+    g = row_g * (tl.exp(s - row_lse) - diag)
+    if SYMMETRIC:
+        g += tl.where(col_is_key, col_g * (tl.exp(s - col_lse) - diag), 0.0)
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def contrastive_fwd_kernel(Q, K, LSE, POS, COL_MAX, COL_SUM, LOCK, N, C, D, stride_q, stride_k, scale,
+                           SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
+    n_tiles = tl.cdiv(C, BLOCK_N)
+    for t in range(0, n_tiles):
+        tile = (t + pid) % n_tiles
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        s, _a, _b = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, scale, PRECISION)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+        pos += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), 1)
+        if SYMMETRIC:
+            key_col = col_ok & (cols < N)
+            if tile * BLOCK_N < N:  # this tile holds key columns: merge its column partials
+                sc = tl.where(row_ok[:, None], s, float("-inf"))
+                cm = tl.max(sc, 0)
+                cm_safe = tl.where(key_col, cm, 0.0)
+                cl = tl.sum(tl.exp(sc - cm_safe[None, :]), 0)
+                lock = LOCK + tile
+                while tl.atomic_cas(lock, 0, 1) == 1:
+                    pass
+                # .cg: read through L2, not a stale L1 line, what the last lock holder wrote
+                om = tl.load(COL_MAX + cols, mask=key_col, other=0.0, cache_modifier=".cg")
+                osum = tl.load(COL_SUM + cols, mask=key_col, other=0.0, cache_modifier=".cg")
+                nm = tl.maximum(om, cm_safe)
+                ns = osum * tl.exp(om - nm) + cl * tl.exp(cm_safe - nm)
+                tl.store(COL_MAX + cols, nm, mask=key_col)
+                tl.store(COL_SUM + cols, ns, mask=key_col)
+                tl.debug_barrier()
+                tl.atomic_xchg(lock, 0)
+    tl.store(LSE + rows, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(POS + rows, pos, mask=row_ok)
+
+
+@triton.jit
+def contrastive_bwd_dq_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DQ, DS_PART, N, C, D, stride_q, stride_k,
+                              stride_dq, scale, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ / s for a block of rows, and this block's share of sum G S."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g_row = tl.load(G_ROW + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    gs = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, C, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        s, _q, k = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, scale, PRECISION)
+        key_col = col_ok & (cols < N)
+        # one-sided: LSE_COL and G_COL are any length-N buffers, loaded but unused
+        col_lse = tl.load(LSE_COL + cols, mask=key_col, other=0.0)
+        col_g = tl.load(G_COL + cols, mask=key_col, other=0.0)
+        g = _grad_tile(s, lse[:, None], g_row[:, None], col_lse[None, :], col_g[None, :],
+                       rows[:, None] == cols[None, :], key_col[None, :],
+                       row_ok[:, None] & col_ok[None, :], SYMMETRIC)
+        gs += tl.sum(g * s, 1)
+        acc = tl.dot(g.to(k.dtype), k, acc, input_precision=PRECISION)
+    tl.store(DQ + rows[:, None] * stride_dq + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(DS_PART + pid, tl.sum(gs, 0))
+
+
+@triton.jit
+def contrastive_bwd_dk_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DK, N, C, D, col0, col1, stride_q,
+                              stride_k, stride_dk, scale, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK = G^T Q (times s later) for key rows [col0, col1); DK row r is key row col0 + r."""
+    pid = tl.program_id(0)
+    cols = col0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < col1
+    key_col = col_ok & (cols < N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    # one-sided: LSE_COL and G_COL are any length-N buffers, loaded but unused
+    col_lse = tl.load(LSE_COL + cols, mask=key_col, other=0.0)
+    col_g = tl.load(G_COL + cols, mask=key_col, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        st, _k, q = _s_tile(K, Q, cols, rows, col_ok, row_ok, d, d_ok, stride_k, stride_q, scale, PRECISION)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        g_row = tl.load(G_ROW + rows, mask=row_ok, other=0.0)
+        gt = _grad_tile(st, lse[None, :], g_row[None, :], col_lse[:, None], col_g[:, None],
+                        cols[:, None] == rows[None, :], key_col[:, None],
+                        col_ok[:, None] & row_ok[None, :], SYMMETRIC)
+        acc = tl.dot(gt.to(q.dtype), q, acc, input_precision=PRECISION)
+    out_rows = cols - col0
+    tl.store(DK + out_rows[:, None] * stride_dk + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
