@@ -45,3 +45,16 @@ def test_cli_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "metassl_fast.cli", "info"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "backends:" in proc.stdout
+
+
+def test_gpu_table_renders_missing_values():
+    """The GPU report's formatting (its measurements need a GPU: bench/gpu_check.sh)."""
+    from metassl_fast.benchmarks import contrastive_gpu
+
+    row = {"op": "clip_loss", "impl": "eager", "N": 65536, "D": 512, "dtype": "bfloat16", "median_ms": None,
+           "speedup": None, "peak_mb": None, "mem_ratio": None, "tflops": None, "of_peak": None,
+           "max_rel_err": 3e-3, "note": "OOM"}
+    meta = {"device": "cuda: test", "torch": "x", "version": "y", "date": "z"}
+    table = contrastive_gpu.format_table([row], meta, 700.0)
+    assert "| clip_loss | eager | 65536 | 512 | bfloat16 | OOM |" in table
+    assert "OOM" in contrastive_gpu._line(row)

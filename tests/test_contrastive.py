@@ -370,30 +370,45 @@ def test_cpp_checks_buffer_bounds():
 # --------------------------------------------------------------------------- torch.library
 
 
-def _op_args(precompute, symmetric, reduction, neg=True):
-    q, k, n, _ = _make(9, 5, 3 if neg else 0, torch.float32)
+def _op_args(precompute, symmetric, reduction, backend="cpu", neg=True):
+    q, k, n, _ = _make(19, 5, 3 if neg else 0, torch.float32)
     scale = torch.tensor(4.0, requires_grad=True)
-    return (q, k, n, scale, symmetric, True, reduction, precompute, True, True, neg, True, "cpu")
+    return (q, k, n, scale, symmetric, True, reduction, precompute, True, True, neg, True, backend)
 
 
-@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def _triton_runs_here():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or msf._backend.interpreting()
+
+
+OP_BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs_here(),
+                                                    reason="no triton, or no GPU and no TRITON_INTERPRET=1")),
+]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("reduction,precompute", [("mean", True), ("sum", True), ("none", False)])
-def test_opcheck_forward(symmetric, reduction, precompute):
+def test_opcheck_forward(backend, symmetric, reduction, precompute):
     torch.library.opcheck(torch.ops.metassl_fast.contrastive_fwd.default,
-                          _op_args(precompute, symmetric, reduction))
+                          _op_args(precompute, symmetric, reduction, backend))
 
 
-@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_opcheck_backward(symmetric):
+def test_opcheck_backward(backend, symmetric):
     q, k, n, scale, *_ = _op_args(False, symmetric, "none")
     out = torch.ops.metassl_fast.contrastive_fwd(q, k, n, scale, symmetric, True, "none", False,
-                                                 True, True, True, True, "cpu")
-    grad = torch.randn(9)
+                                                 True, True, True, True, backend)
+    grad = torch.randn(19)
     torch.library.opcheck(torch.ops.metassl_fast.contrastive_bwd.default,
-                          (grad, q.detach(), k.detach(), n.detach(), scale.detach(), out[1].detach(), out[2].detach(),
-                           symmetric, True, "none", True, True, True, True, "cpu"))
+                          (grad, q.detach(), k.detach(), n.detach(), scale.detach(), out[1].detach(),
+                           out[2].detach(), symmetric, True, "none", True, True, True, True, backend))
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
@@ -405,16 +420,16 @@ def test_double_backward_is_a_clear_error():
         gq.sum().backward()
 
 
-@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("symmetric,reduction", [(False, "mean"), (True, "none")])
-def test_torch_compile_fullgraph(symmetric, reduction):
+def test_torch_compile_fullgraph(backend, symmetric, reduction):
     torch._dynamo.reset()
     q, k, neg, _ = _make(37, 16, 5, torch.float32)
     t = torch.tensor(0.25, requires_grad=True)
 
     def step(q, k, neg, t):
         loss = msf.info_nce(q, k, temperature=t, negatives=neg, symmetric=symmetric,
-                            reduction=reduction, backend="cpu")
+                            reduction=reduction, backend=backend)
         return (loss * torch.arange(1, loss.numel() + 1).reshape(loss.shape)).sum()
 
     compiled = torch.compile(step, fullgraph=True)

@@ -262,17 +262,17 @@ CSV_FIELDS = ["date", "version", "torch", "device", "threads", "op", "impl", "dt
               "median_ms", "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_err", "repeats"]
 
 
-def _append_csv(path, rows, meta):
+def _append_csv(path, rows, meta, fields=CSV_FIELDS):
     import csv
 
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         for r in rows:
             w.writerow({**{k: meta[k] for k in ("date", "version", "torch", "device", "threads")},
-                        **{k: r[k] for k in CSV_FIELDS if k in r}})
+                        **{k: r[k] for k in fields if k in r}})
 
 
 def _plot(path, rows, meta, stream):
@@ -326,11 +326,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--out", default="bench/out", help="folder for results.csv, latest.md and the plot")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the GPU benchmark where CUDA is available, else the CPU one")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         return _worker(args)
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        from .contrastive_gpu import run as run_gpu
+
+        return run_gpu(out_dir=args.out)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     large = [int(x) for x in args.large.split(",") if x]
     run(sizes, large, args.d, args.dtype, args.repeats, args.out, args.threads or None, not args.no_plot,

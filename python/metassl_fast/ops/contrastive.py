@@ -330,6 +330,11 @@ def _cdiv(a: int, b: int) -> int:
 _BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward}
 
 
+def _precomputes(backend: str, precompute: bool) -> bool:
+    """Only the CPU backend forms the gradient during the forward."""
+    return precompute and backend == "cpu"
+
+
 def _check_backend(backend: str) -> None:
     if backend not in ("cpu", "triton"):  # resolve() stops the others before they get here
         raise RuntimeError(f"metassl_fast::contrastive has no {backend!r} kernel")
@@ -346,8 +351,8 @@ def contrastive_fwd(
     need_dneg: bool, need_dscale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, lse_row (N,), lse_col (N,) or (0,), dq, dk, dneg, dscale); the
-    four gradients are those of the reduced loss for grad_output = 1 when precompute,
-    else empty."""
+    four gradients are those of the reduced loss for grad_output = 1 when precompute
+    (CPU backend only; other backends ignore it), else empty."""
     _check_backend(backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
     if backend == "triton":  # never precomputes: the backward recomputes S on the GPU
@@ -360,6 +365,7 @@ def _(query, key, negatives, scale, symmetric, normalize, reduction, precompute,
       need_dneg, need_dscale, backend):
     n = query.shape[0]
     acc = _acc_dtype(query.dtype)
+    precompute = _precomputes(backend, precompute)
     loss = query.new_empty((n,) if reduction == "none" else ())
     lse_row = query.new_empty((n,), dtype=acc)
     lse_col = query.new_empty((n,) if symmetric else (0,), dtype=acc)
@@ -402,9 +408,9 @@ def _setup_context(ctx, inputs, output):
      _ndq, _ndk, _ndn, _nds, backend) = inputs
     _, lse_row, lse_col, dq, dk, dneg, ds = output
     ctx.symmetric, ctx.normalize, ctx.reduction = symmetric, normalize, reduction
-    ctx.precompute, ctx.backend = precompute, backend
+    ctx.precompute, ctx.backend = _precomputes(backend, precompute), backend
     ctx.has_negatives = negatives is not None
-    if precompute:
+    if ctx.precompute:
         ctx.save_for_backward(dq, dk, dneg, ds)
     else:
         ctx.save_for_backward(query, key, negatives, scale, lse_row, lse_col)
@@ -448,7 +454,7 @@ def contrastive(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Ten
     need_dneg = grads and negatives is not None and negatives.requires_grad
     need_ds = grads and scale.requires_grad
     # the CPU backend forms the gradient of a scalar loss during the forward (one pass)
-    precompute = backend == "cpu" and reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
+    precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
     out = torch.ops.metassl_fast.contrastive_fwd(
         query, key, negatives, scale, symmetric, normalize, reduction, precompute,
         need_dq, need_dk, need_dneg, need_ds, backend)

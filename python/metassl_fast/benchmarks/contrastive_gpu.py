@@ -1,0 +1,173 @@
+"""GPU benchmark of clip_loss and info_nce: eager torch, torch.compile of the same eager
+code and ours (Triton; the CUDA C++ kernels join when they exist).  Inf-CL is not
+compared yet: the lent GPU host has no network to install it, and its call has not
+been checked here.
+
+Forward+backward, bf16, median of triton.testing.do_bench (CUDA events), peak memory
+from torch.cuda.max_memory_allocated over the allocation before the call, achieved
+TFLOP/s counting the matrix products the algorithm needs (4 N x N x D for the
+symmetric loss, 3 for the one-sided), and the max relative error against the float64
+reference on a small shape.  Also the machine's own bf16 matmul rate, measured here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .contrastive import CSV_FIELDS, TEMPERATURE, _append_csv, _eager_clip_loss, _eager_info_nce, _fmt
+
+OPS = ("clip_loss", "info_nce")
+
+
+def _products(op: str) -> int:
+    return 4 if op == "clip_loss" else 3
+
+
+def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """The device's measured bf16 GEMM rate (torch.mm, n^3), in TFLOP/s."""
+    import triton.testing
+
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _contenders(op: str):
+    import metassl_fast as msf
+
+    eager = _eager_clip_loss if op == "clip_loss" else _eager_info_nce
+    out = {"eager": eager, "compiled": torch.compile(eager, dynamic=True)}
+    if op == "clip_loss":
+        out["triton"] = lambda q, k, s: msf.clip_loss(q, k, s, backend="triton")
+    else:
+        out["triton"] = lambda q, k, s: msf.info_nce(q, k, temperature=TEMPERATURE, backend="triton")
+    return out
+
+
+def _inputs(n, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+    s = torch.tensor(1 / TEMPERATURE, device="cuda").requires_grad_()
+    return q, k, s
+
+
+def _step(fn, q, k, s):
+    q.grad = k.grad = s.grad = None
+    fn(q, k, s).backward()
+
+
+def _measure(fn, q, k, s):
+    import triton.testing
+
+    try:
+        _step(fn, q, k, s)  # warm-up and compile
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _step(fn, q, k, s)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = triton.testing.do_bench(lambda: _step(fn, q, k, s), warmup=10, rep=50, return_mode="median")
+        return ms, peak, None
+    except torch.OutOfMemoryError:
+        return None, None, "OOM"
+    finally:
+        q.grad = k.grad = s.grad = None
+        torch.cuda.empty_cache()
+
+
+def _rel_err(fn, op, n=1000, d=256, dtype=torch.bfloat16):
+    from metassl_fast.reference import contrastive_loss
+
+    q, k, s = _inputs(n, d, dtype, seed=1)
+    loss = fn(q, k, s)
+    got = [loss] + list(torch.autograd.grad(loss, (q, k, s)))
+    q64, k64, s64 = (x.detach().double().requires_grad_() for x in (q, k, s))
+    if op == "clip_loss":
+        ref = contrastive_loss(q64, k64, None, s64, True, False, "mean")
+    else:
+        ref = contrastive_loss(q64, k64, None, torch.tensor(1 / TEMPERATURE, dtype=torch.float64,
+                                                            device="cuda"), False, True, "mean")
+    want = [ref] + list(torch.autograd.grad(ref, (q64, k64, s64), allow_unused=True))
+    err = 0.0
+    for a, b in zip(got, want):
+        if b is None or a is None:
+            continue
+        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bfloat16",
+        out_dir="bench/out", stream=sys.stdout):
+    import metassl_fast
+
+    dt = getattr(torch, dtype)
+    peak_rate = matmul_tflops()
+    device = f"cuda: {torch.cuda.get_device_name()}"
+    print(f"{device}: measured bf16 matmul rate {peak_rate:.0f} TFLOP/s (torch.mm 8192^3)", file=stream)
+    rows = []
+    for op in OPS:
+        contenders = _contenders(op)
+        errs = {name: _rel_err(fn, op) for name, fn in contenders.items()}
+        for d in dims:
+            for n in sizes:
+                q, k, s = _inputs(n, d, dt)
+                res = {name: _measure(fn, q, k, s) for name, fn in contenders.items()}
+                base = res["eager"]
+                for name, (ms, peak, note) in res.items():
+                    tflops = _products(op) * 2 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
+                    rows.append({"op": op, "impl": name, "N": n, "D": d, "dtype": dtype, "median_ms": ms,
+                                 "p20_ms": None, "p80_ms": None,
+                                 "speedup": base[0] / ms if ms and base[0] else None, "peak_mb": peak,
+                                 "mem_ratio": peak / base[1] if peak and base[1] else None,
+                                 "max_rel_err": errs[name], "repeats": None, "note": note,
+                                 "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None})
+                    print(_line(rows[-1]), file=stream, flush=True)
+                del q, k, s
+    for n in huge:  # ours alone: eager needs n^2 x 2 B for the logits alone
+        d = max(dims)
+        q, k, s = _inputs(n, d, dt)
+        ms, peak, note = _measure(_contenders("clip_loss")["triton"], q, k, s)
+        tflops = 8 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
+        rows.append({"op": "clip_loss", "impl": "triton", "N": n, "D": d, "dtype": dtype, "median_ms": ms,
+                     "p20_ms": None, "p80_ms": None, "speedup": None, "peak_mb": peak, "mem_ratio": None,
+                     "max_rel_err": None, "repeats": None, "note": note, "tflops": tflops,
+                     "of_peak": tflops / peak_rate if tflops else None})
+        print(_line(rows[-1]), file=stream, flush=True)
+        del q, k, s
+    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(out_dir, exist_ok=True)
+    _append_csv(os.path.join(out_dir, "results_gpu.csv"), rows, meta,
+                CSV_FIELDS + ["tflops", "of_peak", "note"])
+    table = format_table(rows, meta, peak_rate)
+    with open(os.path.join(out_dir, "latest_gpu.md"), "w") as f:
+        f.write(table + "\n")
+    print(table, file=stream)
+    return rows
+
+
+def _line(r):
+    return (f"{r['op']:9s} {r['impl']:8s} N={r['N']:<7d} D={r['D']:<4d} "
+            f"{_fmt(r['median_ms'], '9.3f')} ms  peak {_fmt(r['peak_mb'], '9.1f')} MiB  "
+            f"{_fmt(r['tflops'], '6.1f')} TFLOP/s  {r['note'] or ''}")
+
+
+def format_table(rows, meta, peak_rate):
+    lines = [f"contrastive losses, forward+backward, {meta['device']}, torch {meta['torch']}, "
+             f"metassl_fast {meta['version']}, {meta['date']}; measured bf16 matmul {peak_rate:.0f} TFLOP/s\n",
+             "| op | impl | N | D | dtype | median ms | speed-up vs eager | peak MiB | mem ratio | TFLOP/s "
+             "| of matmul rate | max rel err |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['D']} | {r['dtype']} | "
+                     f"{_fmt(r['median_ms'], '.3f') if r['median_ms'] else r['note']} | "
+                     f"{_fmt(r['speedup'], '.2f')} | {_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.4f')} | "
+                     f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['of_peak'], '.0%')} | {_fmt(r['max_rel_err'], '.1e')} |")
+    return "\n".join(lines)
