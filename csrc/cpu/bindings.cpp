@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/contrastive.h"
+#include "cpu/inner_loop.h"
 
 namespace py = pybind11;
 
@@ -92,6 +93,90 @@ void block_col_stats(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t
                                  reinterpret_cast<double*>(col_sum), nthreads);
 }
 
+
+msf::InnerLoopArgs inner_args(int64_t T, int64_t S, int64_t D, int64_t C, int64_t K, bool first_order) {
+  require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0, "need T, S, D, C >= 1 and K >= 0");
+  msf::InnerLoopArgs a;
+  a.T = T, a.S = S, a.D = D, a.C = C, a.K = K, a.first_order = first_order;
+  return a;
+}
+
+// Labels index rows of the head: every one must be in [0, C) before a kernel reads it.
+void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
+  require_buffer(y, y_numel, n, "labels");
+  const int64_t* lab = reinterpret_cast<const int64_t*>(y);
+  for (int64_t i = 0; i < n; ++i)
+    require(lab[i] >= 0 && lab[i] < C, "labels[" + std::to_string(i) + "] = " +
+                                           std::to_string(lab[i]) + " is outside [0, " +
+                                           std::to_string(C) + ")");
+}
+
+void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
+                        uintptr_t W0, int64_t W0_numel, uintptr_t b0, int64_t b0_numel,
+                        uintptr_t aW, int64_t aW_numel, uintptr_t ab, int64_t ab_numel,
+                        uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj,
+                        int64_t b_traj_numel, int64_t T, int64_t S, int64_t D, int64_t C, int64_t K,
+                        int nthreads) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, false);
+  require_buffer(X, X_numel, T * S * D, "X");
+  require_labels(y, y_numel, T * S, C);
+  require_buffer(W0, W0_numel, C * D, "W0");
+  require_buffer(b0, b0_numel, C, "b0");
+  require_buffer(aW, aW_numel, C * D, "aW");
+  require_buffer(ab, ab_numel, C, "ab");
+  require_buffer(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
+  require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  py::gil_scoped_release nogil;
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    msf::inner_loop_forward<F>(reinterpret_cast<const F*>(X), reinterpret_cast<const int64_t*>(y),
+                               reinterpret_cast<const F*>(W0), reinterpret_cast<const F*>(b0),
+                               reinterpret_cast<const F*>(aW), reinterpret_cast<const F*>(ab),
+                               reinterpret_cast<F*>(W_traj), reinterpret_cast<F*>(b_traj), a, nthreads);
+  };
+  if (dtype == kFloat32) run(float{}); else run(double{});
+}
+
+void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
+                         uintptr_t aW, int64_t aW_numel, uintptr_t ab, int64_t ab_numel,
+                         uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj,
+                         int64_t b_traj_numel, uintptr_t dW_K, int64_t dW_K_numel, uintptr_t db_K,
+                         int64_t db_K_numel, uintptr_t dX, int64_t dX_numel, uintptr_t dW0,
+                         int64_t dW0_numel, uintptr_t db0, int64_t db0_numel, uintptr_t daW,
+                         int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S,
+                         int64_t D, int64_t C, int64_t K, bool first_order, int nthreads) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
+  require_buffer(X, X_numel, T * S * D, "X");
+  require_labels(y, y_numel, T * S, C);
+  require_buffer(aW, aW_numel, C * D, "aW");
+  require_buffer(ab, ab_numel, C, "ab");
+  require_buffer(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
+  require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  require_buffer(dW_K, dW_K_numel, T * C * D, "dW_K");
+  require_buffer(db_K, db_K_numel, T * C, "db_K");
+  require_buffer(dX, dX_numel, T * S * D, "dX");
+  require_buffer(dW0, dW0_numel, T * C * D, "dW0");
+  require_buffer(db0, db0_numel, T * C, "db0");
+  require_buffer(daW, daW_numel, T * C * D, "daW");
+  require_buffer(dab, dab_numel, T * C, "dab");
+  py::gil_scoped_release nogil;
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    msf::inner_loop_backward<F>(
+        reinterpret_cast<const F*>(X), reinterpret_cast<const int64_t*>(y),
+        reinterpret_cast<const F*>(aW), reinterpret_cast<const F*>(ab),
+        reinterpret_cast<const F*>(W_traj), reinterpret_cast<const F*>(b_traj),
+        reinterpret_cast<const F*>(dW_K), reinterpret_cast<const F*>(db_K),
+        reinterpret_cast<F*>(dX), reinterpret_cast<F*>(dW0), reinterpret_cast<F*>(db0),
+        reinterpret_cast<F*>(daW), reinterpret_cast<F*>(dab), a, nthreads);
+  };
+  if (dtype == kFloat32) run(float{}); else run(double{});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -107,6 +192,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("n_cols"), py::arg("ld"), py::arg("col_max"), py::arg("col_sum"),
         py::arg("col_numel"), py::arg("nthreads"),
         "Merge one row block of S into running per-column (max, sum of exp).");
+  m.def("inner_loop_forward", &inner_loop_forward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"),
+        py::arg("y"), py::arg("y_numel"), py::arg("W0"), py::arg("W0_numel"), py::arg("b0"),
+        py::arg("b0_numel"), py::arg("aW"), py::arg("aW_numel"), py::arg("ab"), py::arg("ab_numel"),
+        py::arg("W_traj"), py::arg("W_traj_numel"), py::arg("b_traj"), py::arg("b_traj_numel"),
+        py::arg("T"), py::arg("S"), py::arg("D"), py::arg("C"), py::arg("K"), py::arg("nthreads"),
+        "K inner SGD steps of a linear head for T tasks; fills the W/b trajectories. "
+        "See csrc/cpu/inner_loop.h.");
+  m.def("inner_loop_backward", &inner_loop_backward, py::arg("dtype"), py::arg("X"),
+        py::arg("X_numel"), py::arg("y"), py::arg("y_numel"), py::arg("aW"), py::arg("aW_numel"),
+        py::arg("ab"), py::arg("ab_numel"), py::arg("W_traj"), py::arg("W_traj_numel"),
+        py::arg("b_traj"), py::arg("b_traj_numel"), py::arg("dW_K"), py::arg("dW_K_numel"),
+        py::arg("db_K"), py::arg("db_K_numel"), py::arg("dX"), py::arg("dX_numel"), py::arg("dW0"),
+        py::arg("dW0_numel"), py::arg("db0"), py::arg("db0_numel"), py::arg("daW"),
+        py::arg("daW_numel"), py::arg("dab"), py::arg("dab_numel"), py::arg("T"), py::arg("S"),
+        py::arg("D"), py::arg("C"), py::arg("K"), py::arg("first_order"), py::arg("nthreads"),
+        "Closed-form (second- or first-order) reverse pass of inner_loop_forward, per task.");
 #ifdef __AVX2__
   m.attr("simd") = "avx2";
 #else

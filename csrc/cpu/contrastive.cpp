@@ -1,89 +1,16 @@
 // Row-block kernels of the fused contrastive loss; the math is in contrastive.h.
 //
 // Why the loops look like this: a row of S (C <= a few 10^4 floats) sits in L1/L2,
-// so each row is finished (max, exp+sum, gradient) before the next is touched.
-// The loops are written on explicit vectors (GCC vector extensions) rather than left
-// to the auto-vectoriser, which does not vectorise reductions or this exp without
-// -ffast-math (and -ffast-math would drop the NaN propagation we promise).
+// so each row is finished (max, exp+sum, gradient) before the next is touched; the
+// loops run on explicit vectors (cpu/simd.h).
 #include "cpu/contrastive.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <type_traits>
 #include <vector>
+
+#include "cpu/simd.h"
 
 namespace msf {
 namespace {
-
-// One SIMD register of T: GCC vector extensions, lowered to AVX2 under -march=native
-// on an AVX2 machine and to pairs of SSE registers elsewhere.
-template <typename T>
-struct Vec {
-  typedef T V __attribute__((vector_size(32)));
-  static constexpr int W = 32 / sizeof(T);
-  static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static V splat(T x) { return V{} + x; }
-  static T hsum(V v) {
-    T s = 0;
-    for (int l = 0; l < W; ++l) s += v[l];
-    return s;
-  }
-  static T hmax(V v) {
-    T m = v[0];
-    for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
-    return m;
-  }
-};
-
-// exp for float: Cephes' range reduction and degree-6 polynomial (about 1 ulp on
-// [-87, 88]), written for a scalar and for a vector alike.  NaN stays NaN, x < -87
-// gives 0 (such softmax terms are 0 in float32 anyway), x > 88.7 gives inf.
-template <typename F, typename I>
-inline F exp_poly(F x) {
-  const F lo = F{} - 87.0f, hi = F{} + 88.5f;
-  F xc = x < lo ? lo : x;  // comparisons are false for NaN: NaN stays NaN
-  xc = xc > hi ? hi : xc;
-  // round(x log2 e) by the 1.5 * 2^23 trick: exact for |x log2 e| < 2^22
-  F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  F r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  F nn = n == n ? n : F{};  // keep the integer conversion defined for NaN
-  I bits;
-  if constexpr (std::is_same_v<F, float>) {
-    bits = (static_cast<int32_t>(nn) + 127) << 23;
-  } else {
-    bits = (__builtin_convertvector(nn, I) + 127) << 23;
-  }
-  F scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  F res = p * scale;
-  res = x < lo ? F{} : res;
-  return x > 88.7f ? F{} + std::numeric_limits<float>::infinity() : res;
-}
-
-typedef int32_t VI __attribute__((vector_size(32)));
-inline float exp_t(float x) { return exp_poly<float, int32_t>(x); }
-inline Vec<float>::V exp_t(Vec<float>::V x) { return exp_poly<Vec<float>::V, VI>(x); }
-// float64 is the precision of the tests and gradcheck: the exact libm exp.
-inline double exp_t(double x) { return std::exp(x); }
-inline Vec<double>::V exp_t(Vec<double>::V x) {
-  for (int l = 0; l < Vec<double>::W; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
 
 template <typename T>
 T row_max(const T* row, int64_t C) {
@@ -146,22 +73,6 @@ T grad_known_lse(T* row, int64_t j0, int64_t j1, T gr, T l, const T* lse_col, co
     row[j] = gv;
   }
   return out;
-}
-
-// Run fn(begin, end, t) on `nthreads` contiguous chunks of [0, n) with OpenMP.
-// OpenMP, not std::thread: torch's CPU wheel loads libgomp.so.1 first, so this module
-// binds to the same runtime and its thread pool.  Threads of our own would fight
-// torch's OpenMP workers, which spin for a while after each GEMM (measured here:
-// N = 8192 info_nce 760 ms with two std::threads, 620 ms with one).
-template <typename F>
-void parallel_chunks(int64_t n, int nthreads, F&& fn) {
-  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
-  const int64_t step = (n + t - 1) / t;
-#pragma omp parallel for num_threads(t) schedule(static, 1)
-  for (int k = 0; k < t; ++k) {
-    const int64_t b = std::min(n, k * step), e = std::min(n, (k + 1) * step);
-    if (b < e) fn(b, e, k);
-  }
 }
 
 }  // namespace

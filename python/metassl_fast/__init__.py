@@ -1,5 +1,5 @@
 """metassl_fast: fused contrastive losses and batched meta-learning kernels for PyTorch."""
-from . import ops  # noqa: F401  (registers the custom ops)
+from . import meta, ops  # noqa: F401  (ops registers the custom ops)
 from ._backend import available_backends
 from .functional import clip_loss, info_nce
 from .modules import ClipLoss, InfoNCE

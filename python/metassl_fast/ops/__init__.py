@@ -1,2 +1,2 @@
 """torch.library custom ops ("metassl_fast::<op>_fwd/_bwd"), one module per op."""
-from . import contrastive  # noqa: F401  (registers the ops)
+from . import contrastive, inner_loop  # noqa: F401  (registers the ops)

@@ -1,0 +1,35 @@
+// Batched inner loop of a linear head (ANIL / Meta-SGD) on the CPU, one task per
+// thread chunk, with the exact second-order reverse pass in closed form (DESIGN.md).
+//
+// Per task t: support X (S, D), labels y (S) in [0, C); head W (C, D), b (C); step
+// sizes aW (C, D), ab (C) (a scalar lr is expanded by the caller).  For k < K:
+//   Z = X W_k^T + b_k,  P = softmax(Z),  R = (P - onehot(y)) / S
+//   G_W = R^T X,  G_b = colsum(R),  W_{k+1} = W_k - aW * G_W,  b_{k+1} = b_k - ab * G_b
+// Reverse, from Lambda = dL/dW_K, lambda = dL/db_K, for k = K-1 .. 0:
+//   daW -= Lambda * G_W(W_k),  dab -= lambda * G_b(W_k)
+//   V = aW * Lambda, v = ab * lambda,  U = X V^T + v,  M = P * (U - rowsum(P * U))
+//   dX -= R V + M W_k / S;  Lambda -= M^T X / S;  lambda -= colsum(M) / S
+// first order: only the daW / dab terms (Lambda passes through unchanged).
+// Limits: T is float or double; every tensor contiguous; labels already checked.
+#pragma once
+#include <cstdint>
+
+namespace msf {
+
+struct InnerLoopArgs {
+  int64_t T = 0, S = 0, D = 0, C = 0, K = 0;
+  bool first_order = false;
+};
+
+// W_traj (T, K+1, C, D) and b_traj (T, K+1, C) receive W_0 .. W_K per task.
+template <typename T>
+void inner_loop_forward(const T* X, const int64_t* y, const T* W0, const T* b0, const T* aW,
+                        const T* ab, T* W_traj, T* b_traj, const InnerLoopArgs& a, int nthreads);
+
+// Per-task outputs: dX (T, S, D), dW0 and daW (T, C, D), db0 and dab (T, C).
+template <typename T>
+void inner_loop_backward(const T* X, const int64_t* y, const T* aW, const T* ab, const T* W_traj,
+                         const T* b_traj, const T* dW_K, const T* db_K, T* dX, T* dW0, T* db0,
+                         T* daW, T* dab, const InnerLoopArgs& a, int nthreads);
+
+}  // namespace msf

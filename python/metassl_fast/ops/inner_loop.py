@@ -1,0 +1,103 @@
+"""The batched linear-head inner loop (ANIL / Meta-SGD) as torch.library custom ops.
+
+Forward runs K SGD steps of a linear head on T tasks in one call and keeps the
+trajectory W_0 .. W_K (T, K+1, C, D): memory O(T K C D), no autograd graph of the
+inner loop.  Backward is the closed-form reverse pass (Hessian-vector products and
+the mixed X term, csrc/cpu/inner_loop.h), exact to second order, or first order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+
+@torch.library.custom_op("metassl_fast::inner_loop_fwd", mutates_args=())
+def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: Tensor,
+                   lr_b: Tensor, steps: int, first_order: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """support (T, S, D), labels (T, S) int64, weight (C, D), bias (C), lr_w (C, D), lr_b (C)
+    -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
+    C_ext = _ext.require("_C")
+    T, S, D = support.shape
+    C = weight.shape[0]
+    W_traj = support.new_empty(T, steps + 1, C, D)
+    b_traj = support.new_empty(T, steps + 1, C)
+    C_ext.inner_loop_forward(
+        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        y=labels.data_ptr(), y_numel=labels.numel(), W0=weight.data_ptr(), W0_numel=weight.numel(),
+        b0=bias.data_ptr(), b0_numel=bias.numel(), aW=lr_w.data_ptr(), aW_numel=lr_w.numel(),
+        ab=lr_b.data_ptr(), ab_numel=lr_b.numel(), W_traj=W_traj.data_ptr(), W_traj_numel=W_traj.numel(),
+        b_traj=b_traj.data_ptr(), b_traj_numel=b_traj.numel(), T=T, S=S, D=D, C=C, K=steps,
+        nthreads=max(1, torch.get_num_threads()))
+    return W_traj[:, steps].clone(), b_traj[:, steps].clone(), W_traj, b_traj
+
+
+@inner_loop_fwd.register_fake
+def _(support, labels, weight, bias, lr_w, lr_b, steps, first_order, backend):
+    T, _, D = support.shape
+    C = weight.shape[0]
+    return (support.new_empty(T, C, D), support.new_empty(T, C), support.new_empty(T, steps + 1, C, D),
+            support.new_empty(T, steps + 1, C))
+
+
+@torch.library.custom_op("metassl_fast::inner_loop_bwd", mutates_args=())
+def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, lr_w: Tensor, lr_b: Tensor,
+                   W_traj: Tensor, b_traj: Tensor, first_order: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (d support (T, S, D), d weight (C, D), d bias (C), d lr_w (C, D), d lr_b (C)),
+    the head and lr gradients summed over tasks."""
+    C_ext = _ext.require("_C")
+    T, S, D = support.shape
+    C = lr_w.shape[0]
+    steps = W_traj.shape[1] - 1
+    dW_K, db_K = dW_K.contiguous(), db_K.contiguous()
+    dX = torch.empty_like(support)
+    dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
+    db0, dab = support.new_empty(T, C), support.new_empty(T, C)
+    C_ext.inner_loop_backward(
+        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        y=labels.data_ptr(), y_numel=labels.numel(), aW=lr_w.data_ptr(), aW_numel=lr_w.numel(),
+        ab=lr_b.data_ptr(), ab_numel=lr_b.numel(), W_traj=W_traj.data_ptr(), W_traj_numel=W_traj.numel(),
+        b_traj=b_traj.data_ptr(), b_traj_numel=b_traj.numel(), dW_K=dW_K.data_ptr(),
+        dW_K_numel=dW_K.numel(), db_K=db_K.data_ptr(), db_K_numel=db_K.numel(), dX=dX.data_ptr(),
+        dX_numel=dX.numel(), dW0=dW0.data_ptr(), dW0_numel=dW0.numel(), db0=db0.data_ptr(),
+        db0_numel=db0.numel(), daW=daW.data_ptr(), daW_numel=daW.numel(), dab=dab.data_ptr(),
+        dab_numel=dab.numel(), T=T, S=S, D=D, C=C, K=steps, first_order=first_order,
+        nthreads=max(1, torch.get_num_threads()))
+    return dX, dW0.sum(0), db0.sum(0), daW.sum(0), dab.sum(0)
+
+
+@inner_loop_bwd.register_fake
+def _(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order, backend):
+    C, D = lr_w.shape
+    return (torch.empty_like(support), support.new_empty(C, D), support.new_empty(C),
+            support.new_empty(C, D), support.new_empty(C))
+
+
+def _setup_context(ctx, inputs, output):
+    support, labels, _w, _b, lr_w, lr_b, _steps, first_order, backend = inputs
+    _, _, W_traj, b_traj = output
+    ctx.first_order, ctx.backend = first_order, backend
+    ctx.save_for_backward(support, labels, lr_w, lr_b, W_traj, b_traj)
+
+
+def _backward(ctx, dW_K, db_K, _dWt, _dbt):
+    support, labels, lr_w, lr_b, W_traj, b_traj = ctx.saved_tensors
+    dX, dW0, db0, daW, dab = inner_loop_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj,
+                                            ctx.first_order, ctx.backend)
+    return dX, None, dW0, db0, daW, dab, None, None, None
+
+
+torch.library.register_autograd("metassl_fast::inner_loop_fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("metassl_fast: double backward (a Hessian of the meta-loss) through the fused "
+                       "inner loop is not supported; use backend='torch' for it")
+
+
+torch.library.register_autograd("metassl_fast::inner_loop_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,29 @@
+"""Reference inner loop: the per-task Python loop of autograd that learn2learn and
+higher users run (torch.autograd.grad with create_graph=True).
+
+    per task:  W_{k+1} = W_k - lr_w * dCE(X W_k^T + b_k, y)/dW_k,  b likewise
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def adapt_reference(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: Tensor,
+                    lr_b: Tensor, steps: int, first_order: bool) -> tuple[Tensor, Tensor]:
+    """support (T, S, D), labels (T, S), weight (C, D), bias (C), lr_w (C, D) or scalar,
+    lr_b (C,) or scalar.  Returns the adapted heads (T, C, D) and (T, C)."""
+    Ws, bs = [], []
+    for t in range(support.shape[0]):
+        W, b = weight, bias
+        for _ in range(steps):
+            if not W.requires_grad:  # a frozen head still adapts: differentiate w.r.t. a copy
+                W = W.detach().requires_grad_()
+                b = b.detach().requires_grad_()
+            loss = F.cross_entropy(support[t] @ W.T + b, labels[t])
+            gW, gb = torch.autograd.grad(loss, (W, b), create_graph=not first_order)
+            W, b = W - lr_w * gW, b - lr_b * gb
+        Ws.append(W)
+        bs.append(b)
+    return torch.stack(Ws), torch.stack(bs)

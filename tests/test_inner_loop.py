@@ -1,0 +1,257 @@
+"""meta.anil_loss / adapt_linear_head: the fused inner loop against the per-task autograd
+loop (create_graph=True) in float64, loss and every gradient, second and first order."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metassl_fast import _ext, meta
+
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"),
+                                                 reason=f"_C not built: {_ext.load_error('_C')}")),
+    pytest.param("triton", marks=pytest.mark.skip(reason="no Triton inner-loop kernel yet")),
+    pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA C++ inner-loop kernel yet")),
+]
+
+
+def _task(T, S, Q, D, C, dtype=torch.float64, seed=0, lr_kind="tensor"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, S, D, generator=g, dtype=dtype).requires_grad_()
+    y = torch.randint(0, C, (T, S), generator=g)
+    xq = torch.randn(T, Q, D, generator=g, dtype=dtype).requires_grad_()
+    yq = torch.randint(0, C, (T, Q), generator=g)
+    W = (0.3 * torch.randn(C, D, generator=g, dtype=dtype)).requires_grad_()
+    b = (0.1 * torch.randn(C, generator=g, dtype=dtype)).requires_grad_()
+    if lr_kind == "tensor":
+        lr = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+    elif lr_kind == "meta_sgd":
+        lr = ((0.2 + torch.rand(C, D, generator=g, dtype=dtype)).requires_grad_(),
+              (0.2 + torch.rand(C, generator=g, dtype=dtype)).requires_grad_())
+    else:
+        lr = 0.4
+    return x, y, xq, yq, W, b, lr
+
+
+def _leaves(x, xq, W, b, lr):
+    out = [x, xq, W, b]
+    if isinstance(lr, torch.Tensor):
+        out.append(lr)
+    elif isinstance(lr, tuple):
+        out.extend(lr)
+    return out
+
+
+def _loss_and_grads(backend, x, y, xq, yq, W, b, lr, steps, first_order, reduction="mean"):
+    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=steps, first_order=first_order,
+                          reduction=reduction, backend=backend)
+    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    grads = torch.autograd.grad((loss * w).sum(), _leaves(x, xq, W, b, lr), allow_unused=True)
+    return [loss] + [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, _leaves(x, xq, W, b, lr))]
+
+
+def _compare(ours, ref, atol=1e-10, rtol=1e-8, what=""):
+    names = ["loss", "d_support", "d_query", "d_weight", "d_bias", "d_lr", "d_lr_bias"]
+    for name, a, b in zip(names, ours, ref):
+        assert a.shape == b.shape, f"{what} {name}: {a.shape} vs {b.shape}"
+        err = (a - b).abs().max().item() if a.numel() else 0.0
+        bound = atol + rtol * (b.abs().max().item() if b.numel() else 0.0)
+        assert err <= bound, f"{what} {name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,S,Q", [(1, 1, 1), (3, 5, 7), (3, 25, 7), (1, 25, 1)])
+@pytest.mark.parametrize("D", [1, 17, 64])
+@pytest.mark.parametrize("C", [2, 5, 20])
+@pytest.mark.parametrize("K", [0, 1, 3, 10])
+def test_float64_grid(backend, T, S, Q, D, C, K):
+    args = _task(T, S, Q, D, C, seed=T * 1000 + S * 100 + D + C + K)
+    for first_order in (False, True):
+        what = f"T={T} S={S} Q={Q} D={D} C={C} K={K} first_order={first_order}"
+        ours = _loss_and_grads(backend, *args, K, first_order)
+        ref = _loss_and_grads("torch", *args, K, first_order)
+        _compare(ours, ref, what=what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr_kind", ["float", "tensor", "meta_sgd"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lr_forms_and_reductions(backend, lr_kind, first_order, reduction):
+    args = _task(4, 6, 5, 9, 3, lr_kind=lr_kind)
+    ours = _loss_and_grads(backend, *args, 4, first_order, reduction)
+    ref = _loss_and_grads("torch", *args, 4, first_order, reduction)
+    _compare(ours, ref, what=f"{lr_kind} {first_order} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3)
+    lr_w = (0.3 + torch.rand(3, 5, dtype=torch.float64)).requires_grad_()
+    lr_b = (0.3 + torch.rand(3, dtype=torch.float64)).requires_grad_()
+
+    def f(x, xq, W, b, lr_w, lr_b):
+        return meta.anil_loss(x, y, xq, yq, W, b, lr=(lr_w, lr_b), steps=3, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, xq, W, b, lr_w, lr_b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapt_linear_head_matches_reference(backend):
+    x, y, _, _, W, b, lr = _task(3, 8, 1, 6, 4)
+    W_t, b_t = meta.adapt_linear_head(x, y, W, b, lr=lr, steps=5, backend=backend)
+    W_r, b_r = meta.adapt_linear_head(x, y, W, b, lr=lr, steps=5, backend="torch")
+    assert W_t.shape == (3, 4, 6) and b_t.shape == (3, 4)
+    torch.testing.assert_close(W_t, W_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b_t, b_r, rtol=1e-10, atol=1e-12)
+    # differentiable on its own, with any upstream gradient
+    gW, gb = torch.randn_like(W_t), torch.randn_like(b_t)
+    ours = torch.autograd.grad((W_t * gW).sum() + (b_t * gb).sum(), (x, W, b, lr))
+    ref = torch.autograd.grad((W_r * gW).sum() + (b_r * gb).sum(), (x, W, b, lr))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32(backend):
+    args = _task(5, 25, 15, 64, 5, dtype=torch.float32)
+    ours = _loss_and_grads(backend, *args, 5, False)
+    args64 = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+              else a for a in args]
+    ref = _loss_and_grads("torch", *args64, 5, False)
+    _compare([o.double() for o in ours], ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_and_lr(backend):
+    """No grad on the head: support and query still get their (second-order) gradient."""
+    x, y, xq, yq, W, b, _ = _task(2, 5, 4, 7, 3)
+    W, b = W.detach(), b.detach()
+    ours = torch.autograd.grad(meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=3, backend=backend), (x, xq))
+    ref = torch.autograd.grad(meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=3, backend="torch"), (x, xq))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anil_head_module(backend):
+    torch.manual_seed(0)
+    head = meta.ANILHead(in_features=12, n_way=4, lr=0.5, steps=3, learn_lr=True, per_param_lr=True,
+                         backend=backend).double()
+    x, y, xq, yq, *_ = _task(3, 8, 6, 12, 4)
+    loss, acc = head(x, y, xq, yq)
+    loss.backward()
+    assert 0.0 <= acc.item() <= 1.0
+    assert head.lr_weight.grad is not None and head.linear.weight.grad is not None
+    ref = meta.anil_loss(x, y, xq, yq, head.linear.weight, head.linear.bias,
+                         lr=(head.lr_weight, head.lr_bias), steps=3, backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_proto_loss_matches_explicit_distances():
+    x, y, xq, yq, *_ = _task(2, 10, 6, 5, 3)
+    y = torch.tensor([[0, 1, 2] * 3 + [0]] * 2)
+    loss = meta.proto_loss(x, y, xq, yq)
+    protos = torch.stack([torch.stack([x[t][y[t] == c].mean(0) for c in range(3)]) for t in range(2)])
+    logits = -((xq.unsqueeze(2) - protos.unsqueeze(1)) ** 2).sum(-1)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), yq.reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(loss, (x, xq))
+    g_ref = torch.autograd.grad(ref, (x, xq))
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- torch.library
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("first_order", [False, True])
+def test_opcheck(first_order):
+    x, y, _, _, W, b, _ = _task(2, 4, 1, 5, 3, dtype=torch.float32)
+    lr_w = torch.full((3, 5), 0.5, requires_grad=True)
+    lr_b = torch.full((3,), 0.5, requires_grad=True)
+    torch.library.opcheck(torch.ops.metassl_fast.inner_loop_fwd.default,
+                          (x, y, W, b, lr_w, lr_b, 3, first_order, "cpu"))
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, y, xq, yq, W, b, lr = _task(3, 5, 4, 8, 3, dtype=torch.float32)
+
+    def f(x, xq, W, b, lr):
+        return meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=3, backend="cpu")
+
+    got = torch.compile(f, fullgraph=True)(x, xq, W, b, lr)
+    want = f(x, xq, W, b, lr)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(torch.autograd.grad(got, (x, xq, W, b, lr)), torch.autograd.grad(want, (x, xq, W, b, lr))):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_double_backward_is_a_clear_error():
+    x, y, xq, yq, W, b, lr = _task(1, 3, 2, 4, 2)
+    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=2, backend="cpu")
+    (gW,) = torch.autograd.grad(loss, W, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gW.sum().backward()
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _good():
+    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3)
+    return dict(support=x, support_labels=y, query=xq, query_labels=yq, weight=W, bias=b)
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    (dict(support_labels=torch.tensor([[0, 1, 2, 3]] * 2)), ValueError, "support_labels"),
+    (dict(support_labels=torch.tensor([[0, 1, -1, 2]] * 2)), ValueError, "support_labels"),
+    (dict(query_labels=torch.full((2, 3), 7)), ValueError, "query_labels"),
+    (dict(support_labels=torch.zeros(2, 4)), TypeError, "support_labels"),
+    (dict(support_labels=torch.zeros(2, 5, dtype=torch.long)), ValueError, "support_labels"),
+    (dict(support=torch.randn(4, 5, dtype=torch.float64)), ValueError, "support"),
+    (dict(query=torch.randn(3, 3, 5, dtype=torch.float64)), ValueError, "query"),
+    (dict(query=torch.randn(2, 3, 6, dtype=torch.float64)), ValueError, "query"),
+    (dict(weight=torch.randn(3, 6, dtype=torch.float64)), ValueError, "weight"),
+    (dict(bias=torch.randn(4, dtype=torch.float64)), ValueError, "bias"),
+    (dict(weight=torch.randn(3, 5)), TypeError, "weight"),
+    (dict(support=torch.zeros(2, 4, 5, dtype=torch.long)), TypeError, "support"),
+    (dict(lr=torch.ones(2, dtype=torch.float64)), ValueError, "lr"),
+    (dict(lr=(torch.ones(3, 4, dtype=torch.float64), torch.ones(3, dtype=torch.float64))), ValueError, "lr_weight"),
+    (dict(lr=(torch.ones(3, 5, dtype=torch.float64), torch.ones(2, dtype=torch.float64))), ValueError, "lr_bias"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(steps=-1), ValueError, "steps"),
+    (dict(steps=2.0), TypeError, "steps"),
+    (dict(reduction="sum"), ValueError, "reduction"),
+    (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_bad_input_names_the_argument(change, exc, name):
+    kwargs = {**_good(), **change}
+    with pytest.raises(exc, match=name):
+        meta.anil_loss(**kwargs)
+
+
+def test_cpp_refuses_out_of_range_labels():
+    """The compiled module checks labels itself: it never indexes the head out of bounds."""
+    C_ext = _ext.require("_C") if _ext.available("_C") else pytest.skip("_C not built")
+    X = torch.zeros(1, 2, 3)
+    y = torch.tensor([[0, 5]])
+    W, b, aW, ab = torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 3), torch.zeros(2)
+    Wt, bt = torch.zeros(1, 2, 2, 3), torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="labels"):
+        C_ext.inner_loop_forward(dtype=0, X=X.data_ptr(), X_numel=6, y=y.data_ptr(), y_numel=2,
+                                 W0=W.data_ptr(), W0_numel=6, b0=b.data_ptr(), b0_numel=2, aW=aW.data_ptr(),
+                                 aW_numel=6, ab=ab.data_ptr(), ab_numel=2, W_traj=Wt.data_ptr(),
+                                 W_traj_numel=12, b_traj=bt.data_ptr(), b_traj_numel=4, T=1, S=2, D=3, C=2,
+                                 K=1, nthreads=1)
+    y_ok = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="W_traj"):
+        C_ext.inner_loop_forward(dtype=0, X=X.data_ptr(), X_numel=6, y=y_ok.data_ptr(), y_numel=2,
+                                 W0=W.data_ptr(), W0_numel=6, b0=b.data_ptr(), b0_numel=2, aW=aW.data_ptr(),
+                                 aW_numel=6, ab=ab.data_ptr(), ab_numel=2, W_traj=Wt.data_ptr(),
+                                 W_traj_numel=11, b_traj=bt.data_ptr(), b_traj_numel=4, T=1, S=2, D=3, C=2,
+                                 K=1, nthreads=1)
+
