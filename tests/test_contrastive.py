@@ -412,11 +412,12 @@ def test_opcheck_backward(backend, symmetric):
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
-def test_double_backward_is_a_clear_error():
+@pytest.mark.parametrize("reduction", ["none", "mean"])  # recomputed and precomputed backward
+def test_double_backward_is_a_clear_error(reduction):
     q, k, _, _ = _make(5, 3, 0, torch.float64)
-    loss = msf.info_nce(q, k, reduction="none", backend="cpu")
-    (gq,) = torch.autograd.grad(loss.sum(), q, create_graph=True)
+    loss = msf.info_nce(q, k, reduction=reduction, backend="cpu")
     with pytest.raises(RuntimeError, match="double backward"):
+        (gq,) = torch.autograd.grad(loss.sum(), q, create_graph=True)
         gq.sum().backward()
 
 

@@ -175,6 +175,20 @@ def test_opcheck(first_order):
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("reduction,precompute", [("mean", True), ("mean", False), ("none", False)])
+def test_opcheck_fused_anil_loss(reduction, precompute):
+    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3, dtype=torch.float32)
+    lr_w = torch.full((3, 5), 0.5, requires_grad=True)
+    lr_b = torch.full((3,), 0.5, requires_grad=True)
+    args = (x, y, xq, yq, W, b, lr_w, lr_b, 3, False, reduction, precompute, "cpu")
+    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_fwd.default, args)
+    grad = torch.ones(()) if reduction == "mean" else torch.rand(2)
+    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_bwd.default,
+                          (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8])
+                          + (3, False, reduction, "cpu"))
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     x, y, xq, yq, W, b, lr = _task(3, 5, 4, 8, 3, dtype=torch.float32)
@@ -190,11 +204,16 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
-def test_double_backward_is_a_clear_error():
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_double_backward_is_a_clear_error(reduction):
     x, y, xq, yq, W, b, lr = _task(1, 3, 2, 4, 2)
-    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=2, backend="cpu")
-    (gW,) = torch.autograd.grad(loss, W, create_graph=True)
+    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=2, reduction=reduction, backend="cpu")
     with pytest.raises(RuntimeError, match="double backward"):
+        (gW,) = torch.autograd.grad(loss.sum(), W, create_graph=True)
+        gW.sum().backward()
+    W_t, _ = meta.adapt_linear_head(x, y, W, b, lr=lr, steps=2, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        (gW,) = torch.autograd.grad(W_t.sum(), W, create_graph=True)
         gW.sum().backward()
 
 

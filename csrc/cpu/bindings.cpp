@@ -177,6 +177,48 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   if (dtype == kFloat32) run(float{}); else run(double{});
 }
 
+void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
+               int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t W0, int64_t W0_numel,
+               uintptr_t b0, int64_t b0_numel, uintptr_t aW, int64_t aW_numel, uintptr_t ab,
+               int64_t ab_numel, uintptr_t task_weight, int64_t task_weight_numel, uintptr_t loss,
+               int64_t loss_numel, uintptr_t dX, int64_t dX_numel, uintptr_t dXq, int64_t dXq_numel,
+               uintptr_t dW0, int64_t dW0_numel, uintptr_t db0, int64_t db0_numel, uintptr_t daW,
+               int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S, int64_t Q,
+               int64_t D, int64_t C, int64_t K, bool first_order, bool compute_grad, int nthreads) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
+  const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
+  require_buffer(X, X_numel, T * S * D, "X");
+  require_labels(y, y_numel, T * S, C);
+  require_buffer(Xq, Xq_numel, T * Q * D, "Xq");
+  require_labels(yq, yq_numel, T * Q, C);
+  require_buffer(W0, W0_numel, C * D, "W0");
+  require_buffer(b0, b0_numel, C, "b0");
+  require_buffer(aW, aW_numel, C * D, "aW");
+  require_buffer(ab, ab_numel, C, "ab");
+  require_buffer(loss, loss_numel, T, "loss");
+  if (compute_grad) {
+    require_buffer(task_weight, task_weight_numel, T, "task_weight");
+    require_buffer(dX, dX_numel, T * S * D, "dX");
+    require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
+    require_buffer(dW0, dW0_numel, T * C * D, "dW0");
+    require_buffer(db0, db0_numel, T * C, "db0");
+    require_buffer(daW, daW_numel, T * C * D, "daW");
+    require_buffer(dab, dab_numel, T * C, "dab");
+  }
+  py::gil_scoped_release nogil;
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
+    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
+    msf::anil_loss<F>(c(X), reinterpret_cast<const int64_t*>(y), c(Xq),
+                      reinterpret_cast<const int64_t*>(yq), c(W0), c(b0), c(aW), c(ab),
+                      c(task_weight), m(loss), m(dX), m(dXq), m(dW0), m(db0), m(daW), m(dab), a, Q,
+                      compute_grad, nthreads);
+  };
+  if (dtype == kFloat32) run(float{}); else run(double{});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -208,6 +250,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("daW_numel"), py::arg("dab"), py::arg("dab_numel"), py::arg("T"), py::arg("S"),
         py::arg("D"), py::arg("C"), py::arg("K"), py::arg("first_order"), py::arg("nthreads"),
         "Closed-form (second- or first-order) reverse pass of inner_loop_forward, per task.");
+  m.def("anil_loss", &anil_loss, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
+        py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"),
+        py::arg("W0"), py::arg("W0_numel"), py::arg("b0"), py::arg("b0_numel"), py::arg("aW"),
+        py::arg("aW_numel"), py::arg("ab"), py::arg("ab_numel"), py::arg("task_weight"),
+        py::arg("task_weight_numel"), py::arg("loss"), py::arg("loss_numel"), py::arg("dX"),
+        py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("dW0"),
+        py::arg("dW0_numel"), py::arg("db0"), py::arg("db0_numel"), py::arg("daW"),
+        py::arg("daW_numel"), py::arg("dab"), py::arg("dab_numel"), py::arg("T"), py::arg("S"),
+        py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("K"), py::arg("first_order"),
+        py::arg("compute_grad"), py::arg("nthreads"),
+        "The ANIL meta-loss per task and, optionally, its gradient (csrc/cpu/inner_loop.h).");
 #ifdef __AVX2__
   m.attr("simd") = "avx2";
 #else

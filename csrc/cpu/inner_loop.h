@@ -32,4 +32,15 @@ void inner_loop_backward(const T* X, const int64_t* y, const T* aW, const T* ab,
                          const T* b_traj, const T* dW_K, const T* db_K, T* dX, T* dW0, T* db0,
                          T* daW, T* dab, const InnerLoopArgs& a, int nthreads);
 
+// The whole ANIL meta-loss of T tasks in one call: the inner loop above, then the mean
+// cross-entropy of the adapted head on each task's queries, loss (T).  With
+// compute_grad, also the gradient of sum_t task_weight_t loss_t: dX (T, S, D),
+// dXq (T, Q, D), and per task dW0, daW (T, C, D), db0, dab (T, C).  The trajectory
+// lives in per-thread scratch: memory O(threads K C D).
+template <typename T>
+void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const T* W0,
+               const T* b0, const T* aW, const T* ab, const T* task_weight, T* loss, T* dX, T* dXq,
+               T* dW0, T* db0, T* daW, T* dab, const InnerLoopArgs& a, int64_t Q, bool compute_grad,
+               int nthreads);
+
 }  // namespace msf

@@ -164,13 +164,32 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     requires grad), support and query."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    W_t, b_t = adapt_linear_head(support, support_labels, weight, bias, lr=lr, steps=steps,
-                                 first_order=first_order, backend=backend)
-    q_labels = _check_query(support, query, query_labels, weight.shape[0])
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    logits = _query_logits(query.to(acc), W_t.to(acc), b_t.to(acc))
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), q_labels.reshape(-1), reduction="none")
-    return _reduce_tasks(ce, query.shape[0], reduction).to(query.dtype)
+    which = _backend.resolve(backend, support.device)
+    if which not in _KERNEL_BACKENDS:
+        W_t, b_t = adapt_linear_head(support, support_labels, weight, bias, lr=lr, steps=steps,
+                                     first_order=first_order, backend=which)
+        q_labels = _check_query(support, query, query_labels, weight.shape[0])
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        logits = _query_logits(query.to(acc), W_t.to(acc), b_t.to(acc))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), q_labels.reshape(-1), reduction="none")
+        return _reduce_tasks(ce, query.shape[0], reduction).to(query.dtype)
+    # the fused kernel: inner loop, query loss and (scalar loss) gradient in one call
+    _features3("support", support)
+    C, D = _head(support, weight, bias)
+    T, S, _ = support.shape
+    labels = _int_labels("support_labels", support_labels, (T, S), C)
+    q_labels = _check_query(support, query, query_labels, C)
+    steps = _steps(steps)
+    _validate.flag("first_order", first_order)
+    acc = torch.float64 if support.dtype == torch.float64 else torch.float32
+    X, Xq, W, b = (x.to(acc).contiguous() for x in (support, query, weight, bias))
+    lr_w, lr_b = _lrs(lr, C, D, X)
+    grads = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (X, Xq, W, b, lr_w, lr_b))
+    out = torch.ops.metassl_fast.anil_loss_fwd(
+        X, labels.contiguous(), Xq, q_labels.contiguous(), W, b, lr_w.contiguous(), lr_b.contiguous(),
+        steps, first_order, reduction, grads and reduction == "mean", which)
+    return out[0].to(query.dtype)
 
 
 def proto_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labels: Tensor, *,

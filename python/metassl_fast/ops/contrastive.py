@@ -23,6 +23,9 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._autograd import refuse_create_graph, refuse_double_backward
+
+_WHAT = "the contrastive losses"
 
 # One S block: 8 MiB fits the L3 of small CPUs and the GEMMs are no faster above it;
 # at least 128 rows, since thinner blocks make the GEMMs slow (N = 65536 on 2 cores:
@@ -420,6 +423,7 @@ def _backward(ctx, grad_loss, *_unused):
     nq, nk, nn, ns = ctx.needs_input_grad[:4]
     nn = nn and ctx.has_negatives
     if ctx.precompute:
+        refuse_create_graph(_WHAT)
         dq, dk, dneg, ds = ctx.saved_tensors
         g = grad_loss
         outs = (dq * g.to(dq.dtype) if nq else None, dk * g.to(dk.dtype) if nk else None,
@@ -436,12 +440,7 @@ def _backward(ctx, grad_loss, *_unused):
 torch.library.register_autograd("metassl_fast::contrastive_fwd", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("metassl_fast: double backward (a gradient of the gradient) of the contrastive "
-                       "losses is not supported; use backend='torch' for higher-order derivatives")
-
-
-torch.library.register_autograd("metassl_fast::contrastive_bwd", _no_double_backward,
+torch.library.register_autograd("metassl_fast::contrastive_bwd", refuse_double_backward(_WHAT),
                                 setup_context=lambda ctx, inputs, output: None)
 
 

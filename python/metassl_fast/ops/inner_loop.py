@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._autograd import refuse_create_graph, refuse_double_backward
+
+_WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
@@ -94,10 +97,119 @@ def _backward(ctx, dW_K, db_K, _dWt, _dbt):
 torch.library.register_autograd("metassl_fast::inner_loop_fwd", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("metassl_fast: double backward (a Hessian of the meta-loss) through the fused "
-                       "inner loop is not supported; use backend='torch' for it")
+torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_backward(_WHAT),
+                                setup_context=lambda ctx, inputs, output: None)
 
 
-torch.library.register_autograd("metassl_fast::inner_loop_bwd", _no_double_backward,
+# ---------------------------------------------------------------------------
+# The whole ANIL meta-loss in one kernel call: inner loop, query cross-entropy and,
+# for a scalar loss with grad enabled, the full gradient during the forward (the
+# backward only scales it).  reduction="none" recomputes in the backward with the
+# upstream per-task weights.
+# ---------------------------------------------------------------------------
+
+def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
+               first_order, compute_grad):
+    C_ext = _ext.require("_C")
+    T, S, D = support.shape
+    Q = query.shape[1]
+    C = weight.shape[0]
+    loss = support.new_empty(T)
+    if compute_grad:
+        dX, dXq = torch.empty_like(support), torch.empty_like(query)
+        dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
+        db0, dab = support.new_empty(T, C), support.new_empty(T, C)
+    else:
+        dX = dXq = dW0 = daW = db0 = dab = task_weight = support.new_empty(0)
+    C_ext.anil_loss(
+        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        y=labels.data_ptr(), y_numel=labels.numel(), Xq=query.data_ptr(), Xq_numel=query.numel(),
+        yq=query_labels.data_ptr(), yq_numel=query_labels.numel(), W0=weight.data_ptr(),
+        W0_numel=weight.numel(), b0=bias.data_ptr(), b0_numel=bias.numel(), aW=lr_w.data_ptr(),
+        aW_numel=lr_w.numel(), ab=lr_b.data_ptr(), ab_numel=lr_b.numel(),
+        task_weight=task_weight.data_ptr(), task_weight_numel=task_weight.numel(), loss=loss.data_ptr(),
+        loss_numel=loss.numel(), dX=dX.data_ptr(), dX_numel=dX.numel(), dXq=dXq.data_ptr(),
+        dXq_numel=dXq.numel(), dW0=dW0.data_ptr(), dW0_numel=dW0.numel(), db0=db0.data_ptr(),
+        db0_numel=db0.numel(), daW=daW.data_ptr(), daW_numel=daW.numel(), dab=dab.data_ptr(),
+        dab_numel=dab.numel(), T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order,
+        compute_grad=compute_grad, nthreads=max(1, torch.get_num_threads()))
+    if not compute_grad:
+        return loss, None
+    return loss, (dX, dXq, dW0.sum(0), db0.sum(0), daW.sum(0), dab.sum(0))
+
+
+def _grad_fakes(support, query, weight, bias, needed):
+    C, D = weight.shape
+    shapes = (support.shape, query.shape, (C, D), (C,), (C, D), (C,))
+    return tuple(support.new_empty(shape if needed else (0,)) for shape in shapes)
+
+
+@torch.library.custom_op("metassl_fast::anil_loss_fwd", mutates_args=())
+def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor,
+                  bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str,
+                  precompute: bool, backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss: scalar ("mean") or (T,) ("none"), then with precompute the gradients of
+    the mean loss w.r.t. support, query, weight, bias, lr_w, lr_b, else empty tensors)."""
+    T = support.shape[0]
+    precompute = precompute and reduction == "mean"
+    weights = support.new_full((T,), 1.0 / T) if precompute else None
+    loss_t, grads = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights,
+                               steps, first_order, precompute)
+    loss = loss_t.mean() if reduction == "mean" else loss_t
+    if grads is None:
+        grads = _grad_fakes(support, query, weight, bias, False)
+    return (loss,) + grads
+
+
+@anil_loss_fwd.register_fake
+def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
+      precompute, backend):
+    loss = support.new_empty(() if reduction == "mean" else (support.shape[0],))
+    return (loss,) + _grad_fakes(support, query, weight, bias, precompute and reduction == "mean")
+
+
+@torch.library.custom_op("metassl_fast::anil_loss_bwd", mutates_args=())
+def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor,
+                  weight: Tensor, bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool,
+                  reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Recomputing backward: gradients of sum_t w_t loss_t with w = grad (per task) or grad / T."""
+    T = support.shape[0]
+    weights = (grad.to(support.dtype).contiguous() if reduction == "none"
+               else (grad.to(support.dtype) / T).expand(T).contiguous())
+    _, grads = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights, steps,
+                          first_order, True)
+    return grads
+
+
+@anil_loss_bwd.register_fake
+def _(grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
+      backend):
+    return _grad_fakes(support, query, weight, bias, True)
+
+
+def _anil_setup(ctx, inputs, output):
+    (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
+     precompute, backend) = inputs
+    ctx.precompute = precompute and reduction == "mean"
+    ctx.steps, ctx.first_order, ctx.reduction, ctx.backend = steps, first_order, reduction, backend
+    if ctx.precompute:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(support, labels, query, query_labels, weight, bias, lr_w, lr_b)
+
+
+def _anil_backward(ctx, grad, *_unused):
+    if ctx.precompute:
+        refuse_create_graph(_WHAT)
+        grads = tuple(g * grad for g in ctx.saved_tensors)
+    else:
+        grads = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order, ctx.reduction,
+                              ctx.backend)
+    dX, dXq, dW, db, dlw, dlb = grads
+    return dX, None, dXq, None, dW, db, dlw, dlb, None, None, None, None, None
+
+
+torch.library.register_autograd("metassl_fast::anil_loss_fwd", _anil_backward, setup_context=_anil_setup)
+torch.library.register_autograd("metassl_fast::anil_loss_bwd", refuse_double_backward(_WHAT),
                                 setup_context=lambda ctx, inputs, output: None)
