@@ -1,8 +1,9 @@
 // Batched linear-head inner loop and its closed-form reverse pass; math in inner_loop.h.
 //
 // A task's support block (S x D) and head (C x D) are small (25 x 640 and 5 x 640 in
-// the few-shot benchmarks): everything is dot products and axpys over contiguous
-// rows of length D, so one thread keeps a task in L1/L2 and tasks run in parallel.
+// the few-shot benchmarks): every step is three thin matrix products with C tiny and
+// D long, done with the classes' accumulators in registers; one thread keeps a task
+// in L1/L2 and tasks run in parallel.
 #include "cpu/inner_loop.h"
 
 #include <vector>
@@ -12,39 +13,147 @@
 namespace msf {
 namespace {
 
+// The three small matrix products every step needs, with C (classes) tiny and D
+// long.  Classes go in blocks of up to CB so that each block's accumulators stay in
+// registers and every row chunk of X is loaded once per block.
+constexpr int CB = 8;
+
+// out (R, C) = X (R, D) W (C, D)^T + bias (C, may be null)
+template <typename T, int NC>
+void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C,
+               int64_t c0) {
+  using Xv = Vec<T>;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* x = X + r * D;
+    typename Xv::V acc[NC];
+    for (int j = 0; j < NC; ++j) acc[j] = Xv::splat(0);
+    int64_t d = 0;
+    for (; d + Xv::W <= D; d += Xv::W) {
+      const typename Xv::V xv = Xv::load(x + d);
+      for (int j = 0; j < NC; ++j) acc[j] += xv * Xv::load(W + (c0 + j) * D + d);
+    }
+    for (int j = 0; j < NC; ++j) {
+      T v = Xv::hsum(acc[j]);
+      for (int64_t e = d; e < D; ++e) v += x[e] * W[(c0 + j) * D + e];
+      out[r * C + c0 + j] = v + (bias ? bias[c0 + j] : T(0));
+    }
+  }
+}
+
+// out (C, D) = alpha A (R, C)^T X (R, D), added to out when accumulate
+template <typename T, int NC>
+void atx_block(const T* A, const T* X, T* out, int64_t R, int64_t D, int64_t C, int64_t c0, T alpha,
+               bool accumulate) {
+  using Xv = Vec<T>;
+  int64_t d = 0;
+  for (; d + Xv::W <= D; d += Xv::W) {
+    typename Xv::V acc[NC];
+    for (int j = 0; j < NC; ++j) acc[j] = Xv::splat(0);
+    for (int64_t r = 0; r < R; ++r) {
+      const typename Xv::V xv = Xv::load(X + r * D + d);
+      for (int j = 0; j < NC; ++j) acc[j] += A[r * C + c0 + j] * xv;
+    }
+    for (int j = 0; j < NC; ++j) {
+      T* o = out + (c0 + j) * D + d;
+      Xv::store(o, (accumulate ? Xv::load(o) : Xv::splat(0)) + alpha * acc[j]);
+    }
+  }
+  for (; d < D; ++d)
+    for (int j = 0; j < NC; ++j) {
+      T v = 0;
+      for (int64_t r = 0; r < R; ++r) v += A[r * C + c0 + j] * X[r * D + d];
+      T* o = out + (c0 + j) * D + d;
+      *o = (accumulate ? *o : T(0)) + alpha * v;
+    }
+}
+
+// Run blk<NC>(c0) over the class blocks of C.
+template <typename F>
+void class_blocks(int64_t C, F&& blk) {
+  int64_t c0 = 0;
+  for (; c0 + CB <= C; c0 += CB) blk(std::integral_constant<int, CB>{}, c0);
+  switch (C - c0) {
+    case 1: blk(std::integral_constant<int, 1>{}, c0); break;
+    case 2: blk(std::integral_constant<int, 2>{}, c0); break;
+    case 3: blk(std::integral_constant<int, 3>{}, c0); break;
+    case 4: blk(std::integral_constant<int, 4>{}, c0); break;
+    case 5: blk(std::integral_constant<int, 5>{}, c0); break;
+    case 6: blk(std::integral_constant<int, 6>{}, c0); break;
+    case 7: blk(std::integral_constant<int, 7>{}, c0); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void xwt(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C) {
+  class_blocks(C, [&](auto nc, int64_t c0) { xwt_block<T, decltype(nc)::value>(X, W, bias, out, R, D, C, c0); });
+}
+
+template <typename T>
+void atx(const T* A, const T* X, T* out, int64_t R, int64_t D, int64_t C, T alpha, bool accumulate) {
+  class_blocks(C, [&](auto nc, int64_t c0) {
+    atx_block<T, decltype(nc)::value>(A, X, out, R, D, C, c0, alpha, accumulate);
+  });
+}
+
+// out (R, D) += A (R, C) W (C, D) + B (R, C) V (C, D)   (B, V may be null)
+template <typename T>
+void aw_add(const T* A, const T* W, const T* B, const T* V, T* out, int64_t R, int64_t D, int64_t C) {
+  using Xv = Vec<T>;
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = out + r * D;
+    const T* a = A + r * C;
+    const T* bb = B ? B + r * C : nullptr;
+    int64_t d = 0;
+    for (; d + Xv::W <= D; d += Xv::W) {
+      typename Xv::V acc = Xv::load(o + d);
+      for (int64_t c = 0; c < C; ++c) {
+        acc += a[c] * Xv::load(W + c * D + d);
+        if (bb) acc += bb[c] * Xv::load(V + c * D + d);
+      }
+      Xv::store(o + d, acc);
+    }
+    for (; d < D; ++d)
+      for (int64_t c = 0; c < C; ++c) o[d] += a[c] * W[c * D + d] + (bb ? bb[c] * V[c * D + d] : T(0));
+  }
+}
+
+// In place: each row of Z (R, C) becomes softmax(row); returns nothing.
+template <typename T>
+void softmax_rows(T* Z, int64_t R, int64_t C) {
+  for (int64_t r = 0; r < R; ++r) {
+    T* z = Z + r * C;
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < C; ++c) m = z[c] > m ? z[c] : m;
+    T sum = 0;
+    for (int64_t c = 0; c < C; ++c) sum += (z[c] = std::exp(z[c] - m));
+    for (int64_t c = 0; c < C; ++c) z[c] /= sum;
+  }
+}
+
 // P = softmax(X W^T + b) row-wise, R = (P - onehot(y)) / S, G_W = R^T X, G_b = colsum(R).
 template <typename T>
 void probs_and_grad(const T* X, const int64_t* y, const T* W, const T* b, int64_t S, int64_t D,
                     int64_t C, T* P, T* R, T* GW, T* Gb) {
   const T inv_s = T(1) / static_cast<T>(S);
-  for (int64_t c = 0; c < C * D; ++c) GW[c] = 0;
+  xwt(X, W, b, P, S, D, C);
+  softmax_rows(P, S, C);
   for (int64_t c = 0; c < C; ++c) Gb[c] = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const T* x = X + s * D;
-    T* p = P + s * C;
-    T m = -std::numeric_limits<T>::infinity();
+  for (int64_t s = 0; s < S; ++s)
     for (int64_t c = 0; c < C; ++c) {
-      p[c] = dot(x, W + c * D, D) + b[c];
-      m = p[c] > m ? p[c] : m;
-    }
-    T sum = 0;
-    for (int64_t c = 0; c < C; ++c) sum += (p[c] = std::exp(p[c] - m));
-    for (int64_t c = 0; c < C; ++c) {
-      p[c] /= sum;
-      T r = (p[c] - (y[s] == c ? T(1) : T(0))) * inv_s;
+      const T r = (P[s * C + c] - (y[s] == c ? T(1) : T(0))) * inv_s;
       R[s * C + c] = r;
-      axpy(r, x, GW + c * D, D);
       Gb[c] += r;
     }
-  }
+  atx(R, X, GW, S, D, C, T(1), false);
 }
 
 // Scratch of one task, reused across the tasks of a thread.
 template <typename T>
 struct TaskWork {
-  std::vector<T> P, R, GW, Gb, V, v, M;
+  std::vector<T> P, R, GW, Gb, V, v, M, MS, NR;
   TaskWork(int64_t S, int64_t D, int64_t C)
-      : P(S * C), R(S * C), GW(C * D), Gb(C), V(C * D), v(C), M(S * C) {}
+      : P(S * C), R(S * C), GW(C * D), Gb(C), V(C * D), v(C), M(S * C), MS(S * C), NR(S * C) {}
 };
 
 // W_traj (K+1, C, D), b_traj (K+1, C) of one task: W_0 = W0, then K SGD steps.
@@ -85,28 +194,22 @@ void reverse_task(const T* X, const int64_t* y, const T* aW, const T* ab, const 
     if (first_order) continue;
     for (int64_t i = 0; i < CD; ++i) w.V[i] = aW[i] * Lam[i];
     for (int64_t c = 0; c < C; ++c) w.v[c] = ab[c] * lam[c];
+    xwt(X, w.V.data(), w.v.data(), w.M.data(), S, D, C);  // U = X V^T + v
     for (int64_t s = 0; s < S; ++s) {
-      const T* x = X + s * D;
       const T* p = w.P.data() + s * C;
       T* m = w.M.data() + s * C;
       T pu = 0;
+      for (int64_t c = 0; c < C; ++c) pu += p[c] * m[c];
       for (int64_t c = 0; c < C; ++c) {
-        m[c] = dot(x, w.V.data() + c * D, D) + w.v[c];  // U
-        pu += p[c] * m[c];
-      }
-      for (int64_t c = 0; c < C; ++c) m[c] = p[c] * (m[c] - pu);
-      T* dx = dX + s * D;
-      for (int64_t c = 0; c < C; ++c) {
-        axpy(-w.R[s * C + c], w.V.data() + c * D, dx, D);
-        axpy(-m[c] * inv_s, W + c * D, dx, D);
+        m[c] = p[c] * (m[c] - pu);
+        w.MS[s * C + c] = -m[c] * inv_s;  // the mixed term's coefficient of W_k
+        w.NR[s * C + c] = -w.R[s * C + c];
       }
     }
+    aw_add(w.MS.data(), W, w.NR.data(), w.V.data(), dX, S, D, C);  // dX -= M W_k / S + R V
+    atx(w.M.data(), X, Lam, S, D, C, -inv_s, true);                 // Lambda -= M^T X / S
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t c = 0; c < C; ++c) {
-        const T mc = w.M[s * C + c] * inv_s;
-        axpy(-mc, X + s * D, Lam + c * D, D);
-        lam[c] -= mc;
-      }
+      for (int64_t c = 0; c < C; ++c) lam[c] -= w.M[s * C + c] * inv_s;
   }
 }
 
@@ -149,7 +252,7 @@ void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, con
   const int64_t S = a.S, D = a.D, C = a.C, K = a.K, CD = C * D;
   parallel_chunks(a.T, nthreads, [&](int64_t t0, int64_t t1, int) {
     TaskWork<T> w(S, D, C);
-    std::vector<T> Wt((K + 1) * CD), bt((K + 1) * C), z(C);
+    std::vector<T> Wt((K + 1) * CD), bt((K + 1) * C), Z(Q * C);
     for (int64_t t = t0; t < t1; ++t) {
       const T* Xt = X + t * S * D;
       const int64_t* yt = y + t * S;
@@ -158,33 +261,30 @@ void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, con
       const T* bK = bt.data() + K * C;
       T* Lam = compute_grad ? dW0 + t * CD : nullptr;
       T* lam = compute_grad ? db0 + t * C : nullptr;
-      if (compute_grad) {
-        std::fill(Lam, Lam + CD, T(0));
-        std::fill(lam, lam + C, T(0));
-      }
       const T gq = compute_grad ? task_weight[t] / static_cast<T>(Q) : T(0);
+      const T* Xqt = Xq + t * Q * D;
+      const int64_t* yqt = yq + t * Q;
+      xwt(Xqt, WK, bK, Z.data(), Q, D, C);
       T total = 0;
       for (int64_t q = 0; q < Q; ++q) {
-        const T* xq = Xq + (t * Q + q) * D;
-        const int64_t label = yq[t * Q + q];
+        T* z = Z.data() + q * C;
         T m = -std::numeric_limits<T>::infinity();
-        for (int64_t c = 0; c < C; ++c) {
-          z[c] = dot(xq, WK + c * D, D) + bK[c];
-          m = z[c] > m ? z[c] : m;
-        }
+        for (int64_t c = 0; c < C; ++c) m = z[c] > m ? z[c] : m;
         T sum = 0;
         for (int64_t c = 0; c < C; ++c) sum += std::exp(z[c] - m);
         const T lse = m + std::log(sum);
-        total += lse - z[label];
-        if (!compute_grad) continue;
-        T* dxq = dXq + (t * Q + q) * D;
-        std::fill(dxq, dxq + D, T(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const T dl = gq * (std::exp(z[c] - lse) - (c == label ? T(1) : T(0)));
-          axpy(dl, WK + c * D, dxq, D);
-          axpy(dl, xq, Lam + c * D, D);
-          lam[c] += dl;
-        }
+        total += lse - z[yqt[q]];
+        for (int64_t c = 0; c < C; ++c)  // z becomes dL/dz
+          z[c] = gq * (std::exp(z[c] - lse) - (c == yqt[q] ? T(1) : T(0)));
+      }
+      if (compute_grad) {
+        T* dxq = dXq + t * Q * D;
+        std::fill(dxq, dxq + Q * D, T(0));
+        aw_add<T>(Z.data(), WK, nullptr, nullptr, dxq, Q, D, C);  // dXq = dz W_K
+        atx(Z.data(), Xqt, Lam, Q, D, C, T(1), false);             // Lambda = dz^T Xq
+        for (int64_t c = 0; c < C; ++c) lam[c] = 0;
+        for (int64_t q = 0; q < Q; ++q)
+          for (int64_t c = 0; c < C; ++c) lam[c] += Z[q * C + c];
       }
       loss[t] = total / static_cast<T>(Q);
       if (compute_grad)

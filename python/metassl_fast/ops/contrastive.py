@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._autograd import refuse_create_graph, refuse_double_backward
+from ._autograd import refuse_create_graph, refuse_double_backward, scale_precomputed
 
 _WHAT = "the contrastive losses"
 
@@ -424,10 +424,7 @@ def _backward(ctx, grad_loss, *_unused):
     nn = nn and ctx.has_negatives
     if ctx.precompute:
         refuse_create_graph(_WHAT)
-        dq, dk, dneg, ds = ctx.saved_tensors
-        g = grad_loss
-        outs = (dq * g.to(dq.dtype) if nq else None, dk * g.to(dk.dtype) if nk else None,
-                dneg * g.to(dneg.dtype) if nn else None, ds * g.to(ds.dtype) if ns else None)
+        outs = scale_precomputed(ctx.saved_tensors, grad_loss, (nq, nk, nn, ns))
     else:
         query, key, negatives, scale, lse_row, lse_col = ctx.saved_tensors
         dq, dk, dneg, ds = contrastive_bwd(

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._autograd import refuse_create_graph, refuse_double_backward
+from ._autograd import refuse_create_graph, refuse_double_backward, scale_precomputed
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
@@ -202,7 +202,8 @@ def _anil_setup(ctx, inputs, output):
 def _anil_backward(ctx, grad, *_unused):
     if ctx.precompute:
         refuse_create_graph(_WHAT)
-        grads = tuple(g * grad for g in ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        grads = scale_precomputed(ctx.saved_tensors, grad, (need[0], need[2], need[4], need[5], need[6], need[7]))
     else:
         grads = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order, ctx.reduction,
                               ctx.backend)
