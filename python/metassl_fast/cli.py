@@ -44,9 +44,27 @@ def main(argv=None) -> None:
     if args.command == "info":
         info()
     else:
-        from metassl_fast.benchmarks.contrastive import main as bench_main
+        bench(argv[1:])
 
-        bench_main(argv[1:])
+
+def bench(argv) -> None:
+    """The contrastive section (CPU, or the GPU one where CUDA is available), then the
+    inner-loop section (CPU).  --section contrastive|inner_loop runs one of them."""
+    import torch
+
+    from metassl_fast.benchmarks import contrastive, inner_loop
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--section", choices=["all", "contrastive", "inner_loop"], default="all")
+    parser.add_argument("--out", default="bench/out")
+    args, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print("metassl-fast bench [--section all|contrastive|inner_loop] [contrastive options]\n")
+    if args.section in ("all", "contrastive"):
+        contrastive.main(rest + ["--out", args.out])
+    gpu = torch.cuda.is_available() and "--device" not in rest or "cuda" in rest
+    if args.section in ("all", "inner_loop") and not (gpu and args.section == "all"):
+        inner_loop.run(args.out)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,9 @@ def _status_kb(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_extra_mb(fn, q, k, s):
-    """Peak RSS of one call over the RSS before it, in MiB (None where the kernel
-    does not let us reset the peak)."""
+def _peak_extra_mb(call):
+    """Peak RSS of call() over the RSS before it, in MiB (None where the kernel does
+    not let us reset the peak)."""
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -97,7 +97,7 @@ def _peak_extra_mb(fn, q, k, s):
     except OSError:
         return None
     before = _status_kb("VmRSS")
-    _step(fn, q, k, s)
+    call()
     return (_status_kb("VmHWM") - before) / 1024.0
 
 
@@ -133,7 +133,7 @@ def _measure(op, args):
         if args.repeats > 1:
             _step(fn, q, k, s)  # warm-up: lazy initialisation, thread pools, BLAS buffers
         t0 = time.perf_counter()
-        peaks[impl] = _peak_extra_mb(fn, q, k, s)
+        peaks[impl] = _peak_extra_mb(lambda: _step(fn, q, k, s))
         if args.repeats == 1:  # one run (the large sizes): it is also the timed one
             times[impl].append((time.perf_counter() - t0) * 1e3)
     for _ in range(args.repeats if args.repeats > 1 else 0):

@@ -173,7 +173,7 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
         logits = _query_logits(query.to(acc), W_t.to(acc), b_t.to(acc))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), q_labels.reshape(-1), reduction="none")
         return _reduce_tasks(ce, query.shape[0], reduction).to(query.dtype)
-    # the fused kernel: inner loop, query loss and (scalar loss) gradient in one call
+    # the fused kernel: inner loop and query loss in one call (and the gradient in one more)
     _features3("support", support)
     C, D = _head(support, weight, bias)
     T, S, _ = support.shape
@@ -184,12 +184,10 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     acc = torch.float64 if support.dtype == torch.float64 else torch.float32
     X, Xq, W, b = (x.to(acc).contiguous() for x in (support, query, weight, bias))
     lr_w, lr_b = _lrs(lr, C, D, X)
-    grads = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (X, Xq, W, b, lr_w, lr_b))
-    out = torch.ops.metassl_fast.anil_loss_fwd(
+    loss = torch.ops.metassl_fast.anil_loss_fwd(
         X, labels.contiguous(), Xq, q_labels.contiguous(), W, b, lr_w.contiguous(), lr_b.contiguous(),
-        steps, first_order, reduction, grads and reduction == "mean", which)
-    return out[0].to(query.dtype)
+        steps, first_order, reduction, which)
+    return loss.to(query.dtype)
 
 
 def proto_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labels: Tensor, *,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._autograd import refuse_create_graph, refuse_double_backward, scale_precomputed
+from ._autograd import refuse_double_backward
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
@@ -102,10 +102,11 @@ torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_ba
 
 
 # ---------------------------------------------------------------------------
-# The whole ANIL meta-loss in one kernel call: inner loop, query cross-entropy and,
-# for a scalar loss with grad enabled, the full gradient during the forward (the
-# backward only scales it).  reduction="none" recomputes in the backward with the
-# upstream per-task weights.
+# The whole ANIL meta-loss in one kernel call: inner loop and query cross-entropy in
+# the forward; the backward runs the kernel again with the upstream per-task weights
+# and forms every gradient in that one call.  (Forming them during the forward, as
+# the contrastive CPU path does, measured faster but held a second copy of dX and
+# dXq: autograd copies gradients the op still references.)
 # ---------------------------------------------------------------------------
 
 def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
@@ -138,35 +139,26 @@ def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, t
     return loss, (dX, dXq, dW0.sum(0), db0.sum(0), daW.sum(0), dab.sum(0))
 
 
-def _grad_fakes(support, query, weight, bias, needed):
+def _grad_fakes(support, query, weight):
     C, D = weight.shape
     shapes = (support.shape, query.shape, (C, D), (C,), (C, D), (C,))
-    return tuple(support.new_empty(shape if needed else (0,)) for shape in shapes)
+    return tuple(support.new_empty(shape) for shape in shapes)
 
 
 @torch.library.custom_op("metassl_fast::anil_loss_fwd", mutates_args=())
 def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor,
                   bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str,
-                  precompute: bool, backend: str
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss: scalar ("mean") or (T,) ("none"), then with precompute the gradients of
-    the mean loss w.r.t. support, query, weight, bias, lr_w, lr_b, else empty tensors)."""
-    T = support.shape[0]
-    precompute = precompute and reduction == "mean"
-    weights = support.new_full((T,), 1.0 / T) if precompute else None
-    loss_t, grads = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights,
-                               steps, first_order, precompute)
-    loss = loss_t.mean() if reduction == "mean" else loss_t
-    if grads is None:
-        grads = _grad_fakes(support, query, weight, bias, False)
-    return (loss,) + grads
+                  backend: str) -> Tensor:
+    """-> the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none")."""
+    loss_t, _ = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
+                           first_order, False)
+    return loss_t.mean() if reduction == "mean" else loss_t
 
 
 @anil_loss_fwd.register_fake
 def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
-      precompute, backend):
-    loss = support.new_empty(() if reduction == "mean" else (support.shape[0],))
-    return (loss,) + _grad_fakes(support, query, weight, bias, precompute and reduction == "mean")
+      backend):
+    return support.new_empty(() if reduction == "mean" else (support.shape[0],))
 
 
 @torch.library.custom_op("metassl_fast::anil_loss_bwd", mutates_args=())
@@ -185,30 +177,20 @@ def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, 
 @anil_loss_bwd.register_fake
 def _(grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
       backend):
-    return _grad_fakes(support, query, weight, bias, True)
+    return _grad_fakes(support, query, weight)
 
 
 def _anil_setup(ctx, inputs, output):
     (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
-     precompute, backend) = inputs
-    ctx.precompute = precompute and reduction == "mean"
+     backend) = inputs
     ctx.steps, ctx.first_order, ctx.reduction, ctx.backend = steps, first_order, reduction, backend
-    if ctx.precompute:
-        ctx.save_for_backward(*output[1:])
-    else:
-        ctx.save_for_backward(support, labels, query, query_labels, weight, bias, lr_w, lr_b)
+    ctx.save_for_backward(support, labels, query, query_labels, weight, bias, lr_w, lr_b)
 
 
-def _anil_backward(ctx, grad, *_unused):
-    if ctx.precompute:
-        refuse_create_graph(_WHAT)
-        need = ctx.needs_input_grad
-        grads = scale_precomputed(ctx.saved_tensors, grad, (need[0], need[2], need[4], need[5], need[6], need[7]))
-    else:
-        grads = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order, ctx.reduction,
-                              ctx.backend)
-    dX, dXq, dW, db, dlw, dlb = grads
-    return dX, None, dXq, None, dW, db, dlw, dlb, None, None, None, None, None
+def _anil_backward(ctx, grad):
+    dX, dXq, dW, db, dlw, dlb = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order,
+                                              ctx.reduction, ctx.backend)
+    return dX, None, dXq, None, dW, db, dlw, dlb, None, None, None, None
 
 
 torch.library.register_autograd("metassl_fast::anil_loss_fwd", _anil_backward, setup_context=_anil_setup)

@@ -1,0 +1,238 @@
+"""Benchmark of the fused ANIL meta-loss (meta.anil_loss) against what users run today:
+the per-task autograd loop with create_graph=True (learn2learn / higher style, our
+"torch" backend), torch.func vmap(grad) over tasks, and higher's innerloop_ctx where
+that package is installed.  Second order, float32, forward+backward.
+
+All configurations run in one worker process; peak memory of a call is its peak RSS
+(VmHWM reset through /proc/self/clear_refs) over the RSS before it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb, _progress
+
+MAIN = dict(T=32, S=25, Q=75, D=640, C=5, K=5)
+SWEEP_K = (1, 5, 10, 20)
+SWEEP_T = (1, 8, 32, 128)
+LR = 0.5
+
+
+def _inputs(T, S, Q, D, C, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, S, D, generator=g, dtype=dtype).requires_grad_()
+    y = torch.randint(0, C, (T, S), generator=g)
+    xq = torch.randn(T, Q, D, generator=g, dtype=dtype).requires_grad_()
+    yq = torch.randint(0, C, (T, Q), generator=g)
+    W = (0.01 * torch.randn(C, D, generator=g, dtype=dtype)).requires_grad_()
+    b = torch.zeros(C, dtype=dtype, requires_grad=True)
+    return x, y, xq, yq, W, b
+
+
+def _ours(K):
+    from metassl_fast import meta
+
+    return lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K, backend="cpu")
+
+
+def _loop(K):
+    from metassl_fast import meta
+
+    return lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K, backend="torch")
+
+
+def _vmap(K):
+    from torch.func import grad, vmap
+
+    def task_loss(W, b, x, y, xq, yq):
+        def inner(W, b):
+            return F.cross_entropy(x @ W.T + b, y)
+
+        for _ in range(K):
+            gW, gb = grad(inner, argnums=(0, 1))(W, b)
+            W, b = W - LR * gW, b - LR * gb
+        return F.cross_entropy(xq @ W.T + b, yq)
+
+    batched = vmap(task_loss, in_dims=(None, None, 0, 0, 0, 0))
+    return lambda x, y, xq, yq, W, b: batched(W, b, x, y, xq, yq).mean()
+
+
+def _higher(K):
+    import higher  # noqa: F401  (only where installed)
+
+    def run(x, y, xq, yq, W, b):
+        head = torch.nn.Linear(W.shape[1], W.shape[0])
+        losses = []
+        for t in range(x.shape[0]):
+            with torch.no_grad():
+                head.weight.copy_(W)
+                head.bias.copy_(b)
+            opt = torch.optim.SGD(head.parameters(), lr=LR)
+            with higher.innerloop_ctx(head, opt, copy_initial_weights=False) as (fhead, diffopt):
+                for _ in range(K):
+                    diffopt.step(F.cross_entropy(fhead(x[t]), y[t]))
+                losses.append(F.cross_entropy(fhead(xq[t]), yq[t]))
+        return torch.stack(losses).mean()
+
+    return run
+
+
+IMPLS = {"ours": _ours, "vmap": _vmap, "loop": _loop, "higher": _higher}
+
+
+def _step(fn, args):
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            a.grad = None
+    fn(*args).backward()
+
+
+def _measure(make, cfg, repeats, mode):
+    """mode "time": median (20/80 quantiles) of repeats after a warm-up; mode "memory":
+    peak RSS of one call over the RSS before it (in a worker whose mmap threshold is
+    pinned, so freed buffers leave the RSS)."""
+    args = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
+    try:
+        fn = make(cfg["K"])
+    except ImportError as exc:
+        return {"note": f"{exc.name} not installed"}
+    _step(fn, args)  # warm-up
+    if mode == "memory":  # the gradients it makes count: drop the warm-up's first
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        return {"peak_mb": _peak_extra_mb(lambda: _step(fn, args))}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _step(fn, args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "p20_ms": times[int(0.2 * (len(times) - 1))],
+            "p80_ms": times[-1 - int(0.2 * (len(times) - 1))]}
+
+
+def _max_rel_err(cfg):
+    """ours (float32) against the per-task autograd loop in float64, loss and every gradient."""
+    args32 = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
+    args64 = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args32]
+    leaves = lambda a: [a[0], a[2], a[4], a[5]]  # noqa: E731
+    l32 = _ours(cfg["K"])(*args32)
+    g32 = torch.autograd.grad(l32, leaves(args32))
+    l64 = _loop(cfg["K"])(*args64)
+    g64 = torch.autograd.grad(l64, leaves(args64))
+    err = 0.0
+    for a, b in zip([l32, *g32], [l64, *g64]):
+        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+def _configs():
+    """(label, cfg, impls, repeats): the main case with every baseline, then the sweeps."""
+    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 7)]
+    for K in SWEEP_K:
+        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 5))
+    for T in SWEEP_T:
+        if T != MAIN["T"]:
+            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 5))
+    return out
+
+
+def _worker(mode):
+    for label, cfg, impls, repeats in _configs():
+        res = {impl: _measure(IMPLS[impl], cfg, repeats, mode) for impl in impls}
+        err = _max_rel_err(cfg) if label == "main" and mode == "time" else None
+        print("ROW " + json.dumps({"label": label, **cfg, "results": res, "max_rel_err": err}), flush=True)
+
+
+def _run_worker(mode, total, done):
+    env = dict(os.environ)
+    if mode == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    # the timing worker keeps glibc's default allocator: pinned, every output is a fresh
+    # mmap whose page faults cost more than the kernel itself
+    proc = subprocess.Popen([sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rows = []
+    for line in proc.stdout:
+        if line.startswith("ROW "):
+            rows.append(json.loads(line[4:]))
+            _progress(done + len(rows), total, f"inner loop {mode} {rows[-1]['label']}")
+    err = proc.stderr.read()
+    if proc.wait() != 0 or len(rows) != len(_configs()):
+        raise RuntimeError(f"inner-loop benchmark worker ({mode}) failed:\n{err}")
+    return rows
+
+
+def run(out_dir="bench/out", stream=sys.stdout):
+    """Run the inner-loop benchmark (a timing worker, then a memory worker); returns the rows."""
+    import metassl_fast
+
+    n = len(_configs())
+    _progress(0, 2 * n, "inner loop")
+    rows = _run_worker("time", 2 * n, 0)
+    for row, mem in zip(rows, _run_worker("memory", 2 * n, n)):
+        for impl, m in mem["results"].items():
+            row["results"][impl]["peak_mb"] = m.get("peak_mb")
+    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": _cpu_name(),
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    table = format_table(rows, meta)
+    print(table, file=stream)
+    os.makedirs(out_dir, exist_ok=True)
+    flat = []
+    for r in rows:
+        base = r["results"].get("vmap", {}).get("median_ms")
+        for impl, m in r["results"].items():
+            flat.append({"op": "anil_loss", "impl": impl, "dtype": "float32", "N": r["T"], "D": r["D"],
+                         "median_ms": m.get("median_ms"), "p20_ms": m.get("p20_ms"), "p80_ms": m.get("p80_ms"),
+                         "speedup": base / m["median_ms"] if base and m.get("median_ms") else None,
+                         "peak_mb": m.get("peak_mb"), "mem_ratio": None,
+                         "max_rel_err": r["max_rel_err"] if impl == "ours" else None, "repeats": None,
+                         "S": r["S"], "Q": r["Q"], "C": r["C"], "K": r["K"]})
+    from .contrastive import CSV_FIELDS
+
+    _append_csv(os.path.join(out_dir, "results_inner_loop.csv"), flat, meta, CSV_FIELDS + ["S", "Q", "C", "K"])
+    with open(os.path.join(out_dir, "latest_inner_loop.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+def format_table(rows, meta):
+    lines = [f"ANIL meta-loss, second order, float32, forward+backward, {meta['device']}, "
+             f"{meta['threads']} threads, torch {meta['torch']}, metassl_fast {meta['version']}, {meta['date']}\n",
+             "| case | T | S | Q | D | C | K | impl | median ms (p20-p80) | ours faster by | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        ours = r["results"]["ours"].get("median_ms")
+        for impl, m in r["results"].items():
+            ms = m.get("median_ms")
+            timing = f"{ms:.1f} ({m['p20_ms']:.1f}-{m['p80_ms']:.1f})" if ms else m.get("note", "-")
+            ratio = f"{ms / ours:.1f}x" if ms and impl != "ours" else "-"
+            lines.append(f"| {r['label']} | {r['T']} | {r['S']} | {r['Q']} | {r['D']} | {r['C']} | {r['K']} | "
+                         f"{impl} | {timing} | {ratio} | {_fmt(m.get('peak_mb'), '.1f')} |")
+    main = rows[0]
+    lines.append(f"\nmax relative error of ours (float32) against the float64 autograd loop, main case: "
+                 f"{_fmt(main['max_rel_err'], '.1e')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    run(args.out)
+
+
+if __name__ == "__main__":
+    main()
