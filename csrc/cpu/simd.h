@@ -1,6 +1,5 @@
 // Shared CPU building blocks: one SIMD register of T (GCC vector extensions), a
-// vectorisable exp, dot/axpy over contiguous rows, and the OpenMP chunking used by
-// every kernel of the _C module.
+// vectorisable exp, and the OpenMP chunking used by every kernel of the _C module.
 //
 // Why explicit vectors: the auto-vectoriser does not vectorise float reductions or
 // this exp without -ffast-math, and -ffast-math would drop the NaN propagation the
@@ -81,26 +80,6 @@ inline double exp_t(double x) { return std::exp(x); }
 inline Vec<double>::V exp_t(Vec<double>::V x) {
   for (int l = 0; l < Vec<double>::W; ++l) x[l] = std::exp(x[l]);
   return x;
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using X = Vec<T>;
-  typename X::V acc = X::splat(0);
-  int64_t j = 0;
-  for (; j + X::W <= n; j += X::W) acc += X::load(a + j) * X::load(b + j);
-  T out = X::hsum(acc);
-  for (; j < n; ++j) out += a[j] * b[j];
-  return out;
-}
-
-// y += alpha x
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {
-  using X = Vec<T>;
-  int64_t j = 0;
-  for (; j + X::W <= n; j += X::W) X::store(y + j, X::load(y + j) + alpha * X::load(x + j));
-  for (; j < n; ++j) y[j] += alpha * x[j];
 }
 
 // Run fn(begin, end, t) on `nthreads` contiguous chunks of [0, n) with OpenMP.

@@ -48,10 +48,9 @@ def main(argv=None) -> None:
 
 
 def bench(argv) -> None:
-    """The contrastive section (CPU, or the GPU one where CUDA is available), then the
-    inner-loop section (CPU).  --section contrastive|inner_loop runs one of them."""
-    import torch
-
+    """The contrastive section (on the GPU where CUDA is available, else the CPU), then
+    the inner-loop section (CPU).  --section contrastive|inner_loop runs one of them;
+    other options go to the contrastive section (metassl-fast bench --help)."""
     from metassl_fast.benchmarks import contrastive, inner_loop
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -59,11 +58,10 @@ def bench(argv) -> None:
     parser.add_argument("--out", default="bench/out")
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        print("metassl-fast bench [--section all|contrastive|inner_loop] [contrastive options]\n")
+        print("metassl-fast bench [--section all|contrastive|inner_loop] [--out DIR] [contrastive options]\n")
     if args.section in ("all", "contrastive"):
         contrastive.main(rest + ["--out", args.out])
-    gpu = torch.cuda.is_available() and "--device" not in rest or "cuda" in rest
-    if args.section in ("all", "inner_loop") and not (gpu and args.section == "all"):
+    if args.section in ("all", "inner_loop"):
         inner_loop.run(args.out)
 
 

@@ -190,7 +190,7 @@ def _run_worker(cfg, d, dtype, threads):
 
 
 def run(sizes=(1024, 2048, 4096, 8192), large=(65536,), d=128, dtype="float32", repeats=5,
-        out_dir="bench/out", threads=None, plot=True, check_max=4096, stream=sys.stdout):
+        out_dir="bench/out", threads=None, plot=True, check_max=2048, stream=sys.stdout):
     """Run the CPU benchmark; returns the result rows (also appended to out_dir/results.csv)."""
     import metassl_fast
 
@@ -316,7 +316,7 @@ def main(argv=None):
     p.add_argument("--n", type=int)
     p.add_argument("--impls", default="ours,eager")
     p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--check-max", type=int, default=4096,
+    p.add_argument("--check-max", type=int, default=2048,
                    help="largest N whose error against the float64 reference is measured")
     p.add_argument("--sizes", default="1024,2048,4096,8192", help="N for ours vs eager (comma list)")
     p.add_argument("--large", default="65536", help="N for ours alone (comma list, '' for none)")

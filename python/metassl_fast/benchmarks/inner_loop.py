@@ -137,12 +137,12 @@ def _max_rel_err(cfg):
 
 def _configs():
     """(label, cfg, impls, repeats): the main case with every baseline, then the sweeps."""
-    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 7)]
+    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 5)]
     for K in SWEEP_K:
-        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 5))
+        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 3))
     for T in SWEEP_T:
         if T != MAIN["T"]:
-            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 5))
+            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 3))
     return out
 
 
