@@ -111,6 +111,18 @@ void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
                                            std::to_string(C) + ")");
 }
 
+// The per-task gradient outputs of the inner loop: dX (T, S, D), dW0 and daW (T, C, D),
+// db0 and dab (T, C).
+void require_task_grads(uintptr_t dX, int64_t dX_numel, uintptr_t dW0, int64_t dW0_numel,
+                        uintptr_t db0, int64_t db0_numel, uintptr_t daW, int64_t daW_numel,
+                        uintptr_t dab, int64_t dab_numel, const msf::InnerLoopArgs& a) {
+  require_buffer(dX, dX_numel, a.T * a.S * a.D, "dX");
+  require_buffer(dW0, dW0_numel, a.T * a.C * a.D, "dW0");
+  require_buffer(db0, db0_numel, a.T * a.C, "db0");
+  require_buffer(daW, daW_numel, a.T * a.C * a.D, "daW");
+  require_buffer(dab, dab_numel, a.T * a.C, "dab");
+}
+
 void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
                         uintptr_t W0, int64_t W0_numel, uintptr_t b0, int64_t b0_numel,
                         uintptr_t aW, int64_t aW_numel, uintptr_t ab, int64_t ab_numel,
@@ -158,11 +170,7 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
   require_buffer(dW_K, dW_K_numel, T * C * D, "dW_K");
   require_buffer(db_K, db_K_numel, T * C, "db_K");
-  require_buffer(dX, dX_numel, T * S * D, "dX");
-  require_buffer(dW0, dW0_numel, T * C * D, "dW0");
-  require_buffer(db0, db0_numel, T * C, "db0");
-  require_buffer(daW, daW_numel, T * C * D, "daW");
-  require_buffer(dab, dab_numel, T * C, "dab");
+  require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
   py::gil_scoped_release nogil;
   auto run = [&](auto tag) {
     using F = decltype(tag);
@@ -199,12 +207,8 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
   require_buffer(loss, loss_numel, T, "loss");
   if (compute_grad) {
     require_buffer(task_weight, task_weight_numel, T, "task_weight");
-    require_buffer(dX, dX_numel, T * S * D, "dX");
     require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
-    require_buffer(dW0, dW0_numel, T * C * D, "dW0");
-    require_buffer(db0, db0_numel, T * C, "db0");
-    require_buffer(daW, daW_numel, T * C * D, "daW");
-    require_buffer(dab, dab_numel, T * C, "dab");
+    require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
   }
   py::gil_scoped_release nogil;
   auto run = [&](auto tag) {
