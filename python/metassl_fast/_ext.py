@@ -8,6 +8,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
+
+# The dtype codes the compiled kernels take (csrc/cpu/bindings.cpp, enum DType).
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
 _cache: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 _HOW = {

@@ -14,6 +14,9 @@ GEMM count: one-sided 3 (S, dQ, dK in one pass during the forward); symmetric 4
 (pass 1 for the row and column LSE, pass 2 recomputes S for the gradient).
 For a scalar loss with grad enabled the gradient is computed in the forward and the
 backward only scales it by grad_output; reduction="none" recomputes in backward.
+
+Triton backend (kernels/contrastive.py): the forward saves only the LSEs; the
+backward recomputes S tiles in a row-outer (dQ) and a column-outer (dK) kernel.
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ _WHAT = "the contrastive losses"
 TARGET_BLOCK_BYTES = 8 << 20
 MIN_BLOCK_ROWS = 128
 NORM_EPS = 1e-12  # F.normalize's eps: |x| is clamped to it
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,7 +91,7 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
     C_ext = _ext.require("_C")
     n_rows, n_cols = qs.shape[0], keys.shape[0]
     dtype = qs.dtype
-    code = _DTYPE_CODE[dtype]
+    code = _ext.DTYPE_CODE[dtype]
     nthreads = max(1, torch.get_num_threads())
     B = _block_rows(n_rows, n_cols, qs.element_size())
     buf = torch.empty(B, n_cols, dtype=dtype)

@@ -15,8 +15,6 @@ from ._autograd import refuse_double_backward
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-
 
 @torch.library.custom_op("metassl_fast::inner_loop_fwd", mutates_args=())
 def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: Tensor,
@@ -29,7 +27,7 @@ def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
     W_traj = support.new_empty(T, steps + 1, C, D)
     b_traj = support.new_empty(T, steps + 1, C)
     C_ext.inner_loop_forward(
-        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        dtype=_ext.DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
         y=labels.data_ptr(), y_numel=labels.numel(), W0=weight.data_ptr(), W0_numel=weight.numel(),
         b0=bias.data_ptr(), b0_numel=bias.numel(), aW=lr_w.data_ptr(), aW_numel=lr_w.numel(),
         ab=lr_b.data_ptr(), ab_numel=lr_b.numel(), W_traj=W_traj.data_ptr(), W_traj_numel=W_traj.numel(),
@@ -61,7 +59,7 @@ def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, 
     dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
     db0, dab = support.new_empty(T, C), support.new_empty(T, C)
     C_ext.inner_loop_backward(
-        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        dtype=_ext.DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
         y=labels.data_ptr(), y_numel=labels.numel(), aW=lr_w.data_ptr(), aW_numel=lr_w.numel(),
         ab=lr_b.data_ptr(), ab_numel=lr_b.numel(), W_traj=W_traj.data_ptr(), W_traj_numel=W_traj.numel(),
         b_traj=b_traj.data_ptr(), b_traj_numel=b_traj.numel(), dW_K=dW_K.data_ptr(),
@@ -123,7 +121,7 @@ def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, t
     else:
         dX = dXq = dW0 = daW = db0 = dab = task_weight = support.new_empty(0)
     C_ext.anil_loss(
-        dtype=_DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
+        dtype=_ext.DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
         y=labels.data_ptr(), y_numel=labels.numel(), Xq=query.data_ptr(), Xq_numel=query.numel(),
         yq=query_labels.data_ptr(), yq_numel=query_labels.numel(), W0=weight.data_ptr(),
         W0_numel=weight.numel(), b0=bias.data_ptr(), b0_numel=bias.numel(), aW=lr_w.data_ptr(),
