@@ -97,6 +97,21 @@ def _steps(steps: object) -> int:
     return steps
 
 
+def _prepared(support, support_labels, weight, bias, lr, steps, first_order):
+    """Validated kernel inputs: (X, labels, W, b, lr_w (C, D), lr_b (C), steps), contiguous,
+    in the accumulation dtype (float64 stays float64, the rest float32)."""
+    _features3("support", support)
+    C, D = _head(support, weight, bias)
+    T, S, _ = support.shape
+    labels = _int_labels("support_labels", support_labels, (T, S), C).contiguous()
+    steps = _steps(steps)
+    _validate.flag("first_order", first_order)
+    acc = torch.float64 if support.dtype == torch.float64 else torch.float32
+    X, W, b = (x.to(acc).contiguous() for x in (support, weight, bias))
+    lr_w, lr_b = _lrs(lr, C, D, X)
+    return X, labels, W, b, lr_w.contiguous(), lr_b.contiguous(), steps
+
+
 def adapt_linear_head(support: Tensor, support_labels: Tensor, weight: Tensor, bias: Tensor, *,
                       lr: float | Tensor | tuple[Tensor, Tensor] = 0.5, steps: int = 5,
                       first_order: bool = False, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -109,30 +124,27 @@ def adapt_linear_head(support: Tensor, support_labels: Tensor, weight: Tensor, b
     backend: None (best available), "cpu" (the fused C++ kernel) or "torch" (the
     per-task autograd loop); also METASSL_FAST_BACKEND.
     """
-    _features3("support", support)
-    C, D = _head(support, weight, bias)
-    T, S, _ = support.shape
-    labels = _int_labels("support_labels", support_labels, (T, S), C)
-    steps = _steps(steps)
-    _validate.flag("first_order", first_order)
-    acc = torch.float64 if support.dtype == torch.float64 else torch.float32
-    X, W, b = support.to(acc), weight.to(acc), bias.to(acc)
-    lr_w, lr_b = _lrs(lr, C, D, X)
+    X, labels, W, b, lr_w, lr_b, steps = _prepared(support, support_labels, weight, bias, lr, steps,
+                                                   first_order)
     which = _backend.resolve(backend, support.device)
     if which == "torch":
         W_t, b_t = adapt_reference(X, labels, W, b, lr_w, lr_b, steps, first_order)
     elif which in _KERNEL_BACKENDS:
-        W_t, b_t, _, _ = torch.ops.metassl_fast.inner_loop_fwd(
-            X.contiguous(), labels.contiguous(), W.contiguous(), b.contiguous(), lr_w.contiguous(),
-            lr_b.contiguous(), steps, first_order, which)
+        W_t, b_t, _, _ = torch.ops.metassl_fast.inner_loop_fwd(X, labels, W, b, lr_w, lr_b, steps,
+                                                               first_order, which)
     else:
         raise RuntimeError(f"backend={which!r}: the inner-loop kernel has no {which} implementation "
                            "in this version; use 'cpu' or 'torch'")
     return W_t.to(support.dtype), b_t.to(support.dtype)
 
 
-def _query_logits(query: Tensor, W_t: Tensor, b_t: Tensor) -> Tensor:
-    return torch.baddbmm(b_t.unsqueeze(1), query, W_t.transpose(1, 2))  # (T, Q, C)
+def _query_ce(query: Tensor, query_labels: Tensor, W_t: Tensor, b_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of the adapted heads on the queries: (per query (T*Q,), logits (T, Q, C)),
+    in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    logits = torch.baddbmm(b_t.to(acc).unsqueeze(1), query.to(acc), W_t.to(acc).transpose(1, 2))
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_labels.reshape(-1), reduction="none")
+    return ce, logits
 
 
 def _check_query(support: Tensor, query: object, query_labels: object, C: int | None) -> Tensor:
@@ -169,24 +181,14 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
         W_t, b_t = adapt_linear_head(support, support_labels, weight, bias, lr=lr, steps=steps,
                                      first_order=first_order, backend=which)
         q_labels = _check_query(support, query, query_labels, weight.shape[0])
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-        logits = _query_logits(query.to(acc), W_t.to(acc), b_t.to(acc))
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), q_labels.reshape(-1), reduction="none")
+        ce, _ = _query_ce(query, q_labels, W_t, b_t)
         return _reduce_tasks(ce, query.shape[0], reduction).to(query.dtype)
     # the fused kernel: inner loop and query loss in one call (and the gradient in one more)
-    _features3("support", support)
-    C, D = _head(support, weight, bias)
-    T, S, _ = support.shape
-    labels = _int_labels("support_labels", support_labels, (T, S), C)
-    q_labels = _check_query(support, query, query_labels, C)
-    steps = _steps(steps)
-    _validate.flag("first_order", first_order)
-    acc = torch.float64 if support.dtype == torch.float64 else torch.float32
-    X, Xq, W, b = (x.to(acc).contiguous() for x in (support, query, weight, bias))
-    lr_w, lr_b = _lrs(lr, C, D, X)
-    loss = torch.ops.metassl_fast.anil_loss_fwd(
-        X, labels.contiguous(), Xq, q_labels.contiguous(), W, b, lr_w.contiguous(), lr_b.contiguous(),
-        steps, first_order, reduction, which)
+    X, labels, W, b, lr_w, lr_b, steps = _prepared(support, support_labels, weight, bias, lr, steps,
+                                                   first_order)
+    q_labels = _check_query(support, query, query_labels, W.shape[0]).contiguous()
+    loss = torch.ops.metassl_fast.anil_loss_fwd(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b,
+                                                lr_w, lr_b, steps, first_order, reduction, which)
     return loss.to(query.dtype)
 
 
@@ -245,10 +247,9 @@ class ANILHead(nn.Module):
                                      lr=lr, steps=self.steps, first_order=self.first_order,
                                      backend=self.backend)
         q_labels = _check_query(support, query, query_labels, self.linear.out_features)
-        logits = _query_logits(query, W_t, b_t)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), q_labels.reshape(-1))
+        ce, logits = _query_ce(query, q_labels, W_t, b_t)
         acc = (logits.argmax(-1) == q_labels).float().mean()
-        return loss, acc
+        return ce.mean().to(query.dtype), acc
 
 
 __all__ = ["ANILHead", "adapt_linear_head", "anil_loss", "proto_loss"]
