@@ -143,10 +143,10 @@ void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, in
   py::gil_scoped_release nogil;
   auto run = [&](auto tag) {
     using F = decltype(tag);
-    msf::inner_loop_forward<F>(reinterpret_cast<const F*>(X), reinterpret_cast<const int64_t*>(y),
-                               reinterpret_cast<const F*>(W0), reinterpret_cast<const F*>(b0),
-                               reinterpret_cast<const F*>(aW), reinterpret_cast<const F*>(ab),
-                               reinterpret_cast<F*>(W_traj), reinterpret_cast<F*>(b_traj), a, nthreads);
+    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
+    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
+    msf::inner_loop_forward<F>(c(X), reinterpret_cast<const int64_t*>(y), c(W0), c(b0), c(aW), c(ab),
+                               m(W_traj), m(b_traj), a, nthreads);
   };
   if (dtype == kFloat32) run(float{}); else run(double{});
 }
@@ -174,13 +174,11 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   py::gil_scoped_release nogil;
   auto run = [&](auto tag) {
     using F = decltype(tag);
-    msf::inner_loop_backward<F>(
-        reinterpret_cast<const F*>(X), reinterpret_cast<const int64_t*>(y),
-        reinterpret_cast<const F*>(aW), reinterpret_cast<const F*>(ab),
-        reinterpret_cast<const F*>(W_traj), reinterpret_cast<const F*>(b_traj),
-        reinterpret_cast<const F*>(dW_K), reinterpret_cast<const F*>(db_K),
-        reinterpret_cast<F*>(dX), reinterpret_cast<F*>(dW0), reinterpret_cast<F*>(db0),
-        reinterpret_cast<F*>(daW), reinterpret_cast<F*>(dab), a, nthreads);
+    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
+    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
+    msf::inner_loop_backward<F>(c(X), reinterpret_cast<const int64_t*>(y), c(aW), c(ab), c(W_traj),
+                                c(b_traj), c(dW_K), c(db_K), m(dX), m(dW0), m(db0), m(daW), m(dab), a,
+                                nthreads);
   };
   if (dtype == kFloat32) run(float{}); else run(double{});
 }
