@@ -441,3 +441,37 @@ def test_torch_compile_fullgraph(backend, symmetric, reduction):
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retained_graph_and_inplace_grad_edits(backend):
+    """The precomputed gradient is never handed out as .grad itself: editing .grad in
+    place (an optimiser, clip_grad_norm_) between backwards of a retained graph works."""
+    q, k, _, _ = _make(9, 4, 0, torch.float64)
+    loss = msf.info_nce(q, k, backend=backend)
+    q_ref, k_ref = (x.detach().requires_grad_() for x in (q, k))
+    ref = msf.info_nce(q_ref, k_ref, backend="torch")
+    for x, l in ((q, loss), (q_ref, ref)):
+        l.backward(retain_graph=True)
+        x.grad.mul_(0.5)
+        l.backward(retain_graph=True)
+        l.backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_backward_op_checks_saved_statistics():
+    q, k, n, scale, *_ = _op_args(False, True, "none")
+    out = torch.ops.metassl_fast.contrastive_fwd(q, k, n, scale, True, True, "none", False,
+                                                 True, True, True, True, "cpu")
+    lse_row, lse_col = out[1].detach(), out[2].detach()
+    args = (q.detach(), k.detach(), n.detach(), scale.detach())
+    with pytest.raises(ValueError, match="lse_row"):
+        torch.ops.metassl_fast.contrastive_bwd(torch.ones(19), *args, lse_row[:5], lse_col, True, True,
+                                               "none", True, True, True, True, "cpu")
+    with pytest.raises(ValueError, match="lse_col"):
+        torch.ops.metassl_fast.contrastive_bwd(torch.ones(19), *args, lse_row, lse_col.double(), True, True,
+                                               "none", True, True, True, True, "cpu")
+    with pytest.raises(ValueError, match="grad"):
+        torch.ops.metassl_fast.contrastive_bwd(torch.ones(3), *args, lse_row, lse_col, True, True,
+                                               "none", True, True, True, True, "cpu")

@@ -274,3 +274,49 @@ def test_cpp_refuses_out_of_range_labels():
                                  W_traj_numel=11, b_traj=bt.data_ptr(), b_traj_numel=4, T=1, S=2, D=3, C=2,
                                  K=1, nthreads=1)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_half_frozen_head(backend, frozen):
+    """Only one of weight and bias learns: its gradient is exact, against an independent
+    autograd loop written here."""
+    x, y, xq, yq, W, b, _ = _task(2, 5, 4, 6, 4)
+    W = W.detach().requires_grad_(frozen != "weight")
+    b = b.detach().requires_grad_(frozen != "bias")
+    learner = b if frozen == "weight" else W
+    for impl in (backend, "torch"):
+        (g,) = torch.autograd.grad(meta.anil_loss(x, y, xq, yq, W, b, lr=0.3, steps=2, backend=impl), learner)
+        Wi, bi = W.detach().requires_grad_(), b.detach().requires_grad_()
+        Wc, bc = (Wi, bi)
+        losses = []
+        for t in range(2):
+            Wt, bt = Wc, bc
+            for _ in range(2):
+                gW, gb = torch.autograd.grad(torch.nn.functional.cross_entropy(x[t] @ Wt.T + bt, y[t]), (Wt, bt),
+                                             create_graph=True)
+                Wt, bt = Wt - 0.3 * gW, bt - 0.3 * gb
+            losses.append(torch.nn.functional.cross_entropy(xq[t] @ Wt.T + bt, yq[t]))
+        (g_ref,) = torch.autograd.grad(torch.stack(losses).mean(), bi if frozen == "weight" else Wi)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_raw_ops_refuse_tensors_the_kernel_cannot_read():
+    x, y, _, _, W, b, _ = _task(2, 4, 1, 5, 3)
+    x, W, b = x.detach(), W.detach(), b.detach()
+    lr_w, lr_b = torch.full((3, 5), 0.5, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    op = torch.ops.metassl_fast.inner_loop_fwd
+    with pytest.raises(TypeError, match="labels"):
+        op(x, y.int(), W, b, lr_w, lr_b, 2, False, "cpu")
+    with pytest.raises(TypeError, match="weight"):
+        op(x, y, W.float(), b, lr_w, lr_b, 2, False, "cpu")
+    with pytest.raises(ValueError, match="support"):
+        op(x.transpose(1, 2).contiguous().transpose(1, 2), y, W, b, lr_w, lr_b, 2, False, "cpu")
+
+
+def test_labels_on_another_device():
+    kwargs = _good()
+    kwargs["support_labels"] = kwargs["support_labels"].to("meta")
+    with pytest.raises(ValueError, match="support_labels"):
+        meta.anil_loss(**kwargs)

@@ -21,9 +21,12 @@ from ..reference.inner_loop import adapt_reference
 _KERNEL_BACKENDS = ("cpu",)  # the Triton / CUDA kernels of the inner loop are still to come
 
 
-def _int_labels(name: str, labels: object, shape: tuple, n_classes: int | None) -> Tensor:
+def _int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
+                device: torch.device | None = None) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers (int64), got {labels.dtype}")
     if tuple(labels.shape) != tuple(shape):
@@ -70,6 +73,13 @@ def _lrs(lr: object, C: int, D: int, like: Tensor) -> tuple[Tensor, Tensor]:
             raise ValueError(f"lr_weight must have shape (C, D) = ({C}, {D}), got {tuple(lr_w.shape)}")
         if lr_b.shape != (C,):
             raise ValueError(f"lr_bias must have shape (C,) = ({C},), got {tuple(lr_b.shape)}")
+        for name, x in (("lr_weight", lr_w), ("lr_bias", lr_b)):
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+            if x.device != like.device:
+                raise ValueError(f"{name} is on {x.device} but the features are on {like.device}")
+            if not torch.compiler.is_compiling() and not bool(torch.isfinite(x.detach()).all()):
+                raise ValueError(f"{name} must be finite")
         return lr_w.to(like), lr_b.to(like)
     if isinstance(lr, Tensor):
         if lr.dim() != 0:
@@ -103,7 +113,7 @@ def _prepared(support, support_labels, weight, bias, lr, steps, first_order):
     _features3("support", support)
     C, D = _head(support, weight, bias)
     T, S, _ = support.shape
-    labels = _int_labels("support_labels", support_labels, (T, S), C).contiguous()
+    labels = _int_labels("support_labels", support_labels, (T, S), C, support.device).contiguous()
     steps = _steps(steps)
     _validate.flag("first_order", first_order)
     acc = torch.float64 if support.dtype == torch.float64 else torch.float32
@@ -153,7 +163,7 @@ def _check_query(support: Tensor, query: object, query_labels: object, C: int | 
         raise ValueError(f"query must have shape (T={support.shape[0]}, Q, D={support.shape[2]}), "
                          f"got {tuple(query.shape)}")
     _validate.same_dtype_device("support", support, "query", query)
-    return _int_labels("query_labels", query_labels, query.shape[:2], C)
+    return _int_labels("query_labels", query_labels, query.shape[:2], C, support.device)
 
 
 def _reduce_tasks(per_example: Tensor, T: int, reduction: str) -> Tensor:
@@ -205,7 +215,7 @@ def proto_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_lab
         n_way = int(support_labels.max()) + 1 if isinstance(support_labels, Tensor) else 0
     if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 1:
         raise ValueError(f"n_way must be a positive int, got {n_way!r}")
-    labels = _int_labels("support_labels", support_labels, (T, S), n_way)
+    labels = _int_labels("support_labels", support_labels, (T, S), n_way, support.device)
     q_labels = _check_query(support, query, query_labels, n_way)
     acc = torch.float64 if support.dtype == torch.float64 else torch.float32
     onehot = F.one_hot(labels, n_way).to(acc)  # (T, S, C)

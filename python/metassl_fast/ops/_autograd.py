@@ -24,18 +24,8 @@ def refuse_create_graph(what: str) -> None:
 
 
 def scale_precomputed(grads, grad_output, needed):
-    """Gradients formed in the forward for grad_output = 1, scaled by the real one.
-    A grad_output of exactly 1 (the usual loss.backward()) skips the multiply; None
-    where an input needs no gradient."""
-    unit = _eager(grad_output) and grad_output.numel() == 1 and float(grad_output) == 1.0
-    return tuple((g if unit else g * grad_output.to(g.dtype)) if need else None
-                 for g, need in zip(grads, needed))
-
-
-def _eager(t) -> bool:
-    """A real tensor outside any tracing (torch.compile, AOT autograd, fake or proxy
-    modes), where reading its value is allowed."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
+    """Gradients formed in the forward for grad_output = 1, scaled by the real one; None
+    where an input needs no gradient.  Always a new tensor, never the saved one: a
+    saved tensor handed out as .grad would be changed in place by the optimiser or
+    clip_grad_norm_ and break a retained graph."""
+    return tuple(g * grad_output.to(g.dtype) if need else None for g, need in zip(grads, needed))

@@ -117,16 +117,18 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
                 dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, n_cols=n_pairs,
                 ld=n_cols, col_max=col_max.data_ptr(), col_sum=col_sum.data_ptr(),
                 col_numel=n_pairs, nthreads=nthreads)
+        # element counts are the slices' own: the C++ side checks them against B
         lse_blk = lse_row[r0:r1]
-        pos_ptr = (pos[r0:r1].data_ptr(), r1 - r0) if stats else no_ptr
-        g_ptr = (g_row[r0:r1].data_ptr(), r1 - r0) if grad else no_ptr
+        pos_ptr = (pos[r0:r1].data_ptr(), pos[r0:r1].numel()) if stats else no_ptr
+        g_ptr = (g_row[r0:r1].data_ptr(), g_row[r0:r1].numel()) if grad else no_ptr
         with_col = grad and lse_col is not None
         gs += C_ext.block_rows(
             dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, C=n_cols, ld=n_cols,
-            row0=r0, n_pairs=n_pairs, lse=lse_blk.data_ptr(), lse_numel=r1 - r0,
+            row0=r0, n_pairs=n_pairs, lse=lse_blk.data_ptr(), lse_numel=lse_blk.numel(),
             compute_lse=stats, pos=pos_ptr[0], pos_numel=pos_ptr[1], g_row=g_ptr[0],
             g_row_numel=g_ptr[1], lse_col=lse_col.data_ptr() if with_col else 0,
-            g_col=g_col.data_ptr() if with_col else 0, col_numel=n_pairs if with_col else 0,
+            g_col=g_col.data_ptr() if with_col else 0,
+            col_numel=min(lse_col.numel(), g_col.numel()) if with_col else 0,
             write_grad=grad, nthreads=nthreads)
         if grad:
             if dq is not None:
@@ -392,6 +394,13 @@ def contrastive_bwd(
     """Recomputing backward (used when the forward did not precompute): (dq, dk, dneg,
     dscale), each empty where not needed."""
     _check_backend(backend)
+    n, acc = query.shape[0], _acc_dtype(query.dtype)
+    for name, t, want in (("lse_row", lse_row, n), ("lse_col", lse_col, n if symmetric else None)):
+        if want is not None and (t.shape != (want,) or t.dtype != acc):
+            raise ValueError(f"{name} must be the forward's ({want},) {acc} statistics, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if grad.shape != ((n,) if reduction == "none" else ()):
+        raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
     need = (need_dq, need_dk, need_dneg, need_dscale)
     return _BACKWARD[backend](grad, query, key, negatives, scale, lse_row, lse_col, symmetric,
                               normalize, reduction, need)

@@ -16,12 +16,32 @@ from ._autograd import refuse_double_backward
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
 
+def _check(labels: tuple, **tensors) -> None:
+    """The kernels read raw memory: every float tensor must be contiguous and of one
+    dtype (float32 or float64), labels contiguous int64, all on the CPU.  The public
+    functions guarantee this; a direct call of the op gets an error instead of a read
+    past a buffer."""
+    dtype = None
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+        if t.numel() == 0:
+            continue
+        if t.dtype not in _ext.DTYPE_CODE or (dtype is not None and t.dtype != dtype):
+            raise TypeError(f"{name} has dtype {t.dtype}: the kernel takes one of float32/float64 for all")
+        dtype = t.dtype
+    for i, t in enumerate(labels):
+        if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"labels argument {i} must be a contiguous int64 CPU tensor, got {t.dtype}")
+
+
 @torch.library.custom_op("metassl_fast::inner_loop_fwd", mutates_args=())
 def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: Tensor,
                    lr_b: Tensor, steps: int, first_order: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """support (T, S, D), labels (T, S) int64, weight (C, D), bias (C), lr_w (C, D), lr_b (C)
     -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
     C_ext = _ext.require("_C")
+    _check((labels,), support=support, weight=weight, bias=bias, lr_w=lr_w, lr_b=lr_b)
     T, S, D = support.shape
     C = weight.shape[0]
     W_traj = support.new_empty(T, steps + 1, C, D)
@@ -51,10 +71,12 @@ def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, 
     """-> (d support (T, S, D), d weight (C, D), d bias (C), d lr_w (C, D), d lr_b (C)),
     the head and lr gradients summed over tasks."""
     C_ext = _ext.require("_C")
+    dW_K, db_K = dW_K.to(support.dtype).contiguous(), db_K.to(support.dtype).contiguous()
+    _check((labels,), support=support, lr_w=lr_w, lr_b=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K,
+           db_K=db_K)
     T, S, D = support.shape
     C = lr_w.shape[0]
     steps = W_traj.shape[1] - 1
-    dW_K, db_K = dW_K.contiguous(), db_K.contiguous()
     dX = torch.empty_like(support)
     dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
     db0, dab = support.new_empty(T, C), support.new_empty(T, C)
@@ -110,6 +132,8 @@ torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_ba
 def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
                first_order, compute_grad):
     C_ext = _ext.require("_C")
+    _check((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
+           lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
     T, S, D = support.shape
     Q = query.shape[1]
     C = weight.shape[0]

@@ -18,8 +18,10 @@ def adapt_reference(support: Tensor, labels: Tensor, weight: Tensor, bias: Tenso
     for t in range(support.shape[0]):
         W, b = weight, bias
         for _ in range(steps):
-            if not W.requires_grad:  # a frozen head still adapts: differentiate w.r.t. a copy
+            # a frozen weight or bias still adapts: differentiate with respect to a copy
+            if not W.requires_grad:
                 W = W.detach().requires_grad_()
+            if not b.requires_grad:
                 b = b.detach().requires_grad_()
             loss = F.cross_entropy(support[t] @ W.T + b, labels[t])
             gW, gb = torch.autograd.grad(loss, (W, b), create_graph=not first_order)
