@@ -475,3 +475,20 @@ def test_backward_op_checks_saved_statistics():
     with pytest.raises(ValueError, match="grad"):
         torch.ops.metassl_fast.contrastive_bwd(torch.ones(3), *args, lse_row, lse_col, True, True,
                                                "none", True, True, True, True, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_queue_updated_in_place_before_backward(backend, reduction):
+    """MoCo enqueues into the negatives queue between forward and backward."""
+    q, k, queue, _ = _make(12, 6, 20, torch.float64)
+    queue = queue.detach()
+    original = queue.clone()
+    loss = msf.info_nce(q, k, negatives=queue, reduction=reduction, backend=backend)
+    queue[:5] = torch.randn(5, 6, dtype=torch.float64)  # the enqueue
+    loss.sum().backward()
+    q_ref, k_ref = (x.detach().requires_grad_() for x in (q, k))
+    contrastive_loss(q_ref, k_ref, original, torch.tensor(1 / 0.07, dtype=torch.float64), False, True,
+                     reduction).sum().backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(k.grad, k_ref.grad, rtol=1e-10, atol=1e-12)

@@ -427,6 +427,10 @@ def _setup_context(ctx, inputs, output):
     if ctx.precompute:
         ctx.save_for_backward(dq, dk, dneg, ds)
     else:
+        # A queue without grad is saved as a copy: MoCo-style trainers enqueue into it in
+        # place between the forward and the backward.
+        if negatives is not None and not negatives.requires_grad:
+            negatives = negatives.clone()
         ctx.save_for_backward(query, key, negatives, scale, lse_row, lse_col)
 
 
