@@ -47,7 +47,7 @@ def _grad_tile(s, row_lse, row_g, col_lse, col_g, is_diag, col_is_key, valid, SY
 
 
 @triton.jit
-def contrastive_fwd_kernel(Q, K, LSE, POS, COL_MAX, COL_SUM, LOCK, N, C, D, stride_q, stride_k, scale,
+def contrastive_fwd_kernel(Q, K, LSE, POS, ROW_LOSS, COL_MAX, COL_SUM, LOCK, N, C, D, stride_q, stride_k, scale,
                            SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -90,6 +90,8 @@ def contrastive_fwd_kernel(Q, K, LSE, POS, COL_MAX, COL_SUM, LOCK, N, C, D, stri
                 tl.atomic_xchg(lock, 0)
     tl.store(LSE + rows, m_i + tl.log(l_i), mask=row_ok)
     tl.store(POS + rows, pos, mask=row_ok)
+    # (max - positive) + log sum: the row loss without the cancellation of lse - positive
+    tl.store(ROW_LOSS + rows, (m_i - pos) + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit

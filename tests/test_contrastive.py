@@ -347,7 +347,8 @@ def test_cpp_checks_buffer_bounds():
     S = torch.zeros(4, 8)
     lse = torch.zeros(4)
     common = dict(dtype=0, S=S.data_ptr(), B=4, C=8, ld=8, row0=0, n_pairs=8, lse=lse.data_ptr(),
-                  lse_numel=4, compute_lse=True, pos=0, pos_numel=0, g_row=0, g_row_numel=0,
+                  lse_numel=4, compute_lse=True, pos=0, pos_numel=0, row_loss=0, row_loss_numel=0,
+                  g_row=0, g_row_numel=0,
                   lse_col=0, g_col=0, col_numel=0, write_grad=False, nthreads=1)
     C.block_rows(S_numel=32, **common)  # the sizes that fit pass
     with pytest.raises(ValueError, match="S holds"):
@@ -492,3 +493,22 @@ def test_queue_updated_in_place_before_backward(backend, reduction):
                      reduction).sum().backward()
     torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(k.grad, k_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cpu"] + [pytest.param(
+    "triton", marks=pytest.mark.skipif(not _triton_runs_here(), reason="no triton, or no GPU and no interpreter"))])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tiny_loss_keeps_its_relative_precision(backend, symmetric):
+    """Well-separated pairs give a loss of ~4e-5.  Its float32 error must be no worse
+    than torch's own float32 cross-entropy on the same inputs (computing lse - positive
+    in float32 cancelled to about twice that)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, 16, generator=g)
+    k = q + 0.01 * torch.randn(16, 16, generator=g)
+    scale = torch.tensor(20.0, dtype=torch.float64)
+    ref = contrastive_loss(q.double(), k.double(), None, scale, symmetric, True, "mean").item()
+    torch32 = contrastive_loss(q, k, None, scale.float(), symmetric, True, "mean").item()
+    ours = msf.info_nce(q, k, temperature=0.05, symmetric=symmetric, backend=backend).item()
+    assert ref < 1e-4
+    assert abs(ours / ref - 1) <= 1.5 * abs(torch32 / ref - 1) + 1e-6, (ours, torch32, ref)

@@ -35,7 +35,8 @@ int64_t span(int64_t rows, int64_t cols, int64_t ld) {
 
 double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C, int64_t ld,
                   int64_t row0, int64_t n_pairs, uintptr_t lse, int64_t lse_numel,
-                  bool compute_lse, uintptr_t pos, int64_t pos_numel, uintptr_t g_row,
+                  bool compute_lse, uintptr_t pos, int64_t pos_numel, uintptr_t row_loss,
+                  int64_t row_loss_numel, uintptr_t g_row,
                   int64_t g_row_numel, uintptr_t lse_col, uintptr_t g_col, int64_t col_numel,
                   bool write_grad, int nthreads) {
   require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
@@ -47,6 +48,10 @@ double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C,
   require_buffer(S, S_numel, span(B, C, ld), "S");
   require_buffer(lse, lse_numel, B, "lse");
   if (pos) require_buffer(pos, pos_numel, B, "pos");
+  if (row_loss) {
+    require(compute_lse, "row_loss needs compute_lse");
+    require_buffer(row_loss, row_loss_numel, B, "row_loss");
+  }
   if (write_grad) {
     require_buffer(g_row, g_row_numel, B, "g_row");
     require((lse_col == 0) == (g_col == 0), "lse_col and g_col come together");
@@ -62,12 +67,12 @@ double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C,
   py::gil_scoped_release nogil;
   if (dtype == kFloat32)
     return msf::block_rows<float>(reinterpret_cast<float*>(S), a, reinterpret_cast<float*>(lse),
-                                  reinterpret_cast<float*>(pos),
+                                  reinterpret_cast<float*>(pos), reinterpret_cast<float*>(row_loss),
                                   reinterpret_cast<const float*>(g_row),
                                   reinterpret_cast<const float*>(lse_col),
                                   reinterpret_cast<const float*>(g_col), nthreads);
   return msf::block_rows<double>(reinterpret_cast<double*>(S), a, reinterpret_cast<double*>(lse),
-                                 reinterpret_cast<double*>(pos),
+                                 reinterpret_cast<double*>(pos), reinterpret_cast<double*>(row_loss),
                                  reinterpret_cast<const double*>(g_row),
                                  reinterpret_cast<const double*>(lse_col),
                                  reinterpret_cast<const double*>(g_col), nthreads);
@@ -228,7 +233,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("block_rows", &block_rows, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
         py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("n_pairs"),
         py::arg("lse"), py::arg("lse_numel"), py::arg("compute_lse"), py::arg("pos"),
-        py::arg("pos_numel"), py::arg("g_row"), py::arg("g_row_numel"), py::arg("lse_col"),
+        py::arg("pos_numel"), py::arg("row_loss"), py::arg("row_loss_numel"), py::arg("g_row"), py::arg("g_row_numel"), py::arg("lse_col"),
         py::arg("g_col"), py::arg("col_numel"), py::arg("write_grad"), py::arg("nthreads"),
         "Row statistics and, optionally, the in-place gradient of one row block of S; "
         "returns sum(G * S). See csrc/cpu/contrastive.h.");

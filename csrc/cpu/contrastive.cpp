@@ -78,7 +78,7 @@ T grad_known_lse(T* row, int64_t j0, int64_t j1, T gr, T l, const T* lse_col, co
 }  // namespace
 
 template <typename T>
-double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, const T* g_row, const T* lse_col,
+double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, T* row_loss, const T* g_row, const T* lse_col,
                   const T* g_col, int nthreads) {
   const int64_t C = a.C, n_pairs = a.n_pairs;
   std::vector<double> partial(static_cast<size_t>(std::max(1, nthreads)), 0.0);
@@ -93,7 +93,9 @@ double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, const T* g_row, c
       if (!a.write_grad) {  // statistics only
         T m = row_max(row, C);
         T dot;
-        lse[r] = m + std::log(exp_sum(row, C, m, e.data(), &dot));
+        const T log_sum = std::log(exp_sum(row, C, m, e.data(), &dot));
+        lse[r] = m + log_sum;
+        if (row_loss) row_loss[r] = (m - s_pos) + log_sum;  // no cancellation when the loss is tiny
         continue;
       }
       const T gr = g_row[r];
@@ -104,6 +106,7 @@ double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, const T* g_row, c
         T dot;
         T sum = exp_sum(row, C, m, e.data(), &dot);
         lse[r] = m + std::log(sum);
+        if (row_loss) row_loss[r] = (m - s_pos) + std::log(sum);
         T f = gr / sum;
         for (int64_t j = 0; j < C; ++j) row[j] = f * e[j];
         dot_gs = f * dot;
@@ -161,9 +164,9 @@ void block_col_stats(const T* S, int64_t B, int64_t n_cols, int64_t ld, T* col_m
   });
 }
 
-template double block_rows<float>(float*, const RowBlockArgs&, float*, float*, const float*,
+template double block_rows<float>(float*, const RowBlockArgs&, float*, float*, float*, const float*,
                                   const float*, const float*, int);
-template double block_rows<double>(double*, const RowBlockArgs&, double*, double*, const double*,
+template double block_rows<double>(double*, const RowBlockArgs&, double*, double*, double*, const double*,
                                    const double*, const double*, int);
 template void block_col_stats<float>(const float*, int64_t, int64_t, int64_t, float*, float*, int);
 template void block_col_stats<double>(const double*, int64_t, int64_t, int64_t, double*, double*,

@@ -30,9 +30,11 @@ struct RowBlockArgs {
   bool write_grad = false;       // overwrite S with G
 };
 
+// row_loss (optional, with compute_lse): (max_j S_rj - S_ri) + log sum_j exp(S_rj - max),
+// the row loss without the cancellation of lse_r - pos_r when it is tiny.
 template <typename T>
-double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, const T* g_row, const T* lse_col,
-                  const T* g_col, int nthreads);
+double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, T* row_loss, const T* g_row,
+                  const T* lse_col, const T* g_col, int nthreads);
 
 template <typename T>
 void block_col_stats(const T* S, int64_t B, int64_t n_cols, int64_t ld, T* col_max, T* col_sum,

@@ -85,9 +85,9 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
            need_dq, dk_rows):
     """One pass over the row blocks of S = qs keys^T (qs is already scaled by s).
 
-    stats: compute lse_row (written) and the positives; col_stats: running column
-    (max, sum); grad: overwrite each block with G and return (dq / s, dk of key rows
-    dk_rows = (c0, c1) or None, sum G S)."""
+    stats: compute lse_row (written) and the row losses; col_stats: the column LSE
+    and losses; grad: overwrite each block with G.  Returns ((row_loss, col_loss),
+    lse_col, dq / s, dk of key rows dk_rows = (c0, c1) or None, sum G S)."""
     C_ext = _ext.require("_C")
     n_rows, n_cols = qs.shape[0], keys.shape[0]
     dtype = qs.dtype
@@ -97,6 +97,7 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
     buf = torch.empty(B, n_cols, dtype=dtype)
     keys_t = keys.t()
     pos = torch.empty(n_rows, dtype=dtype) if stats else None
+    row_loss = torch.empty(n_rows, dtype=dtype) if stats else None
     col_max = col_sum = None
     if col_stats:
         col_max = torch.full((n_pairs,), -math.inf, dtype=dtype)
@@ -120,12 +121,14 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
         # element counts are the slices' own: the C++ side checks them against B
         lse_blk = lse_row[r0:r1]
         pos_ptr = (pos[r0:r1].data_ptr(), pos[r0:r1].numel()) if stats else no_ptr
+        loss_ptr = (row_loss[r0:r1].data_ptr(), row_loss[r0:r1].numel()) if stats else no_ptr
         g_ptr = (g_row[r0:r1].data_ptr(), g_row[r0:r1].numel()) if grad else no_ptr
         with_col = grad and lse_col is not None
         gs += C_ext.block_rows(
             dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, C=n_cols, ld=n_cols,
             row0=r0, n_pairs=n_pairs, lse=lse_blk.data_ptr(), lse_numel=lse_blk.numel(),
-            compute_lse=stats, pos=pos_ptr[0], pos_numel=pos_ptr[1], g_row=g_ptr[0],
+            compute_lse=stats, pos=pos_ptr[0], pos_numel=pos_ptr[1], row_loss=loss_ptr[0],
+            row_loss_numel=loss_ptr[1], g_row=g_ptr[0],
             g_row_numel=g_ptr[1], lse_col=lse_col.data_ptr() if with_col else 0,
             g_col=g_col.data_ptr() if with_col else 0,
             col_numel=min(lse_col.numel(), g_col.numel()) if with_col else 0,
@@ -135,8 +138,17 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
                 torch.mm(S, keys, out=dq[r0:r1])
             if dk is not None:
                 dk.addmm_(S[:, c0:c1].t(), qs[r0:r1])
-    lse_c = col_max + torch.log(col_sum) if col_stats else None
-    return pos, lse_c, dq, dk, torch.tensor(gs, dtype=torch.float64)
+    lse_c = col_loss = None
+    if col_stats:
+        lse_c, col_loss = _col_lse_and_loss(col_max, col_sum, pos)
+    return (row_loss, col_loss), lse_c, dq, dk, torch.tensor(gs, dtype=torch.float64)
+
+
+def _col_lse_and_loss(col_max, col_sum, pos):
+    """Column LSE and column loss (max - S_jj) + log sum: the loss without the
+    cancellation of lse - S_jj when it is tiny."""
+    log_sum = torch.log(col_sum)
+    return col_max + log_sum, (col_max - pos) + log_sum
 
 
 def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, dtype, device) -> Tensor:
@@ -151,10 +163,9 @@ def _row_weights(reduction: str, n: int, symmetric: bool, grad: Tensor | None, d
     return (grad.to(dtype) * w).expand(n).contiguous()
 
 
-def _reduce(lse_row, pos, lse_col, symmetric, reduction, dtype):
-    per_row = lse_row - pos
-    if symmetric:
-        per_row = 0.5 * (per_row + (lse_col - pos))
+def _reduce(losses, symmetric, reduction, dtype):
+    row_loss, col_loss = losses
+    per_row = 0.5 * (row_loss + col_loss) if symmetric else row_loss
     if reduction == "mean":
         per_row = per_row.mean()
     elif reduction == "sum":
@@ -198,11 +209,11 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
     dk_rows = _key_rows(n, keys.shape[0], need)
     if not symmetric and precompute:  # one pass: statistics and gradient together
         g_row = _row_weights(reduction, n, False, None, acc, q.device)
-        pos, _, dq, dk, gs = _sweep(qs, keys, n, stats=True, col_stats=False, grad=True,
+        losses, _, dq, dk, gs = _sweep(qs, keys, n, stats=True, col_stats=False, grad=True,
                                     lse_row=lse_row, lse_col=None, g_row=g_row, g_col=None,
                                     need_dq=need[0], dk_rows=dk_rows)
     else:
-        pos, lse_col, _, _, _ = _sweep(qs, keys, n, stats=True, col_stats=symmetric, grad=False,
+        losses, lse_col, _, _, _ = _sweep(qs, keys, n, stats=True, col_stats=symmetric, grad=False,
                                        lse_row=lse_row, lse_col=None, g_row=None, g_col=None,
                                        need_dq=False, dk_rows=None)
         if precompute:
@@ -210,7 +221,7 @@ def _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, 
             _, _, dq, dk, gs = _sweep(qs, keys, n, stats=False, col_stats=False, grad=True,
                                       lse_row=lse_row, lse_col=lse_col, g_row=g, g_col=g,
                                       need_dq=need[0], dk_rows=dk_rows)
-    loss = _reduce(lse_row, pos, lse_col, symmetric, reduction, query.dtype)
+    loss = _reduce(losses, symmetric, reduction, query.dtype)
     if precompute:
         grads = _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
     else:
@@ -280,15 +291,16 @@ def _triton_forward(query, key, negatives, scale, symmetric, normalize, reductio
     dev = q_op.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     pos = torch.empty(n, dtype=torch.float32, device=dev)
+    row_loss = torch.empty(n, dtype=torch.float32, device=dev)
     col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
     col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     lock = torch.zeros(_cdiv(c, bn), dtype=torch.int32, device=dev)
     tk.contrastive_fwd_kernel[(_cdiv(n, bm),)](
-        q_op, k_op, lse, pos, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
+        q_op, k_op, lse, pos, row_loss, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
         float(scale), SYMMETRIC=symmetric, PRECISION=_precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=bd, num_warps=warps)
-    lse_col = col_max + torch.log(col_sum) if symmetric else lse.new_empty(0)
-    loss = _reduce(lse, pos, lse_col, symmetric, reduction, query.dtype)
+    lse_col, col_loss = _col_lse_and_loss(col_max, col_sum, pos) if symmetric else (lse.new_empty(0), None)
+    loss = _reduce((row_loss, col_loss), symmetric, reduction, query.dtype)
     empty = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
     return (loss, lse, lse_col) + empty
 
