@@ -28,6 +28,26 @@ void require_buffer(uintptr_t ptr, int64_t numel, int64_t need, const char* name
                              " elements, the sizes need " + std::to_string(need));
 }
 
+void require_dtype(int dtype) {
+  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+}
+
+// Run f(float{}) or f(double{}) for a checked dtype code.
+template <typename F>
+auto by_dtype(int dtype, F&& f) {
+  return dtype == kFloat32 ? f(float{}) : f(double{});
+}
+
+// A raw address as a pointer to T (read-only or writable).
+template <typename T>
+const T* in(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* out(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
 // Elements a row-major (rows x cols, row stride ld) view touches.
 int64_t span(int64_t rows, int64_t cols, int64_t ld) {
   return rows == 0 ? 0 : (rows - 1) * ld + cols;
@@ -39,7 +59,7 @@ double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C,
                   int64_t row_loss_numel, uintptr_t g_row,
                   int64_t g_row_numel, uintptr_t lse_col, uintptr_t g_col, int64_t col_numel,
                   bool write_grad, int nthreads) {
-  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require_dtype(dtype);
   require(B >= 0 && C >= 1 && ld >= C, "need B >= 0, C >= 1 and ld >= C");
   require(row0 >= 0 && n_pairs >= 1 && n_pairs <= C && row0 + B <= n_pairs,
           "rows [row0, row0 + B) must be positive pairs: row0 >= 0, row0 + B <= n_pairs <= C");
@@ -65,39 +85,28 @@ double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C,
   a.B = B, a.C = C, a.ld = ld, a.row0 = row0, a.n_pairs = n_pairs;
   a.compute_lse = compute_lse, a.write_grad = write_grad;
   py::gil_scoped_release nogil;
-  if (dtype == kFloat32)
-    return msf::block_rows<float>(reinterpret_cast<float*>(S), a, reinterpret_cast<float*>(lse),
-                                  reinterpret_cast<float*>(pos), reinterpret_cast<float*>(row_loss),
-                                  reinterpret_cast<const float*>(g_row),
-                                  reinterpret_cast<const float*>(lse_col),
-                                  reinterpret_cast<const float*>(g_col), nthreads);
-  return msf::block_rows<double>(reinterpret_cast<double*>(S), a, reinterpret_cast<double*>(lse),
-                                 reinterpret_cast<double*>(pos), reinterpret_cast<double*>(row_loss),
-                                 reinterpret_cast<const double*>(g_row),
-                                 reinterpret_cast<const double*>(lse_col),
-                                 reinterpret_cast<const double*>(g_col), nthreads);
+  return by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    return msf::block_rows<F>(out<F>(S), a, out<F>(lse), out<F>(pos), out<F>(row_loss), in<F>(g_row),
+                              in<F>(lse_col), in<F>(g_col), nthreads);
+  });
 }
 
 void block_col_stats(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t n_cols,
                      int64_t ld, uintptr_t col_max, uintptr_t col_sum, int64_t col_numel,
                      int nthreads) {
-  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require_dtype(dtype);
   require(B >= 0 && n_cols >= 0 && ld >= n_cols && ld >= 1, "need B, n_cols >= 0 and ld >= n_cols");
   require(nthreads >= 1, "nthreads must be >= 1");
   require_buffer(S, S_numel, span(B, n_cols, ld), "S");
   require_buffer(col_max, col_numel, n_cols, "col_max");
   require_buffer(col_sum, col_numel, n_cols, "col_sum");
   py::gil_scoped_release nogil;
-  if (dtype == kFloat32)
-    msf::block_col_stats<float>(reinterpret_cast<const float*>(S), B, n_cols, ld,
-                                reinterpret_cast<float*>(col_max),
-                                reinterpret_cast<float*>(col_sum), nthreads);
-  else
-    msf::block_col_stats<double>(reinterpret_cast<const double*>(S), B, n_cols, ld,
-                                 reinterpret_cast<double*>(col_max),
-                                 reinterpret_cast<double*>(col_sum), nthreads);
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    msf::block_col_stats<F>(in<F>(S), B, n_cols, ld, out<F>(col_max), out<F>(col_sum), nthreads);
+  });
 }
-
 
 msf::InnerLoopArgs inner_args(int64_t T, int64_t S, int64_t D, int64_t C, int64_t K, bool first_order) {
   require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0, "need T, S, D, C >= 1 and K >= 0");
@@ -109,7 +118,7 @@ msf::InnerLoopArgs inner_args(int64_t T, int64_t S, int64_t D, int64_t C, int64_
 // Labels index rows of the head: every one must be in [0, C) before a kernel reads it.
 void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
   require_buffer(y, y_numel, n, "labels");
-  const int64_t* lab = reinterpret_cast<const int64_t*>(y);
+  const int64_t* lab = in<int64_t>(y);
   for (int64_t i = 0; i < n; ++i)
     require(lab[i] >= 0 && lab[i] < C, "labels[" + std::to_string(i) + "] = " +
                                            std::to_string(lab[i]) + " is outside [0, " +
@@ -134,7 +143,7 @@ void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, in
                         uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj,
                         int64_t b_traj_numel, int64_t T, int64_t S, int64_t D, int64_t C, int64_t K,
                         int nthreads) {
-  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require_dtype(dtype);
   require(nthreads >= 1, "nthreads must be >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, false);
   require_buffer(X, X_numel, T * S * D, "X");
@@ -146,14 +155,11 @@ void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, in
   require_buffer(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
   require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
   py::gil_scoped_release nogil;
-  auto run = [&](auto tag) {
+  by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
-    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
-    msf::inner_loop_forward<F>(c(X), reinterpret_cast<const int64_t*>(y), c(W0), c(b0), c(aW), c(ab),
-                               m(W_traj), m(b_traj), a, nthreads);
-  };
-  if (dtype == kFloat32) run(float{}); else run(double{});
+    msf::inner_loop_forward<F>(in<F>(X), in<int64_t>(y), in<F>(W0), in<F>(b0), in<F>(aW), in<F>(ab),
+                               out<F>(W_traj), out<F>(b_traj), a, nthreads);
+  });
 }
 
 void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
@@ -164,7 +170,7 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
                          int64_t dW0_numel, uintptr_t db0, int64_t db0_numel, uintptr_t daW,
                          int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S,
                          int64_t D, int64_t C, int64_t K, bool first_order, int nthreads) {
-  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require_dtype(dtype);
   require(nthreads >= 1, "nthreads must be >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
   require_buffer(X, X_numel, T * S * D, "X");
@@ -177,15 +183,12 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   require_buffer(db_K, db_K_numel, T * C, "db_K");
   require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
   py::gil_scoped_release nogil;
-  auto run = [&](auto tag) {
+  by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
-    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
-    msf::inner_loop_backward<F>(c(X), reinterpret_cast<const int64_t*>(y), c(aW), c(ab), c(W_traj),
-                                c(b_traj), c(dW_K), c(db_K), m(dX), m(dW0), m(db0), m(daW), m(dab), a,
-                                nthreads);
-  };
-  if (dtype == kFloat32) run(float{}); else run(double{});
+    msf::inner_loop_backward<F>(in<F>(X), in<int64_t>(y), in<F>(aW), in<F>(ab), in<F>(W_traj),
+                                in<F>(b_traj), in<F>(dW_K), in<F>(db_K), out<F>(dX), out<F>(dW0),
+                                out<F>(db0), out<F>(daW), out<F>(dab), a, nthreads);
+  });
 }
 
 void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
@@ -196,7 +199,7 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
                uintptr_t dW0, int64_t dW0_numel, uintptr_t db0, int64_t db0_numel, uintptr_t daW,
                int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S, int64_t Q,
                int64_t D, int64_t C, int64_t K, bool first_order, bool compute_grad, int nthreads) {
-  require(dtype == kFloat32 || dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  require_dtype(dtype);
   require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
   require_buffer(X, X_numel, T * S * D, "X");
@@ -214,16 +217,12 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
     require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
   }
   py::gil_scoped_release nogil;
-  auto run = [&](auto tag) {
+  by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    auto c = [](uintptr_t p) { return reinterpret_cast<const F*>(p); };
-    auto m = [](uintptr_t p) { return reinterpret_cast<F*>(p); };
-    msf::anil_loss<F>(c(X), reinterpret_cast<const int64_t*>(y), c(Xq),
-                      reinterpret_cast<const int64_t*>(yq), c(W0), c(b0), c(aW), c(ab),
-                      c(task_weight), m(loss), m(dX), m(dXq), m(dW0), m(db0), m(daW), m(dab), a, Q,
-                      compute_grad, nthreads);
-  };
-  if (dtype == kFloat32) run(float{}); else run(double{});
+    msf::anil_loss<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), in<F>(W0), in<F>(b0),
+                      in<F>(aW), in<F>(ab), in<F>(task_weight), out<F>(loss), out<F>(dX), out<F>(dXq),
+                      out<F>(dW0), out<F>(db0), out<F>(daW), out<F>(dab), a, Q, compute_grad, nthreads);
+  });
 }
 
 }  // namespace
