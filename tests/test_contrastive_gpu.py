@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import metassl_fast as msf
-from metassl_fast.reference import contrastive_loss
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

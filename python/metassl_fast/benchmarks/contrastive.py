@@ -282,7 +282,7 @@ def _plot(path, rows, meta, stream):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(matplotlib not installed: no plot; pip install 'metassl-fast[bench]')", file=stream)
+        print("(matplotlib not installed: no plot; pip install 'metassl-fast[bench]')", file=stream)
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for op in OPS:

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb, _progress
+from .contrastive import CSV_FIELDS, _append_csv, _cpu_name, _fmt, _peak_extra_mb, _progress
 
 MAIN = dict(T=32, S=25, Q=75, D=640, C=5, K=5)
 SWEEP_K = (1, 5, 10, 20)
@@ -197,8 +197,6 @@ def run(out_dir="bench/out", stream=sys.stdout):
                          "peak_mb": m.get("peak_mb"), "mem_ratio": None,
                          "max_rel_err": r["max_rel_err"] if impl == "ours" else None, "repeats": None,
                          "S": r["S"], "Q": r["Q"], "C": r["C"], "K": r["K"]})
-    from .contrastive import CSV_FIELDS
-
     _append_csv(os.path.join(out_dir, "results_inner_loop.csv"), flat, meta, CSV_FIELDS + ["S", "Q", "C", "K"])
     with open(os.path.join(out_dir, "latest_inner_loop.md"), "w") as f:
         f.write(table + "\n")
