@@ -108,6 +108,54 @@ void block_col_stats(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t
   });
 }
 
+// Labels are only compared, never used as indices: any int64 value is safe.
+double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C, int64_t ld,
+                          int64_t row0, bool exclude_self, bool pairwise, uintptr_t y_row,
+                          int64_t y_row_numel, uintptr_t y_col, int64_t y_col_numel,
+                          uintptr_t row_loss, int64_t row_loss_numel, uintptr_t g_row,
+                          int64_t g_row_numel, bool write_grad, int nthreads) {
+  require_dtype(dtype);
+  require(B >= 0 && C >= 1 && ld >= C && row0 >= 0, "need B >= 0, C >= 1, ld >= C and row0 >= 0");
+  require(!exclude_self || row0 + B <= C, "exclude_self needs rows [row0, row0 + B) inside the C columns");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  require_buffer(S, S_numel, span(B, C, ld), "S");
+  require_buffer(y_row, y_row_numel, B, "y_row");
+  require_buffer(y_col, y_col_numel, C, "y_col");
+  require_buffer(row_loss, row_loss_numel, B, "row_loss");
+  if (write_grad) require_buffer(g_row, g_row_numel, B, "g_row");
+  msf::LabeledArgs a;
+  a.B = B, a.C = C, a.ld = ld, a.row0 = row0;
+  a.exclude_self = exclude_self, a.pairwise = pairwise, a.write_grad = write_grad;
+  py::gil_scoped_release nogil;
+  return by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    return msf::block_rows_labeled<F>(out<F>(S), a, in<int64_t>(y_row), in<int64_t>(y_col),
+                                      out<F>(row_loss), in<F>(g_row), nthreads);
+  });
+}
+
+py::tuple block_sigmoid(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C, int64_t ld,
+                        int64_t row0, double scale, double bias, double weight, bool write_grad,
+                        int nthreads) {
+  require_dtype(dtype);
+  require(B >= 0 && C >= 1 && ld >= C && row0 >= 0 && row0 + B <= C,
+          "need B >= 0, C >= 1, ld >= C and the diagonal rows [row0, row0 + B) inside the C columns");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  require_buffer(S, S_numel, span(B, C, ld), "S");
+  msf::SigmoidArgs a;
+  a.B = B, a.C = C, a.ld = ld, a.row0 = row0;
+  a.scale = scale, a.bias = bias, a.weight = weight, a.write_grad = write_grad;
+  double res[3];
+  {
+    py::gil_scoped_release nogil;
+    by_dtype(dtype, [&](auto tag) {
+      using F = decltype(tag);
+      msf::block_sigmoid<F>(out<F>(S), a, res, nthreads);
+    });
+  }
+  return py::make_tuple(res[0], res[1], res[2]);
+}
+
 msf::InnerLoopArgs inner_args(int64_t T, int64_t S, int64_t D, int64_t C, int64_t K, bool first_order) {
   require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0, "need T, S, D, C >= 1 and K >= 0");
   msf::InnerLoopArgs a;
@@ -240,6 +288,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("n_cols"), py::arg("ld"), py::arg("col_max"), py::arg("col_sum"),
         py::arg("col_numel"), py::arg("nthreads"),
         "Merge one row block of S into running per-column (max, sum of exp).");
+  m.def("block_rows_labeled", &block_rows_labeled, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
+        py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("exclude_self"),
+        py::arg("pairwise"), py::arg("y_row"), py::arg("y_row_numel"), py::arg("y_col"),
+        py::arg("y_col_numel"), py::arg("row_loss"), py::arg("row_loss_numel"), py::arg("g_row"),
+        py::arg("g_row_numel"), py::arg("write_grad"), py::arg("nthreads"),
+        "Labelled-row losses (SupCon, NT-Xent, pairwise NT-Xent) of one row block of S and, "
+        "optionally, its in-place gradient; returns sum(G * S). See csrc/cpu/contrastive.h.");
+  m.def("block_sigmoid", &block_sigmoid, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
+        py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("scale"), py::arg("bias"),
+        py::arg("weight"), py::arg("write_grad"), py::arg("nthreads"),
+        "SigLIP's pairwise sigmoid loss of one row block of S = Q K^T and, optionally, dL/dx in "
+        "place; returns (loss, sum dL/dx * S, sum dL/dx).");
   m.def("inner_loop_forward", &inner_loop_forward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"),
         py::arg("y"), py::arg("y_numel"), py::arg("W0"), py::arg("W0_numel"), py::arg("b0"),
         py::arg("b0_numel"), py::arg("aW"), py::arg("aW_numel"), py::arg("ab"), py::arg("ab_numel"),

@@ -40,4 +40,44 @@ template <typename T>
 void block_col_stats(const T* S, int64_t B, int64_t n_cols, int64_t ld, T* col_max, T* col_sum,
                      int nthreads);
 
+// ---- Labelled rows: SupCon, NT-Xent (SimCLR) and pytorch-metric-learning's NT-Xent ----
+// Row r of a block is anchor i = row0 + r with label y_row[r]; column j has label
+// y_col[j].  With exclude_self, column i is the anchor itself (Q is K) and belongs to
+// no set.  P(i) = {j != self : y_col[j] == y_row[r]}, Neg(i) = {j : y_col[j] != y_row[r]}.
+//   mean-positive (SupCon; NT-Xent with labels [0..N, 0..N]):
+//     l_i = LSE_{j != self} S_ij - mean_{p in P(i)} S_ip
+//     G_ij = g_i (softmax_{j != self}(S_i)_j - [j in P(i)] / |P(i)|)
+//   pairwise (pytorch-metric-learning NTXentLoss: one term per positive pair,
+//   denominator = that positive + the anchor's negatives):
+//     l_i = sum_{p in P(i)} softplus(LSE_{n in Neg(i)} S_in - S_ip)
+//     G_ip = -g_i sigmoid(t_ip),  G_in = g_i (sum_p sigmoid(t_ip)) softmax_Neg(S_i)_n
+// An anchor without positives has l_i = 0 and G_i = 0.  G overwrites S when
+// write_grad; the return value is sum_rj G_rj S_rj (old S).  npos[r] receives |P(i)|.
+struct LabeledArgs {
+  int64_t B = 0, C = 0, ld = 0;
+  int64_t row0 = 0;
+  bool exclude_self = false;
+  bool pairwise = false;
+  bool write_grad = false;
+};
+
+template <typename T>
+double block_rows_labeled(T* S, const LabeledArgs& a, const int64_t* y_row, const int64_t* y_col,
+                          T* row_loss, const T* g_row, int nthreads);
+
+// ---- SigLIP: sigmoid loss of every pair -------------------------------------------
+// x_rj = scale S_rj + bias, z = +1 on the diagonal (column row0 + r), -1 elsewhere;
+// loss += w softplus(-z x);  dL/dx = -z w sigmoid(-z x), written over S when write_grad.
+// out[0] = sum of w softplus(-z x), out[1] = sum dL/dx * S (for d scale), out[2] =
+// sum dL/dx (for d bias).
+struct SigmoidArgs {
+  int64_t B = 0, C = 0, ld = 0;
+  int64_t row0 = 0;
+  double scale = 1.0, bias = 0.0, weight = 1.0;
+  bool write_grad = false;
+};
+
+template <typename T>
+void block_sigmoid(T* S, const SigmoidArgs& a, double out[3], int nthreads);
+
 }  // namespace msf

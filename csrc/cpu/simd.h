@@ -82,6 +82,31 @@ inline Vec<double>::V exp_t(Vec<double>::V x) {
   return x;
 }
 
+// log(1 + u) for u in [0, 1] (the softplus tail log1p(exp(-|x|))): with t = u / (2 + u),
+// log1p(u) = 2 atanh(t) = 2 (t + t^3/3 + ... + t^15/15), t <= 1/3, so the truncation
+// is below 2e-8 relative, and t carries u's full precision when u is tiny.
+template <typename F>
+inline F log1p_unit_poly(F u) {
+  F t = u / (u + 2.0f);
+  F t2 = t * t;
+  F p = F{} + (1.0f / 15);
+  p = p * t2 + (1.0f / 13);
+  p = p * t2 + (1.0f / 11);
+  p = p * t2 + (1.0f / 9);
+  p = p * t2 + (1.0f / 7);
+  p = p * t2 + (1.0f / 5);
+  p = p * t2 + (1.0f / 3);
+  p = p * t2 + 1.0f;
+  return 2.0f * t * p;
+}
+inline float log1p_unit(float u) { return log1p_unit_poly(u); }
+inline Vec<float>::V log1p_unit(Vec<float>::V u) { return log1p_unit_poly(u); }
+inline double log1p_unit(double u) { return std::log1p(u); }
+inline Vec<double>::V log1p_unit(Vec<double>::V u) {
+  for (int l = 0; l < Vec<double>::W; ++l) u[l] = std::log1p(u[l]);
+  return u;
+}
+
 // Run fn(begin, end, t) on `nthreads` contiguous chunks of [0, n) with OpenMP.
 // OpenMP, not std::thread: torch's CPU wheel loads libgomp.so.1 first, so this module
 // binds to the same runtime and its thread pool.  Threads of our own would fight

@@ -1,9 +1,10 @@
 """metassl_fast: fused contrastive losses and batched meta-learning kernels for PyTorch."""
 from . import meta, ops  # noqa: F401  (ops registers the custom ops)
 from ._backend import available_backends
-from .functional import clip_loss, info_nce
-from .modules import ClipLoss, InfoNCE
+from .functional import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from .modules import ClipLoss, InfoNCE, NTXentLoss, SigLipLoss, SupConLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipLoss", "InfoNCE", "available_backends", "clip_loss", "info_nce", "__version__"]
+__all__ = ["ClipLoss", "InfoNCE", "NTXentLoss", "SigLipLoss", "SupConLoss", "available_backends", "clip_loss",
+           "info_nce", "nt_xent", "siglip_loss", "supcon_loss", "__version__"]

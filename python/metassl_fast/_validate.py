@@ -70,3 +70,38 @@ def flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def labels(name: str, y: object, n: int, device: torch.device, n_name: str = "rows") -> Tensor:
+    """Integer class labels, one per row: returned as a contiguous int64 tensor."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class labels, got {type(y).__name__}")
+    if y.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must hold integer class labels (int64 or another integer dtype), got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one label per {n_name}, got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
+    return y.to(torch.int64).contiguous()
+
+
+def scalar(name: str, value: object, device: torch.device) -> Tensor:
+    """A finite float or 0-dim floating tensor of any sign, as a 0-dim tensor on `device`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        t = value.reshape(())
+        t = t.to(device) if t.device != device else t
+        if not _compiling() and not math.isfinite(float(t.detach())):
+            raise ValueError(f"{name} must be finite, got {float(t.detach())}")
+        return t
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return torch.tensor(float(value), dtype=torch.float64, device=device)

@@ -5,7 +5,9 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
+from .ops import family as _family_ops
 from .ops.contrastive import contrastive
+from .reference import family as _reference_family
 from .reference.contrastive import contrastive_loss as _reference
 
 
@@ -86,3 +88,150 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
     return _contrastive("image_features", image_features, "text_features", text_features, None,
                         "logit_scale", logit_scale, scale_is_temperature=False, symmetric=True,
                         normalize=False, reduction="mean", backend=backend)
+
+
+# ---------------------------------------------------------------------------
+# the rest of the family: NT-Xent, SupCon, SigLIP
+# ---------------------------------------------------------------------------
+
+def _family_backend(backend, device, op: str) -> str:
+    which = _backend.resolve(backend, device)
+    if which in ("triton", "cuda"):
+        raise RuntimeError(f"backend={which!r}: {op} has no {which} kernel in this version; "
+                           "use backend='cpu' on CPU tensors or backend='torch' (the reference)")
+    return which
+
+
+def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None,
+                        key_labels: Tensor | None = None, *, temperature: float | Tensor = 0.1,
+                        normalize: bool = True, reduction: str = "mean", pairwise: bool = False,
+                        backend: str | None = None, names=("query", "labels", "key", "key_labels")) -> Tensor:
+    """The labelled-row loss behind nt_xent and supcon_loss (math: reference/family.py).
+
+    query (N, D) with labels (N,); key (M, D) with key_labels (M,), or None: the keys
+    are the queries and each anchor's own column is left out.  pairwise=True is
+    pytorch-metric-learning's NT-Xent (one softplus term per positive pair, whose
+    denominator is that positive plus the anchor's negatives); False the SupCon form
+    (the mean over positives against all other columns).  Anchors without positives
+    add 0 and are left out of the mean."""
+    nq, nl, nk, nkl = names
+    _validate.features(nq, query)
+    y = _validate.labels(nl, labels, query.shape[0], query.device, f"row of {nq}")
+    yk = None
+    if key is not None:
+        _validate.features(nk, key)
+        _validate.same_dtype_device(nq, query, nk, key)
+        if key.shape[1] != query.shape[1]:
+            raise ValueError(f"{nk} must have D = {query.shape[1]} columns like {nq}, got shape {tuple(key.shape)}")
+        if key_labels is None:
+            raise ValueError(f"{nkl} is required with {nk}")
+        yk = _validate.labels(nkl, key_labels, key.shape[0], key.device, f"row of {nk}")
+    elif key_labels is not None:
+        raise ValueError(f"{nkl} was given without {nk}")
+    _validate.flag("normalize", normalize)
+    _validate.flag("pairwise", pairwise)
+    _validate.reduction(reduction)
+    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    which = _family_backend(backend, query.device, "this loss")
+    if which == "torch":
+        return _reference_family.labeled_contrastive_loss(query, key, y, yk, scale, normalize, reduction,
+                                                          pairwise)
+    return _family_ops.labeled(query, key, y, yk, scale, normalize, reduction, pairwise, which)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normalize: bool = True,
+            reduction: str = "mean", backend: str | None = None) -> Tensor:
+    """SimCLR's NT-Xent loss (lightly's NTXentLoss semantics), fused.
+
+    Z = [z1; z2] (2N, D), S = Z Z^T / temperature; row i's positive is its other view
+    (i + N or i - N) and its own column is left out of the softmax:
+        loss_i = LSE_{j != i} S_ij - S_{i, i +- N},   mean over the 2N rows.
+
+    Args:
+        z1, z2: (N, D) the two views' embeddings, same dtype and device (float16,
+            bfloat16, float32 or float64).
+        temperature: float or 0-dim tensor > 0 (may require grad).
+        normalize: L2-normalise the embeddings inside the op (SimCLR and lightly do).
+        reduction: "mean", "sum" or "none" ((2N,), the z1 rows then the z2 rows).
+        backend: as in info_nce; "cpu" or "torch" for this op.
+
+    Returns:
+        A scalar, or (2N,), in the input dtype.
+    """
+    _validate.features("z1", z1)
+    _validate.features("z2", z2)
+    _validate.same_dtype_device("z1", z1, "z2", z2)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)} (row i of each is a view of "
+                         f"sample i), got {tuple(z2.shape)}")
+    n = z1.shape[0]
+    labels = torch.arange(n, device=z1.device).repeat(2)
+    return labeled_contrastive(torch.cat([z1, z2]), labels, temperature=temperature, normalize=normalize,
+                               reduction=reduction, backend=backend,
+                               names=("z1/z2", "labels", "key", "key_labels"))
+
+
+def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
+                normalize: bool = True, reduction: str = "mean", backend: str | None = None) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, "L_out"), fused.
+
+    Every view of every sample is an anchor; its positives are the other views with
+    its label, and its softmax runs over every other view:
+        loss_i = LSE_{j != i} S_ij - mean_{p in P(i)} S_ip,   S = Z Z^T / temperature.
+    Anchors without positives add 0 and are left out of the mean (as in
+    pytorch-metric-learning's SupConLoss; no base_temperature factor).
+
+    Args:
+        features: (N, D), or (N, V, D) with V views per sample.
+        labels: (N,) integer class labels (any integer dtype).
+        temperature: float or 0-dim tensor > 0.
+        normalize: L2-normalise the features inside the op.
+        reduction: "mean", "sum" or "none" ((N,) or (N, V); 0 for anchors without
+            positives).
+        backend: as in info_nce; "cpu" or "torch" for this op.
+    """
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features must have shape (N, D) or (N, V, D), got {tuple(features.shape)}")
+    shape = features.shape[:-1]
+    flat = features.reshape(-1, features.shape[-1])
+    _validate.features("features", flat)
+    if features.dim() == 3 and 0 in features.shape:
+        raise ValueError(f"features has an empty dimension: shape {tuple(features.shape)}")
+    y = _validate.labels("labels", labels, features.shape[0], features.device, "sample of features")
+    if features.dim() == 3:
+        y = y.repeat_interleave(features.shape[1])
+    loss = labeled_contrastive(flat, y, temperature=temperature, normalize=normalize, reduction=reduction,
+                               backend=backend, names=("features", "labels", "key", "key_labels"))
+    return loss.reshape(shape) if reduction == "none" else loss
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor,
+                logit_bias: float | Tensor, *, backend: str | None = None) -> Tensor:
+    """SigLIP's pairwise sigmoid loss with open_clip's SigLipLoss semantics, fused:
+
+        loss = -(1/N) sum_ij log sigmoid(z_ij (logit_scale I_i . T_j + logit_bias)),
+        z_ij = 1 if i == j else -1.
+
+    Args:
+        image_features, text_features: (N, D), used as given (open_clip normalises).
+        logit_scale: already exponentiated, a float or 0-dim tensor > 0.
+        logit_bias: a float or 0-dim tensor.  Both may require grad.
+        backend: as in info_nce; "cpu" or "torch" for this op.
+
+    Returns:
+        A scalar in the input dtype.  The N x N logits are never in memory.
+    """
+    _validate.features("image_features", image_features)
+    _validate.features("text_features", text_features)
+    _validate.same_dtype_device("image_features", image_features, "text_features", text_features)
+    if text_features.shape != image_features.shape:
+        raise ValueError(f"text_features must have the shape of image_features {tuple(image_features.shape)}, "
+                         f"got {tuple(text_features.shape)}")
+    scale = _validate.positive_scalar("logit_scale", logit_scale, image_features.device)
+    bias = _validate.scalar("logit_bias", logit_bias, image_features.device)
+    which = _family_backend(backend, image_features.device, "siglip_loss")
+    if which == "torch":
+        return _reference_family.siglip_loss(image_features, text_features, scale, bias)
+    return _family_ops.siglip(image_features, text_features, scale, bias, which)

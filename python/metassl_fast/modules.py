@@ -1,10 +1,13 @@
 """nn.Module wrappers of the functional API."""
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from . import _validate
-from .functional import clip_loss, info_nce
+from .functional import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 
 
 class InfoNCE(nn.Module):
@@ -42,3 +45,67 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
         return clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent; forward(z1 (N, D), z2 (N, D)).  See metassl_fast.nt_xent."""
+
+    def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
+                 backend: str | None = None):
+        super().__init__()
+        if not isinstance(temperature, Tensor):
+            _validate.positive_scalar("temperature", temperature, device=None)
+        self.temperature = temperature
+        self.normalize = _validate.flag("normalize", normalize)
+        self.reduction = _validate.reduction(reduction)
+        self.backend = backend
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return nt_xent(z1, z2, temperature=self.temperature, normalize=self.normalize,
+                       reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss; forward(features (N, D) or (N, V, D), labels (N,)).
+    See metassl_fast.supcon_loss."""
+
+    def __init__(self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean",
+                 backend: str | None = None):
+        super().__init__()
+        if not isinstance(temperature, Tensor):
+            _validate.positive_scalar("temperature", temperature, device=None)
+        self.temperature = temperature
+        self.normalize = _validate.flag("normalize", normalize)
+        self.reduction = _validate.reduction(reduction)
+        self.backend = backend
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return supcon_loss(features, labels, temperature=self.temperature, normalize=self.normalize,
+                           reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss; forward(image_features, text_features, logit_scale=None,
+    logit_bias=None).  Without them it uses its own learnable parameters, initialised as
+    in the SigLIP paper: logit_scale = exp(log_scale) with log_scale = log(10), bias -10.
+    See metassl_fast.siglip_loss."""
+
+    def __init__(self, init_log_scale: float = math.log(10.0), init_bias: float = -10.0,
+                 backend: str | None = None):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, logit_bias=None) -> Tensor:
+        if logit_scale is None:
+            logit_scale = self.logit_scale.exp()
+        if logit_bias is None:
+            logit_bias = self.logit_bias
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
