@@ -226,27 +226,31 @@ def test_gradcheck(reduction, small_blocks):
                                     (z1, z2, s, b))
 
 
-def _labeled_args(precompute, reduction, with_key, pairwise):
+def _labeled_args(precompute, reduction, with_key, pairwise, with_pos=False):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(19, 8, generator=g, requires_grad=True)
     key = torch.randn(11, 8, generator=g, requires_grad=True) if with_key else None
     y = torch.randint(0, 3, (19,), generator=g)
     yk = torch.randint(0, 3, (11,), generator=g) if with_key else None
+    pos = torch.randn(19, generator=g, requires_grad=True) if with_pos else None
     scale = torch.tensor(4.0, requires_grad=True)
-    return (q, key, y, yk, scale, True, reduction, pairwise, precompute, True, with_key, True, "cpu")
+    return (q, key, y, yk, pos, scale, -1, True, reduction, pairwise, precompute, True, with_key, with_pos, True,
+            "cpu")
 
 
-@pytest.mark.parametrize("with_key", [False, True])
-@pytest.mark.parametrize("pairwise", [False, True])
+@pytest.mark.parametrize("with_key,pairwise,with_pos", [(False, False, False), (False, True, False),
+                                                        (True, False, False), (True, True, False),
+                                                        (True, False, True)])
 @pytest.mark.parametrize("reduction,precompute", [("mean", True), ("sum", True), ("none", False)])
-def test_opcheck_labeled(with_key, pairwise, reduction, precompute):
-    torch.library.opcheck(torch.ops.metassl_fast.labeled_fwd.default,
-                          _labeled_args(precompute, reduction, with_key, pairwise))
+def test_opcheck_labeled(with_key, pairwise, with_pos, reduction, precompute):
+    args = _labeled_args(precompute, reduction, with_key, pairwise, with_pos)
+    torch.library.opcheck(torch.ops.metassl_fast.labeled_fwd.default, args)
     if not precompute:
-        q, key, y, yk, scale, *_ = _labeled_args(precompute, reduction, with_key, pairwise)
+        q, key, y, yk, pos, scale = args[:6]
         torch.library.opcheck(torch.ops.metassl_fast.labeled_bwd.default,
                               (torch.randn(19), q.detach(), None if key is None else key.detach(), y, yk,
-                               scale.detach(), True, reduction, pairwise, True, with_key, True, "cpu"))
+                               None if pos is None else pos.detach(), scale.detach(), -1, True, reduction, pairwise,
+                               True, with_key, with_pos, True, "cpu"))
 
 
 @pytest.mark.parametrize("precompute", [True, False])
@@ -255,9 +259,9 @@ def test_opcheck_siglip(precompute):
     a, b = (torch.randn(13, 8, generator=g, requires_grad=True) for _ in range(2))
     s, bias = torch.tensor(3.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
     torch.library.opcheck(torch.ops.metassl_fast.siglip_fwd.default,
-                          (a, b, s, bias, precompute, True, True, True, True, "cpu"))
+                          (a, b, s, bias, 0, precompute, True, True, True, True, "cpu"))
     torch.library.opcheck(torch.ops.metassl_fast.siglip_bwd.default,
-                          (torch.tensor(0.7), a.detach(), b.detach(), s.detach(), bias.detach(),
+                          (torch.tensor(0.7), a.detach(), b.detach(), s.detach(), bias.detach(), 0,
                            True, True, True, True, "cpu"))
 
 
@@ -383,17 +387,20 @@ def test_cpp_checks_buffer_bounds():
 def test_raw_op_checks_labels():
     q = torch.randn(5, 3)
     with pytest.raises(ValueError, match="labels"):
-        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(4, dtype=torch.long), None,
-                                           torch.tensor(2.0), True, "mean", False, False, False, False,
-                                           False, "cpu")
+        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(4, dtype=torch.long), None, None,
+                                           torch.tensor(2.0), -1, True, "mean", False, False, False, False,
+                                           False, False, "cpu")
     with pytest.raises(ValueError, match="labels"):
-        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(5, dtype=torch.int32), None,
-                                           torch.tensor(2.0), True, "mean", False, False, False, False,
-                                           False, "cpu")
+        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(5, dtype=torch.int32), None, None,
+                                           torch.tensor(2.0), -1, True, "mean", False, False, False, False,
+                                           False, False, "cpu")
 
 
 def test_positives_per_row_counts():
     y = torch.tensor([3, 1, 3, 7, 3, 1])
-    torch.testing.assert_close(fam.positives_per_row(y, y, True), torch.tensor([2, 1, 2, 0, 2, 1]))
+    torch.testing.assert_close(fam.positives_per_row(y, y, 0), torch.tensor([2, 1, 2, 0, 2, 1]))
     yk = torch.tensor([1, 1, 5])
-    torch.testing.assert_close(fam.positives_per_row(y, yk, False), torch.tensor([0, 2, 0, 0, 0, 2]))
+    torch.testing.assert_close(fam.positives_per_row(y, yk, None), torch.tensor([0, 2, 0, 0, 0, 2]))
+    # anchors are keys 2..7 of a gathered key set (another rank's keys first)
+    keys = torch.cat([torch.tensor([3, 9]), y])
+    torch.testing.assert_close(fam.positives_per_row(y, keys, 2), torch.tensor([3, 1, 3, 0, 3, 1]))

@@ -5,14 +5,53 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
+from . import distributed as _dist
 from .ops import family as _family_ops
 from .ops.contrastive import contrastive
 from .reference import family as _reference_family
 from .reference.contrastive import contrastive_loss as _reference
 
 
+def _world(gather_distributed, process_group) -> tuple[int, int]:
+    """(rank, world size) when the op gathers across ranks, else (0, 1)."""
+    _validate.flag("gather_distributed", gather_distributed)
+    if not gather_distributed:
+        if process_group is not None:
+            raise ValueError("process_group was given but gather_distributed=False")
+        return 0, 1
+    return _dist.world(process_group)
+
+
+def _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise, self_offset=-1):
+    if which == "torch":
+        return _reference_family.labeled_contrastive_loss(query, key, y, yk, scale, normalize, reduction, pairwise,
+                                                          self_offset)
+    return _family_ops.labeled(query, key, y, yk, scale, normalize, reduction, pairwise, which,
+                               self_offset=self_offset)
+
+
+def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction, backend,
+                          rank, ws, group):
+    """Local rows against the columns of every rank (see metassl_fast.distributed)."""
+    which = _family_backend(backend, query.device, "gather_distributed")
+    n, dev = query.shape[0], query.device
+    ids = rank * n + torch.arange(n, device=dev)
+    all_ids = torch.arange(ws * n, device=dev)
+    keys = _dist.gather(key, name_k, group)
+    y_keys = all_ids
+    if negatives is not None:
+        keys = torch.cat([keys, negatives])
+        y_keys = torch.cat([all_ids, torch.full((negatives.shape[0],), -1, dtype=torch.long, device=dev)])
+    row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
+    if not symmetric:
+        return row
+    queries = _dist.gather(query, name_q, group)
+    col = _labeled_any(which, key, queries, ids, all_ids, scale, normalize, reduction, False)
+    return 0.5 * (row + col)
+
+
 def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value, *, scale_is_temperature,
-                 symmetric, normalize, reduction, backend):
+                 symmetric, normalize, reduction, backend, gather_distributed=False, process_group=None):
     _validate.features(name_q, query)
     _validate.features(name_k, key)
     _validate.same_dtype_device(name_q, query, name_k, key)
@@ -30,6 +69,10 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
     _validate.reduction(reduction)
     value = _validate.positive_scalar(scale_name, scale_value, query.device)
     scale = 1.0 / value if scale_is_temperature else value
+    rank, ws = _world(gather_distributed, process_group)
+    if ws > 1:
+        return _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction,
+                                     backend, rank, ws, process_group)
     which = _backend.resolve(backend, query.device)
     if which == "triton" and query.dtype == torch.float64:
         raise TypeError(f"{name_q}: backend='triton' takes float32, float16 or bfloat16, got float64")
@@ -40,7 +83,8 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
 
 def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
              negatives: Tensor | None = None, symmetric: bool = False, normalize: bool = True,
-             reduction: str = "mean", backend: str | None = None) -> Tensor:
+             reduction: str = "mean", backend: str | None = None, gather_distributed: bool = False,
+             process_group=None) -> Tensor:
     """InfoNCE loss, fused: the N x (N + M) similarity matrix is never in memory.
 
     Args:
@@ -58,6 +102,11 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
             the mean of row i's and column i's loss).
         backend: None (best available for the device), "cpu", "cuda", "triton" or
             "torch" (the reference); also settable with METASSL_FAST_BACKEND.
+        gather_distributed: with torch.distributed initialised, all-gather the keys (and
+            for symmetric, the queries) with gradient and compute this rank's rows against
+            every rank's columns; the negatives stay local.  See metassl_fast.distributed
+            for the gradient scaling.  process_group: the group to gather over (default:
+            the world).
 
     Returns:
         A scalar, or (N,) for reduction="none", in the input dtype.  Accumulation
@@ -66,11 +115,12 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
     """
     return _contrastive("query", query, "key", key, negatives, "temperature", temperature,
                         scale_is_temperature=True, symmetric=symmetric, normalize=normalize,
-                        reduction=reduction, backend=backend)
+                        reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                        process_group=process_group)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, *,
-              backend: str | None = None) -> Tensor:
+              backend: str | None = None, gather_distributed: bool = False, process_group=None) -> Tensor:
     """CLIP's symmetric contrastive loss with open_clip's semantics, fused.
 
     loss = (CE(s I T^T, arange(N)) + CE(s T I^T, arange(N))) / 2
@@ -81,13 +131,16 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
         logit_scale: s, already exponentiated (open_clip passes logit_scale.exp()):
             a float or a 0-dim tensor > 0, which may require grad.
         backend: as in info_nce.
+        gather_distributed, process_group: as in info_nce (open_clip's local_loss=True,
+            gather_with_grad=True).
 
     Returns:
         A scalar in the input dtype.
     """
     return _contrastive("image_features", image_features, "text_features", text_features, None,
                         "logit_scale", logit_scale, scale_is_temperature=False, symmetric=True,
-                        normalize=False, reduction="mean", backend=backend)
+                        normalize=False, reduction="mean", backend=backend,
+                        gather_distributed=gather_distributed, process_group=process_group)
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +158,8 @@ def _family_backend(backend, device, op: str) -> str:
 def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None,
                         key_labels: Tensor | None = None, *, temperature: float | Tensor = 0.1,
                         normalize: bool = True, reduction: str = "mean", pairwise: bool = False,
-                        backend: str | None = None, names=("query", "labels", "key", "key_labels")) -> Tensor:
+                        backend: str | None = None, gather_distributed: bool = False, process_group=None,
+                        names=("query", "labels", "key", "key_labels")) -> Tensor:
     """The labelled-row loss behind nt_xent and supcon_loss (math: reference/family.py).
 
     query (N, D) with labels (N,); key (M, D) with key_labels (M,), or None: the keys
@@ -113,7 +167,8 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     pytorch-metric-learning's NT-Xent (one softplus term per positive pair, whose
     denominator is that positive plus the anchor's negatives); False the SupCon form
     (the mean over positives against all other columns).  Anchors without positives
-    add 0 and are left out of the mean."""
+    add 0 and are left out of the mean.  gather_distributed (key=None only): the anchors
+    of every rank are the columns; each rank's loss covers its own anchors."""
     nq, nl, nk, nkl = names
     _validate.features(nq, query)
     y = _validate.labels(nl, labels, query.shape[0], query.device, f"row of {nq}")
@@ -133,14 +188,21 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
     which = _family_backend(backend, query.device, "this loss")
-    if which == "torch":
-        return _reference_family.labeled_contrastive_loss(query, key, y, yk, scale, normalize, reduction,
-                                                          pairwise)
-    return _family_ops.labeled(query, key, y, yk, scale, normalize, reduction, pairwise, which)
+    rank, ws = _world(gather_distributed, process_group)
+    if ws > 1:
+        if key is not None:
+            raise ValueError("gather_distributed gathers the anchors themselves: pass key=None")
+        n = query.shape[0]
+        z_all = _dist.gather(query, nq, process_group)
+        y_all = _dist.gather(y, nl, process_group, with_grad=False)
+        return _labeled_any(which, query, z_all, y, y_all, scale, normalize, reduction, pairwise,
+                            self_offset=rank * n)
+    return _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normalize: bool = True,
-            reduction: str = "mean", backend: str | None = None) -> Tensor:
+            reduction: str = "mean", backend: str | None = None, gather_distributed: bool = False,
+            process_group=None) -> Tensor:
     """SimCLR's NT-Xent loss (lightly's NTXentLoss semantics), fused.
 
     Z = [z1; z2] (2N, D), S = Z Z^T / temperature; row i's positive is its other view
@@ -154,6 +216,9 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
         normalize: L2-normalise the embeddings inside the op (SimCLR and lightly do).
         reduction: "mean", "sum" or "none" ((2N,), the z1 rows then the z2 rows).
         backend: as in info_nce; "cpu" or "torch" for this op.
+        gather_distributed: all-gather both views of every rank (with gradient); this
+            rank's 2N rows are scored against all 2 W N views (lightly's
+            gather_distributed).  process_group: the group (default: the world).
 
     Returns:
         A scalar, or (2N,), in the input dtype.
@@ -165,14 +230,16 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
         raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)} (row i of each is a view of "
                          f"sample i), got {tuple(z2.shape)}")
     n = z1.shape[0]
-    labels = torch.arange(n, device=z1.device).repeat(2)
+    rank, _ = _world(gather_distributed, process_group)
+    labels = (rank * n + torch.arange(n, device=z1.device)).repeat(2)  # sample ids, unique across ranks
     return labeled_contrastive(torch.cat([z1, z2]), labels, temperature=temperature, normalize=normalize,
-                               reduction=reduction, backend=backend,
-                               names=("z1/z2", "labels", "key", "key_labels"))
+                               reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                               process_group=process_group, names=("z1/z2", "labels", "key", "key_labels"))
 
 
 def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
-                normalize: bool = True, reduction: str = "mean", backend: str | None = None) -> Tensor:
+                normalize: bool = True, reduction: str = "mean", backend: str | None = None,
+                gather_distributed: bool = False, process_group=None) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, "L_out"), fused.
 
     Every view of every sample is an anchor; its positives are the other views with
@@ -189,6 +256,9 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor
         reduction: "mean", "sum" or "none" ((N,) or (N, V); 0 for anchors without
             positives).
         backend: as in info_nce; "cpu" or "torch" for this op.
+        gather_distributed: all-gather features and labels of every rank; this rank's
+            anchors are scored against all of them (the mean is over this rank's anchors
+            with positives).  process_group: the group (default: the world).
     """
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -203,12 +273,14 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor
     if features.dim() == 3:
         y = y.repeat_interleave(features.shape[1])
     loss = labeled_contrastive(flat, y, temperature=temperature, normalize=normalize, reduction=reduction,
-                               backend=backend, names=("features", "labels", "key", "key_labels"))
+                               backend=backend, gather_distributed=gather_distributed, process_group=process_group,
+                               names=("features", "labels", "key", "key_labels"))
     return loss.reshape(shape) if reduction == "none" else loss
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor,
-                logit_bias: float | Tensor, *, backend: str | None = None) -> Tensor:
+                logit_bias: float | Tensor, *, backend: str | None = None, gather_distributed: bool = False,
+                process_group=None) -> Tensor:
     """SigLIP's pairwise sigmoid loss with open_clip's SigLipLoss semantics, fused:
 
         loss = -(1/N) sum_ij log sigmoid(z_ij (logit_scale I_i . T_j + logit_bias)),
@@ -219,6 +291,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
         logit_scale: already exponentiated, a float or 0-dim tensor > 0.
         logit_bias: a float or 0-dim tensor.  Both may require grad.
         backend: as in info_nce; "cpu" or "torch" for this op.
+        gather_distributed: all-gather the text features (with gradient); this rank's N
+            images are scored against all W N texts and the sum is divided by the local N
+            (open_clip's SigLipLoss with world_size > 1, any dist_impl).
+            process_group: the group (default: the world).
 
     Returns:
         A scalar in the input dtype.  The N x N logits are never in memory.
@@ -232,6 +308,61 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
     scale = _validate.positive_scalar("logit_scale", logit_scale, image_features.device)
     bias = _validate.scalar("logit_bias", logit_bias, image_features.device)
     which = _family_backend(backend, image_features.device, "siglip_loss")
+    rank, ws = _world(gather_distributed, process_group)
+    offset = 0
+    if ws > 1:
+        text_features = _dist.gather(text_features, "text_features", process_group)
+        offset = rank * image_features.shape[0]
     if which == "torch":
-        return _reference_family.siglip_loss(image_features, text_features, scale, bias)
-    return _family_ops.siglip(image_features, text_features, scale, bias, which)
+        return _reference_family.siglip_loss(image_features, text_features, scale, bias, offset)
+    return _family_ops.siglip(image_features, text_features, scale, bias, which, diag_offset=offset)
+
+
+def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
+                      temperature: float | Tensor = 0.1, normalize: bool = True, reduction: str = "mean",
+                      backend: str | None = None) -> Tensor:
+    """InfoNCE against explicit negatives only (info-nce-pytorch's unpaired form, lightly's
+    memory-bank form), fused: row i's logits are [q_i . p_i, q_i . negatives^T] / temperature
+    with the positive first; the other rows' keys are NOT negatives.
+
+    Args:
+        query: (N, D).  positive_key: (N, D).  negatives: (M, D), shared by every query;
+            same dtype and device.  Each gets a gradient if it requires grad.
+        temperature: float or 0-dim tensor > 0.
+        normalize: L2-normalise all three inside the op.
+        reduction: "mean", "sum" or "none" ((N,)).
+
+    The (N, M) logits are streamed in row blocks like info_nce's; the positive logit is
+    an O(N D) row-wise dot product.
+    """
+    _validate.features("query", query)
+    _validate.features("positive_key", positive_key)
+    _validate.features("negatives", negatives)
+    _validate.same_dtype_device("query", query, "positive_key", positive_key)
+    _validate.same_dtype_device("query", query, "negatives", negatives)
+    if positive_key.shape != query.shape:
+        raise ValueError(f"positive_key must have the shape of query {tuple(query.shape)}, "
+                         f"got {tuple(positive_key.shape)}")
+    if negatives.shape[1] != query.shape[1]:
+        raise ValueError(f"negatives must have D = {query.shape[1]} columns like query, "
+                         f"got shape {tuple(negatives.shape)}")
+    _validate.flag("normalize", normalize)
+    _validate.reduction(reduction)
+    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    which = _family_backend(backend, query.device, "info_nce_explicit")
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, p = query.to(acc), positive_key.to(acc)
+    if normalize:
+        q, p = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(p, dim=-1)
+    pos = scale.to(acc) * (q * p).sum(1)
+    if which == "torch":
+        n = negatives.to(acc)
+        if normalize:
+            n = torch.nn.functional.normalize(n, dim=-1)
+        logits = torch.cat([pos[:, None], scale.to(acc) * (q @ n.T)], 1)
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction).to(query.dtype)
+    # no column of the negatives is a positive: labels that never match
+    y = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    yk = torch.ones(negatives.shape[0], dtype=torch.long, device=query.device)
+    return _family_ops.labeled(query, negatives, y, yk, scale, normalize, reduction, False, which, pos_logit=pos)

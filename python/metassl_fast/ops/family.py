@@ -69,12 +69,16 @@ def _grad_or_empty(g, x: Tensor, needed: bool) -> Tensor:
 # labelled rows: SupCon, NT-Xent, pairwise NT-Xent
 # ---------------------------------------------------------------------------
 
-def positives_per_row(labels: Tensor, key_labels: Tensor, self_mode: bool) -> Tensor:
-    """|P(i)| for every anchor in O((N + M) log M), without the N x M mask."""
+def positives_per_row(labels: Tensor, key_labels: Tensor, self_col0: int | None) -> Tensor:
+    """|P(i)| for every anchor in O((N + M) log M), without the N x M mask; anchor i's
+    own column self_col0 + i (if not None) is not its positive."""
     uniq, counts = torch.unique(key_labels, return_counts=True)
     idx = torch.searchsorted(uniq, labels).clamp_max(uniq.numel() - 1)
     npos = torch.where(uniq[idx] == labels, counts[idx], torch.zeros_like(counts[idx]))
-    return npos - 1 if self_mode else npos
+    if self_col0 is not None:
+        own = key_labels[self_col0:self_col0 + labels.shape[0]]
+        npos = npos - (own == labels).to(npos.dtype)
+    return npos
 
 
 def _labeled_weights(reduction, pairwise, npos, grad, dtype):
@@ -107,17 +111,29 @@ def _labeled_inputs(query, key, labels, key_labels, normalize):
     return q, k, q_norm, k_norm, y, yk
 
 
-def _labeled_run(query, key, labels, key_labels, scale, normalize, reduction, pairwise, grad_out,
-                 with_grad, need):
-    """Loss (reduced) and, with_grad, (dq, dk, ds) for upstream gradient grad_out (None = 1)."""
+def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise,
+                 grad_out, with_grad, need):
+    """Loss (reduced) and, with_grad, (dq, dk, dpos, ds) for upstream gradient grad_out (None = 1)."""
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
     self_mode = key is None
-    need_dq, need_dk, need_ds = need
+    # the column of anchor 0 itself (anchor i's is col0 + i), None if it is not a column
+    col0 = 0 if self_mode else (self_offset if self_offset >= 0 else None)
+    if col0 is not None and col0 + q.shape[0] > k.shape[0]:
+        raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + q.shape[0]}) "
+                         f"are not all among the {k.shape[0]} keys")
+    need_dq, need_dk, need_dpos, need_ds = need
     s = float(scale)
     qs = q * s
     n = q.shape[0]
-    npos = positives_per_row(y, yk, self_mode)
+    npos = positives_per_row(y, yk, col0)
+    ext = dext = None
+    if pos_logit is not None:  # one more positive per row, outside S
+        npos = npos + 1
+        ext = pos_logit.to(q.dtype).contiguous()
+        if ext.shape != (n,):
+            raise ValueError(f"pos_logit must have shape ({n},), got {tuple(pos_logit.shape)}")
+        dext = torch.zeros(n, dtype=q.dtype)
     g, count = _labeled_weights(reduction, pairwise, npos, grad_out, q.dtype)
     row_loss = torch.empty(n, dtype=q.dtype)
     code, nt = _ext.DTYPE_CODE[q.dtype], _nthreads()
@@ -126,10 +142,13 @@ def _labeled_run(query, key, labels, key_labels, scale, normalize, reduction, pa
     def kernel(S, r0, r1):
         gs[0] += C_ext.block_rows_labeled(
             dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, C=S.shape[1], ld=S.stride(0),
-            row0=r0, exclude_self=self_mode, pairwise=pairwise, y_row=y[r0:r1].data_ptr(),
+            row0=r0 + (col0 or 0), exclude_self=col0 is not None, pairwise=pairwise, y_row=y[r0:r1].data_ptr(),
             y_row_numel=r1 - r0, y_col=yk.data_ptr(), y_col_numel=yk.numel(),
             row_loss=row_loss[r0:r1].data_ptr(), row_loss_numel=r1 - r0,
-            g_row=g[r0:r1].data_ptr(), g_row_numel=r1 - r0, write_grad=with_grad, nthreads=nt)
+            g_row=g[r0:r1].data_ptr(), g_row_numel=r1 - r0,
+            ext=0 if ext is None else ext[r0:r1].data_ptr(), ext_numel=0 if ext is None else r1 - r0,
+            dext=0 if dext is None else dext[r0:r1].data_ptr(), dext_numel=0 if dext is None else r1 - r0,
+            write_grad=with_grad, nthreads=nt)
 
     dq, dk = _sweep(qs, k, kernel, grad=with_grad, need_rows=need_dq or (self_mode and need_dk),
                     need_keys=need_dk, self_mode=self_mode, row_alpha=s, key_alpha=1.0)
@@ -149,89 +168,99 @@ def _labeled_run(query, key, labels, key_labels, scale, normalize, reduction, pa
     out_k = query.new_empty(0) if key is None else key.new_empty(0)
     if need_dk and not self_mode:
         out_k = (_c._normalize_backward(dk, k, k_norm) if k_norm is not None else dk).to(key.dtype)
+    out_p = dext.to(pos_logit.dtype) if (need_dpos and pos_logit is not None) else query.new_empty(0)
     out_s = torch.tensor(gs[0] / s, dtype=torch.float64).to(scale.dtype) if need_ds else scale.new_empty(0)
-    return loss, (out_q, out_k, out_s)
+    return loss, (out_q, out_k, out_p, out_s)
 
 
 @torch.library.custom_op("metassl_fast::labeled_fwd", mutates_args=())
 def labeled_fwd(
-    query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, scale: Tensor,
-    normalize: bool, reduction: str, pairwise: bool, precompute: bool, need_dq: bool, need_dk: bool,
-    need_dscale: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dq, dk, dscale): the gradients of the reduced loss for grad_output = 1 when
-    precompute, else empty.  key None: the keys are the queries, self excluded."""
+    query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, pos_logit: Tensor | None,
+    scale: Tensor, self_offset: int, normalize: bool, reduction: str, pairwise: bool, precompute: bool,
+    need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dq, dk, dpos, dscale): the gradients of the reduced loss for grad_output = 1
+    when precompute, else empty.  key None: the keys are the queries, self excluded.
+    pos_logit (N,) or None: an extra positive logit per row, outside S (already scaled).
+    self_offset >= 0 (with a key): anchor i is key row self_offset + i, left out of every
+    set (keys gathered from all ranks); -1: no anchor is among the keys."""
     _check_backend(backend)
-    need = (need_dq, need_dk and key is not None, need_dscale)
-    loss, grads = _labeled_run(query, key, labels, key_labels, scale, normalize, reduction, pairwise,
-                               None, precompute, need)
+    need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
+    loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize,
+                               reduction, pairwise, None, precompute, need)
     if grads is None:
-        grads = (query.new_empty(0), (query if key is None else key).new_empty(0), scale.new_empty(0))
+        grads = (query.new_empty(0), (query if key is None else key).new_empty(0), query.new_empty(0),
+                 scale.new_empty(0))
     return (loss,) + grads
 
 
 @labeled_fwd.register_fake
-def _(query, key, labels, key_labels, scale, normalize, reduction, pairwise, precompute, need_dq,
-      need_dk, need_dscale, backend):
+def _(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise, precompute,
+      need_dq, need_dk, need_dpos, need_dscale, backend):
     n = query.shape[0]
     k = query if key is None else key
+    p = query if pos_logit is None else pos_logit
 
     def like(x, needed):
         return x.new_empty(x.shape if (precompute and needed) else (0,))
 
     return (query.new_empty((n,) if reduction == "none" else ()), like(query, need_dq),
-            like(k, need_dk and key is not None), like(scale, need_dscale))
+            like(k, need_dk and key is not None), like(p, need_dpos and pos_logit is not None),
+            like(scale, need_dscale))
 
 
 @torch.library.custom_op("metassl_fast::labeled_bwd", mutates_args=())
 def labeled_bwd(
     grad: Tensor, query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None,
-    scale: Tensor, normalize: bool, reduction: str, pairwise: bool, need_dq: bool, need_dk: bool,
-    need_dscale: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Recomputing backward: (dq, dk, dscale), each empty where not needed."""
+    pos_logit: Tensor | None, scale: Tensor, self_offset: int, normalize: bool, reduction: str, pairwise: bool,
+    need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
     _check_backend(backend)
     n = query.shape[0]
     if grad.shape != ((n,) if reduction == "none" else ()):
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
-    need = (need_dq, need_dk and key is not None, need_dscale)
-    _, grads = _labeled_run(query, key, labels, key_labels, scale, normalize, reduction, pairwise,
-                            grad, True, need)
+    need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
+    _, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction,
+                            pairwise, grad, True, need)
     return grads
 
 
 @labeled_bwd.register_fake
-def _(grad, query, key, labels, key_labels, scale, normalize, reduction, pairwise, need_dq, need_dk,
-      need_dscale, backend):
+def _(grad, query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise,
+      need_dq, need_dk, need_dpos, need_dscale, backend):
     k = query if key is None else key
+    p = query if pos_logit is None else pos_logit
     return (query.new_empty(query.shape if need_dq else (0,)),
             k.new_empty(k.shape if (need_dk and key is not None) else (0,)),
+            p.new_empty(p.shape if (need_dpos and pos_logit is not None) else (0,)),
             scale.new_empty(() if need_dscale else (0,)))
 
 
 def _labeled_setup(ctx, inputs, output):
-    (query, key, labels, key_labels, scale, normalize, reduction, pairwise, precompute,
-     _ndq, _ndk, _nds, backend) = inputs
-    ctx.args = (normalize, reduction, pairwise, backend)
-    ctx.precompute, ctx.has_key = precompute, key is not None
+    (query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise, precompute,
+     _ndq, _ndk, _ndp, _nds, backend) = inputs
+    ctx.args = (self_offset, normalize, reduction, pairwise, backend)
+    ctx.precompute, ctx.has_key, ctx.has_pos = precompute, key is not None, pos_logit is not None
     if precompute:
         ctx.save_for_backward(*output[1:])
     else:
-        ctx.save_for_backward(query, key, labels, key_labels, scale)
+        ctx.save_for_backward(query, key, labels, key_labels, pos_logit, scale)
 
 
 def _labeled_backward(ctx, grad_loss, *_unused):
-    nq, nk, _, _, ns = ctx.needs_input_grad[:5]
-    nk = nk and ctx.has_key
+    nq, nk, _, _, npos, ns = ctx.needs_input_grad[:6]
+    nk, npos = nk and ctx.has_key, npos and ctx.has_pos
+    need = (nq, nk, npos, ns)
     if ctx.precompute:
         refuse_create_graph(_WHAT)
-        dq, dk, ds = scale_precomputed(ctx.saved_tensors, grad_loss, (nq, nk, ns))
+        dq, dk, dp, ds = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
-        query, key, labels, key_labels, scale = ctx.saved_tensors
-        dq, dk, ds = labeled_bwd(grad_loss, query, key, labels, key_labels, scale, *ctx.args[:3],
-                                 nq, nk, ns, ctx.args[3])
-        dq, dk, ds = (dq if nq else None), (dk if nk else None), (ds if ns else None)
-    return (dq, dk, None, None, ds) + (None,) * 8
+        query, key, labels, key_labels, pos_logit, scale = ctx.saved_tensors
+        outs = labeled_bwd(grad_loss, query, key, labels, key_labels, pos_logit, scale, *ctx.args[:4],
+                           *need, ctx.args[4])
+        dq, dk, dp, ds = (o if nd else None for o, nd in zip(outs, need))
+    return (dq, dk, None, None, dp, ds) + (None,) * 10
 
 
 torch.library.register_autograd("metassl_fast::labeled_fwd", _labeled_backward, setup_context=_labeled_setup)
@@ -240,15 +269,18 @@ torch.library.register_autograd("metassl_fast::labeled_bwd", refuse_double_backw
 
 
 def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, scale: Tensor,
-            normalize: bool, reduction: str, pairwise: bool, backend: str) -> Tensor:
+            normalize: bool, reduction: str, pairwise: bool, backend: str, pos_logit: Tensor | None = None,
+            self_offset: int = -1) -> Tensor:
     """Run the fused labelled-row op on validated inputs; returns the loss."""
     grads = torch.is_grad_enabled()
     need_dq = grads and query.requires_grad
     need_dk = grads and key is not None and key.requires_grad
+    need_dp = grads and pos_logit is not None and pos_logit.requires_grad
     need_ds = grads and scale.requires_grad
-    precompute = reduction != "none" and (need_dq or need_dk or need_ds)
-    out = torch.ops.metassl_fast.labeled_fwd(query, key, labels, key_labels, scale, normalize, reduction,
-                                             pairwise, precompute, need_dq, need_dk, need_ds, backend)
+    precompute = reduction != "none" and (need_dq or need_dk or need_dp or need_ds)
+    out = torch.ops.metassl_fast.labeled_fwd(query, key, labels, key_labels, pos_logit, scale, self_offset,
+                                             normalize, reduction, pairwise, precompute, need_dq, need_dk, need_dp,
+                                             need_ds, backend)
     return out[0]
 
 
@@ -256,11 +288,14 @@ def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tenso
 # SigLIP
 # ---------------------------------------------------------------------------
 
-def _siglip_run(query, key, scale, bias, grad_out, with_grad, need):
+def _siglip_run(query, key, scale, bias, diag_offset, grad_out, with_grad, need):
     C_ext = _ext.require("_C")
     acc = _c._acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     n = q.shape[0]
+    if diag_offset < 0 or diag_offset + n > k.shape[0]:
+        raise ValueError(f"diag_offset={diag_offset}: the positive columns [{diag_offset}, {diag_offset + n}) "
+                         f"are not all among the {k.shape[0]} keys")
     s, b = float(scale), float(bias)
     w = 1.0 / n * (1.0 if grad_out is None else float(grad_out))
     code, nt = _ext.DTYPE_CODE[acc], _nthreads()
@@ -268,7 +303,7 @@ def _siglip_run(query, key, scale, bias, grad_out, with_grad, need):
 
     def kernel(S, r0, r1):
         res = C_ext.block_sigmoid(dtype=code, S=S.data_ptr(), S_numel=S.numel(), B=r1 - r0, C=S.shape[1],
-                                  ld=S.stride(0), row0=r0, scale=s, bias=b, weight=w,
+                                  ld=S.stride(0), row0=diag_offset + r0, scale=s, bias=b, weight=w,
                                   write_grad=with_grad, nthreads=nt)
         for i in range(3):
             tot[i] += res[i]
@@ -286,12 +321,14 @@ def _siglip_run(query, key, scale, bias, grad_out, with_grad, need):
 
 
 @torch.library.custom_op("metassl_fast::siglip_fwd", mutates_args=())
-def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, precompute: bool, need_dq: bool,
-               need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
+def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset: int, precompute: bool,
+               need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dq, dk, dscale, dbias), the gradients for grad_output = 1 when precompute."""
+    """(loss, dq, dk, dscale, dbias), the gradients for grad_output = 1 when precompute.
+    query (N, D), key (M, D): query i's positive is key diag_offset + i; the loss is the
+    sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
     _check_backend(backend)
-    loss, grads = _siglip_run(query, key, scale, bias, None, precompute,
+    loss, grads = _siglip_run(query, key, scale, bias, diag_offset, None, precompute,
                               (need_dq, need_dk, need_dscale, need_dbias))
     if grads is None:
         grads = (query.new_empty(0), key.new_empty(0), scale.new_empty(0), bias.new_empty(0))
@@ -299,7 +336,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, precompu
 
 
 @siglip_fwd.register_fake
-def _(query, key, scale, bias, precompute, need_dq, need_dk, need_dscale, need_dbias, backend):
+def _(query, key, scale, bias, diag_offset, precompute, need_dq, need_dk, need_dscale, need_dbias, backend):
     def like(x, needed):
         return x.new_empty(x.shape if (precompute and needed) else (0,))
 
@@ -308,26 +345,27 @@ def _(query, key, scale, bias, precompute, need_dq, need_dk, need_dscale, need_d
 
 
 @torch.library.custom_op("metassl_fast::siglip_bwd", mutates_args=())
-def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, need_dq: bool,
-               need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
+def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+               need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_backend(backend)
     if grad.shape != ():
         raise ValueError(f"grad must be 0-dim (the loss is a scalar), got shape {tuple(grad.shape)}")
     # the weight goes into the kernel; a zero upstream gradient gives zero gradients
-    _, grads = _siglip_run(query, key, scale, bias, grad, True, (need_dq, need_dk, need_dscale, need_dbias))
+    _, grads = _siglip_run(query, key, scale, bias, diag_offset, grad, True,
+                           (need_dq, need_dk, need_dscale, need_dbias))
     return grads
 
 
 @siglip_bwd.register_fake
-def _(grad, query, key, scale, bias, need_dq, need_dk, need_dscale, need_dbias, backend):
+def _(grad, query, key, scale, bias, diag_offset, need_dq, need_dk, need_dscale, need_dbias, backend):
     return tuple(x.new_empty(x.shape if nd else (0,)) for x, nd in
                  ((query, need_dq), (key, need_dk), (scale, need_dscale), (bias, need_dbias)))
 
 
 def _siglip_setup(ctx, inputs, output):
-    query, key, scale, bias, precompute, *_rest, backend = inputs
-    ctx.precompute, ctx.backend = precompute, backend
+    query, key, scale, bias, diag_offset, precompute, *_rest, backend = inputs
+    ctx.precompute, ctx.backend, ctx.diag_offset = precompute, backend, diag_offset
     if precompute:
         ctx.save_for_backward(*output[1:])
     else:
@@ -340,9 +378,9 @@ def _siglip_backward(ctx, grad_loss, *_unused):
         refuse_create_graph(_WHAT)
         outs = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
-        outs = siglip_bwd(grad_loss, *ctx.saved_tensors, *need, ctx.backend)
+        outs = siglip_bwd(grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
         outs = tuple(o if nd else None for o, nd in zip(outs, need))
-    return tuple(outs) + (None,) * 6
+    return tuple(outs) + (None,) * 7
 
 
 torch.library.register_autograd("metassl_fast::siglip_fwd", _siglip_backward, setup_context=_siglip_setup)
@@ -350,8 +388,8 @@ torch.library.register_autograd("metassl_fast::siglip_bwd", refuse_double_backwa
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def siglip(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
+def siglip(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, backend: str, diag_offset: int = 0) -> Tensor:
     grads = torch.is_grad_enabled()
     need = tuple(grads and x.requires_grad for x in (query, key, scale, bias))
-    out = torch.ops.metassl_fast.siglip_fwd(query, key, scale, bias, any(need), *need, backend)
+    out = torch.ops.metassl_fast.siglip_fwd(query, key, scale, bias, diag_offset, any(need), *need, backend)
     return out[0]

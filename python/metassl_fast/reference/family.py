@@ -25,9 +25,12 @@ def _acc(x: Tensor) -> torch.dtype:
 
 
 def labeled_contrastive_loss(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None,
-                             scale: Tensor, normalize: bool, reduction: str, pairwise: bool) -> Tensor:
+                             scale: Tensor, normalize: bool, reduction: str, pairwise: bool,
+                             self_offset: int = -1) -> Tensor:
     """query (N, D), key (M, D) or None (key is query, self excluded), labels (N,),
-    key_labels (M,) or None.  Returns a scalar, or (N,) for reduction="none"."""
+    key_labels (M,) or None; self_offset >= 0: anchor i is key row self_offset + i and
+    is excluded (keys gathered from every rank).  Returns a scalar, or (N,) for
+    reduction="none"."""
     acc = _acc(query)
     q = query.to(acc)
     if normalize:
@@ -42,6 +45,9 @@ def labeled_contrastive_loss(query: Tensor, key: Tensor | None, labels: Tensor, 
     excluded = torch.zeros_like(same)
     if key is None:
         excluded = torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
+    elif self_offset >= 0:
+        rows = torch.arange(q.shape[0], device=q.device)
+        excluded[rows, rows + self_offset] = True
     pos = same & ~excluded
     npos = pos.sum(1)
     if pairwise:
@@ -68,10 +74,13 @@ def labeled_contrastive_loss(query: Tensor, key: Tensor | None, labels: Tensor, 
     return out.to(query.dtype)
 
 
-def siglip_loss(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    """query, key (N, D); scale, bias 0-dim.  Returns a scalar in the input dtype."""
+def siglip_loss(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset: int = 0) -> Tensor:
+    """query (N, D), key (M, D) with query i's positive at key diag_offset + i; scale,
+    bias 0-dim.  The sum over all N x M pairs divided by N, in the input dtype."""
     acc = _acc(query)
     logits = scale.to(acc) * (query.to(acc) @ key.to(acc).T) + bias.to(acc)
     n = query.shape[0]
-    z = 2 * torch.eye(n, dtype=acc, device=query.device) - 1
+    z = -torch.ones(n, key.shape[0], dtype=acc, device=query.device)
+    rows = torch.arange(n, device=query.device)
+    z[rows, rows + diag_offset] = 1.0
     return (-F.logsigmoid(z * logits).sum() / n).to(query.dtype)
