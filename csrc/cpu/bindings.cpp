@@ -113,7 +113,8 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
                           int64_t row0, bool exclude_self, bool pairwise, uintptr_t y_row,
                           int64_t y_row_numel, uintptr_t y_col, int64_t y_col_numel,
                           uintptr_t row_loss, int64_t row_loss_numel, uintptr_t g_row,
-                          int64_t g_row_numel, bool write_grad, int nthreads) {
+                          int64_t g_row_numel, uintptr_t ext, int64_t ext_numel, uintptr_t dext,
+                          int64_t dext_numel, bool write_grad, int nthreads) {
   require_dtype(dtype);
   require(B >= 0 && C >= 1 && ld >= C && row0 >= 0, "need B >= 0, C >= 1, ld >= C and row0 >= 0");
   require(!exclude_self || row0 + B <= C, "exclude_self needs rows [row0, row0 + B) inside the C columns");
@@ -123,6 +124,11 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
   require_buffer(y_col, y_col_numel, C, "y_col");
   require_buffer(row_loss, row_loss_numel, B, "row_loss");
   if (write_grad) require_buffer(g_row, g_row_numel, B, "g_row");
+  if (ext) {
+    require(!pairwise, "ext (an extra positive logit per row) is for the mean-positive loss only");
+    require_buffer(ext, ext_numel, B, "ext");
+    if (write_grad) require_buffer(dext, dext_numel, B, "dext");
+  }
   msf::LabeledArgs a;
   a.B = B, a.C = C, a.ld = ld, a.row0 = row0;
   a.exclude_self = exclude_self, a.pairwise = pairwise, a.write_grad = write_grad;
@@ -130,7 +136,8 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
     return msf::block_rows_labeled<F>(out<F>(S), a, in<int64_t>(y_row), in<int64_t>(y_col),
-                                      out<F>(row_loss), in<F>(g_row), nthreads);
+                                      out<F>(row_loss), in<F>(g_row), in<F>(ext),
+                                      write_grad ? out<F>(dext) : nullptr, nthreads);
   });
 }
 
@@ -292,7 +299,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("exclude_self"),
         py::arg("pairwise"), py::arg("y_row"), py::arg("y_row_numel"), py::arg("y_col"),
         py::arg("y_col_numel"), py::arg("row_loss"), py::arg("row_loss_numel"), py::arg("g_row"),
-        py::arg("g_row_numel"), py::arg("write_grad"), py::arg("nthreads"),
+        py::arg("g_row_numel"), py::arg("ext") = 0, py::arg("ext_numel") = 0, py::arg("dext") = 0,
+        py::arg("dext_numel") = 0, py::arg("write_grad"), py::arg("nthreads"),
         "Labelled-row losses (SupCon, NT-Xent, pairwise NT-Xent) of one row block of S and, "
         "optionally, its in-place gradient; returns sum(G * S). See csrc/cpu/contrastive.h.");
   m.def("block_sigmoid", &block_sigmoid, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),

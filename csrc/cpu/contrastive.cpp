@@ -185,30 +185,37 @@ T sigmoid(T t) {
 }
 
 // One anchor row of the mean-positive loss; returns its sum G S (0 without write_grad).
+// ext (optional): this row's extra logit, a positive outside S (the query's own key
+// when the columns are a bank of negatives); its gradient goes to *dext.
 template <typename T>
 double labeled_mean_row(T* row, int64_t C, int64_t self, int64_t y, const int64_t* y_col, T g,
-                        bool write_grad, T* e, T* loss) {
-  T pos_sum = 0;
+                        bool write_grad, T* e, T* loss, const T* ext, T* dext) {
+  T pos_sum = 0;  // over the columns of S only
   int64_t npos = 0;
   for (int64_t j = 0; j < C; ++j)
     if (y_col[j] == y && j != self) pos_sum += row[j], ++npos;
+  if (ext) ++npos;
   if (npos == 0) {
     *loss = 0;
     if (write_grad) std::fill(row, row + C, T(0));
     return 0.0;
   }
   if (self >= 0) row[self] = kExcluded<T>;
-  const T m = row_max(row, C);
+  T m = row_max(row, C);
+  if (ext && *ext > m) m = *ext;
   T dot;
-  const T sum = exp_sum(row, C, m, e, &dot);
-  const T pos_mean = pos_sum / static_cast<T>(npos);
+  T sum = exp_sum(row, C, m, e, &dot);
+  const T e_ext = ext ? exp_t(*ext - m) : T(0);
+  sum += e_ext;
+  const T pos_mean = (pos_sum + (ext ? *ext : T(0))) / static_cast<T>(npos);
   *loss = (m - pos_mean) + std::log(sum);
   if (!write_grad) return 0.0;
   const T f = g / sum, gp = g / static_cast<T>(npos);
   for (int64_t j = 0; j < C; ++j) row[j] = f * e[j];
   for (int64_t j = 0; j < C; ++j)
     if (y_col[j] == y && j != self) row[j] -= gp;
-  return static_cast<double>(f * dot) - static_cast<double>(g) * static_cast<double>(pos_mean);
+  if (ext) *dext = f * e_ext - gp;
+  return static_cast<double>(f * dot) - static_cast<double>(gp) * static_cast<double>(pos_sum);
 }
 
 // One anchor row of the pairwise (pytorch-metric-learning) loss.
@@ -260,7 +267,7 @@ double labeled_pair_row(T* row, int64_t C, int64_t self, int64_t y, const int64_
 
 template <typename T>
 double block_rows_labeled(T* S, const LabeledArgs& a, const int64_t* y_row, const int64_t* y_col,
-                          T* row_loss, const T* g_row, int nthreads) {
+                          T* row_loss, const T* g_row, const T* ext, T* dext, int nthreads) {
   std::vector<double> partial(static_cast<size_t>(std::max(1, nthreads)), 0.0);
   parallel_chunks(a.B, nthreads, [&](int64_t r0, int64_t r1, int tid) {
     std::vector<T> e(a.C);
@@ -274,7 +281,8 @@ double block_rows_labeled(T* S, const LabeledArgs& a, const int64_t* y_row, cons
       acc += a.pairwise ? labeled_pair_row(row, a.C, self, y_row[r], y_col, g, a.write_grad, e.data(),
                                            pidx, psig, row_loss + r)
                         : labeled_mean_row(row, a.C, self, y_row[r], y_col, g, a.write_grad, e.data(),
-                                           row_loss + r);
+                                           row_loss + r, ext ? ext + r : nullptr,
+                                           dext ? dext + r : nullptr);
     }
     partial[tid] = acc;
   });
@@ -346,9 +354,9 @@ template void block_col_stats<double>(const double*, int64_t, int64_t, int64_t, 
                                       int);
 
 template double block_rows_labeled<float>(float*, const LabeledArgs&, const int64_t*, const int64_t*,
-                                          float*, const float*, int);
+                                          float*, const float*, const float*, float*, int);
 template double block_rows_labeled<double>(double*, const LabeledArgs&, const int64_t*, const int64_t*,
-                                           double*, const double*, int);
+                                           double*, const double*, const double*, double*, int);
 template void block_sigmoid<float>(float*, const SigmoidArgs&, double[3], int);
 template void block_sigmoid<double>(double*, const SigmoidArgs&, double[3], int);
 
