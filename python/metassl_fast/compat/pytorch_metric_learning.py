@@ -1,0 +1,182 @@
+"""Drop-ins for pytorch-metric-learning's NTXentLoss, SupConLoss and SelfSupervisedLoss
+(``from pytorch_metric_learning.losses import ...``).
+
+Semantics of pytorch-metric-learning 2.9.0 with its defaults (CosineSimilarity, i.e.
+L2-normalised dot products; the default reducer; no miner):
+- forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None);
+  without ref_emb the candidates are the embeddings themselves and each anchor's own
+  column is left out (also when ref_labels is labels or None, as there).
+- NTXentLoss: one term per positive pair, softplus(LSE over the anchor's negatives -
+  S_ap) (its denominator is that positive plus the negatives only), mean over all
+  positive pairs.  SupConLoss: per anchor, the mean log-probability of its positives
+  against all its positives and negatives; mean over the anchors whose loss is not 0
+  (AvgNonZeroReducer).  Either returns 0 (with a gradient of 0) when the batch has no
+  positive pair or no negative pair.
+- Fused: neither builds the pair masks (positives x negatives) that make the originals
+  quadratic or worse in memory.
+
+Arguments with no fused path (a distance, reducer, miner, regularizer or other keyword
+of the original constructor, or an indices_tuple in forward) are run by the original
+pytorch-metric-learning class with the same arguments, so the number is the original's;
+a warning says so once per class.  Without pytorch-metric-learning installed such
+arguments raise a TypeError rather than give a different number.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as _f
+
+__all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
+
+_warned: set[str] = set()
+
+
+class _PMLLoss(nn.Module):
+    _pairwise: bool
+    _name: str
+
+    def __init__(self, temperature: float, backend: str | None = None, **kwargs):
+        super().__init__()
+        _f._validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        self.temperature = temperature
+        self.backend = backend
+        self.kwargs = kwargs
+        self._original = None
+        if kwargs:
+            self._original = self._original_loss(f"constructor arguments {sorted(kwargs)}")
+
+    def _original_loss(self, why: str) -> nn.Module:
+        try:
+            from pytorch_metric_learning import losses
+        except ImportError as exc:
+            raise TypeError(f"metassl_fast.compat.pytorch_metric_learning.{self._name}: {why} have no fused path, "
+                            "and pytorch-metric-learning (which would compute them exactly) is not installed") from exc
+        if self._name not in _warned:
+            _warned.add(self._name)
+            warnings.warn(f"metassl_fast.compat.pytorch_metric_learning.{self._name}: {why} have no fused path; "
+                          "running pytorch-metric-learning's own implementation for them (same numbers, "
+                          "its memory and speed)", stacklevel=3)
+        return getattr(losses, self._name)(temperature=self.temperature, **self.kwargs)
+
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None, indices_tuple=None,
+                ref_emb: Tensor | None = None, ref_labels: Tensor | None = None) -> Tensor:
+        if self._original is None and indices_tuple is not None:
+            self._original = self._original_loss("indices_tuple (a miner's output)")
+        if self._original is not None:
+            return self._original(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        _f._validate.features("embeddings", embeddings)
+        if labels is None:
+            raise ValueError(f"{self._name}: labels is required (or an indices_tuple)")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor of integer class labels, got {type(labels).__name__}")
+        labels = labels.to(embeddings.device)
+        # as in pytorch-metric-learning: the anchor's own column is excluded exactly when
+        # the reference labels are the labels object itself (or absent)
+        same_set = ref_emb is None
+        exclude_self = ref_emb is None or ref_labels is None or ref_labels is labels
+        if ref_emb is None:
+            key, key_labels = None, None
+        else:
+            key = ref_emb
+            key_labels = labels if ref_labels is None else ref_labels.to(embeddings.device)
+        y = _f._validate.labels("labels", labels, embeddings.shape[0], embeddings.device, "row of embeddings")
+        yk = y if key is None else _f._validate.labels("ref_labels", key_labels, key.shape[0], key.device,
+                                                          "row of ref_emb")
+        if _no_pairs(y, yk, exclude_self):
+            return (embeddings * 0).sum()
+        if same_set or not exclude_self:
+            loss = self._fused(embeddings, y, key, yk, self_offset=-1)
+        else:  # a separate ref_emb whose row i is anchor i itself (pytorch-metric-learning's rule)
+            if key.shape[0] < embeddings.shape[0]:
+                raise ValueError("ref_emb must have at least as many rows as embeddings when ref_labels is "
+                                 "labels (row i of ref_emb is then anchor i's own column)")
+            loss = self._fused(embeddings, y, key, yk, self_offset=0)
+        return loss
+
+    def _fused(self, q, y, key, yk, self_offset):
+        raise NotImplementedError
+
+
+def _no_pairs(y: Tensor, yk: Tensor, exclude_self: bool) -> bool:
+    """No positive pair or no negative pair anywhere (pytorch-metric-learning returns 0)."""
+    has_neg = bool((yk.min() != y.max()) | (yk.max() != y.min())) if y.numel() and yk.numel() else False
+    if not has_neg:  # every label equal to every other
+        return True
+    from ..ops.family import positives_per_row
+    npos = positives_per_row(y, yk, 0 if exclude_self else None)
+    return int(npos.sum()) == 0
+
+
+class NTXentLoss(_PMLLoss):
+    """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs)."""
+    _name = "NTXentLoss"
+
+    def __init__(self, temperature: float = 0.07, **kwargs):
+        super().__init__(temperature, **kwargs)
+
+    def _fused(self, q, y, key, yk, self_offset):
+        if key is None:
+            return _f.labeled_contrastive(q, y, temperature=self.temperature, pairwise=True, backend=self.backend)
+        return _pairwise_with_key(q, y, key, yk, self.temperature, self_offset, self.backend)
+
+
+class SupConLoss(_PMLLoss):
+    """pytorch_metric_learning.losses.SupConLoss(temperature=0.1, **kwargs)."""
+    _name = "SupConLoss"
+
+    def __init__(self, temperature: float = 0.1, **kwargs):
+        super().__init__(temperature, **kwargs)
+
+    def _fused(self, q, y, key, yk, self_offset):
+        col0 = 0 if key is None else (self_offset if self_offset >= 0 else None)
+        from ..ops.family import positives_per_row
+        npos = positives_per_row(y, y if key is None else yk, col0)
+        n_cols = q.shape[0] if key is None else key.shape[0]
+        n_same = positives_per_row(y, y if key is None else yk, None)
+        nneg = n_cols - n_same
+        # AvgNonZeroReducer: an anchor with a single positive and no negative has loss 0
+        count = int(((npos > 0) & ~((npos == 1) & (nneg == 0))).sum())
+        total = _labeled(q, y, key, yk, self.temperature, self_offset, "sum", False, self.backend)
+        return total / max(count, 1)
+
+
+def _pairwise_with_key(q, y, key, yk, temperature, self_offset, backend):
+    return _labeled(q, y, key, yk, temperature, self_offset, "mean", True, backend)
+
+
+def _labeled(q, y, key, yk, temperature, self_offset, reduction, pairwise, backend):
+    """labeled_contrastive with an anchor-own column inside a separate key set."""
+    if key is None or self_offset < 0:
+        return _f.labeled_contrastive(q, y, key, None if key is None else yk, temperature=temperature, reduction=reduction,
+                                      pairwise=pairwise, backend=backend)
+    _f._validate.features("embeddings", q)
+    _f._validate.features("ref_emb", key)
+    _f._validate.same_dtype_device("embeddings", q, "ref_emb", key)
+    scale = 1.0 / _f._validate.positive_scalar("temperature", temperature, q.device)
+    which = _f._family_backend(backend, q.device, "this loss")
+    return _f._labeled_any(which, q, key, y, yk, scale, True, reduction, pairwise, self_offset=self_offset)
+
+
+class SelfSupervisedLoss(nn.Module):
+    """pytorch_metric_learning.losses.SelfSupervisedLoss(loss, symmetric=True) for this
+    module's NTXentLoss and SupConLoss; forward(embeddings, ref_emb)."""
+
+    def __init__(self, loss: nn.Module, symmetric: bool = True, **kwargs):
+        super().__init__()
+        if not isinstance(loss, _PMLLoss):
+            raise TypeError("SelfSupervisedLoss here wraps metassl_fast.compat.pytorch_metric_learning's "
+                            f"NTXentLoss or SupConLoss, got {type(loss).__name__}")
+        if kwargs:
+            raise TypeError(f"SelfSupervisedLoss: unsupported arguments {sorted(kwargs)}")
+        self.loss = loss
+        self.symmetric = symmetric
+
+    def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        labels = torch.arange(embeddings.shape[0], device=embeddings.device)
+        if self.symmetric:
+            return self.loss(torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0))
+        return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=labels.clone())
