@@ -58,3 +58,24 @@ def test_gpu_table_renders_missing_values():
     table = contrastive_gpu.format_table([row], meta, 700.0)
     assert "| clip_loss | eager | 65536 | 512 | bfloat16 | OOM |" in table
     assert "OOM" in contrastive_gpu._line(row)
+
+
+def test_family_bench_small_run(tmp_path):
+    """The drop-in benchmark measures ours and the original on the same inputs and
+    records their agreement (a missing original is reported, not faked)."""
+    from metassl_fast.benchmarks import family
+
+    out = io.StringIO()
+    plan = [("open_clip.SigLipLoss", 48, False), ("pml.SupConLoss", 40, False), ("pml.NTXentLoss", 64, True)]
+    rows = family.run(str(tmp_path), repeats=2, stream=out, plan=plan)
+    by = {(r["op"], r["impl"], r["N"]): r for r in rows}
+    for case, n, _ in plan[:2]:
+        if (case, "original", n) in by and "median_ms" not in by[(case, "original", n)]:
+            continue  # the original package is not installed: reported as missing
+        ours = by[(case, "ours", n)]
+        assert ours["max_rel_diff"] < 1e-5, (case, ours["max_rel_diff"])
+        assert ours["speedup"] > 0 and by[(case, "original", n)]["speedup"] == 1.0
+    assert ("pml.NTXentLoss", "original", 64) not in by and by[("pml.NTXentLoss", "ours", 64)]["median_ms"] > 0
+    assert (tmp_path / "family.md").read_text().startswith("drop-ins vs the original packages")
+    with open(tmp_path / "family.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)

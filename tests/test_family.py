@@ -404,3 +404,40 @@ def test_positives_per_row_counts():
     # anchors are keys 2..7 of a gathered key set (another rank's keys first)
     keys = torch.cat([torch.tensor([3, 9]), y])
     torch.testing.assert_close(fam.positives_per_row(y, keys, 2), torch.tensor([3, 1, 3, 0, 3, 1]))
+
+
+@pytest.mark.parametrize("op", ["info_nce", "clip", "nt_xent", "supcon", "siglip", "queue_fp32"])
+def test_autocast_bf16_on_cpu(op):
+    """An encoder run under torch.autocast (bf16 on the CPU) feeds the losses; the loss
+    and the encoder's gradient match float32 within bf16 precision.  queue_fp32: a float32
+    MoCo queue beside bf16 features (mixed dtypes are computed in float32 under autocast)."""
+    g = torch.Generator().manual_seed(0)
+    enc = torch.nn.Linear(16, 32)
+    x1, x2 = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    y = torch.randint(0, 4, (24,), generator=g)
+    queue = torch.randn(7, 32, generator=g)
+
+    def loss_of(a, b):
+        if op == "info_nce":
+            return msf.info_nce(a, b, temperature=0.2)
+        if op == "queue_fp32":
+            return msf.info_nce(a, b, temperature=0.2, negatives=queue)
+        if op == "clip":
+            return msf.clip_loss(torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1),
+                                 10.0)
+        if op == "nt_xent":
+            return msf.nt_xent(a, b)
+        if op == "supcon":
+            return msf.supcon_loss(torch.stack([a, b], 1), y)
+        return msf.siglip_loss(a, b, 2.0, -1.0)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = enc(x1), enc(x2)
+        assert a.dtype == torch.bfloat16
+        loss = loss_of(a, b)
+    (g_auto,) = torch.autograd.grad(loss, enc.weight)
+    ref = loss_of(enc(x1), enc(x2))
+    (g_ref,) = torch.autograd.grad(ref, enc.weight)
+    assert torch.isfinite(loss) and torch.isfinite(g_auto).all()
+    torch.testing.assert_close(loss.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_auto, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())

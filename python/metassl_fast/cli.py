@@ -48,19 +48,23 @@ def main(argv=None) -> None:
 
 
 def bench(argv) -> None:
-    """The contrastive section (on the GPU where CUDA is available, else the CPU), then
-    the inner-loop section (CPU).  --section contrastive|inner_loop runs one of them;
-    other options go to the contrastive section (metassl-fast bench --help)."""
-    from metassl_fast.benchmarks import contrastive, inner_loop
+    """The contrastive section (on the GPU where CUDA is available, else the CPU), the
+    drop-ins against the original packages (CPU), then the inner-loop section (CPU).
+    --section contrastive|family|inner_loop runs one of them; other options go to the
+    contrastive section (metassl-fast bench --help)."""
+    from metassl_fast.benchmarks import contrastive, family, inner_loop
 
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--section", choices=["all", "contrastive", "inner_loop"], default="all")
+    parser.add_argument("--section", choices=["all", "contrastive", "family", "inner_loop"], default="all")
     parser.add_argument("--out", default="bench/out")
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        print("metassl-fast bench [--section all|contrastive|inner_loop] [--out DIR] [contrastive options]\n")
+        print("metassl-fast bench [--section all|contrastive|family|inner_loop] [--out DIR] "
+              "[contrastive options]\n")
     if args.section in ("all", "contrastive"):
         contrastive.main(rest + ["--out", args.out])
+    if args.section in ("all", "family"):
+        family.run(args.out)
     if args.section in ("all", "inner_loop"):
         inner_loop.run(args.out)
 

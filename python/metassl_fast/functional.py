@@ -12,6 +12,21 @@ from .reference import family as _reference_family
 from .reference.contrastive import contrastive_loss as _reference
 
 
+def _autocast_common(*xs):
+    """Under torch.autocast, features from layers of different precision (a bf16 linear
+    and an fp32 queue, say) meet here: compute in float32, as autocast does for losses.
+    Outside autocast mixed dtypes stay an error (same_dtype_device)."""
+    ts = [x for x in xs if isinstance(x, Tensor)]
+    if len(ts) < 2 or len({t.dtype for t in ts}) == 1:
+        return xs
+    dev = ts[0].device.type
+    if not (torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False):
+        return xs
+    if any(t.dtype not in _validate.FLOAT_DTYPES for t in ts):
+        return xs
+    return tuple(x.float() if isinstance(x, Tensor) else x for x in xs)
+
+
 def _world(gather_distributed, process_group) -> tuple[int, int]:
     """(rank, world size) when the op gathers across ranks, else (0, 1)."""
     _validate.flag("gather_distributed", gather_distributed)
@@ -54,6 +69,7 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
                  symmetric, normalize, reduction, backend, gather_distributed=False, process_group=None):
     _validate.features(name_q, query)
     _validate.features(name_k, key)
+    query, key, negatives = _autocast_common(query, key, negatives)
     _validate.same_dtype_device(name_q, query, name_k, key)
     if key.shape != query.shape:
         raise ValueError(f"{name_k} must have the shape of {name_q} {tuple(query.shape)} "
@@ -175,6 +191,7 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     yk = None
     if key is not None:
         _validate.features(nk, key)
+        query, key = _autocast_common(query, key)
         _validate.same_dtype_device(nq, query, nk, key)
         if key.shape[1] != query.shape[1]:
             raise ValueError(f"{nk} must have D = {query.shape[1]} columns like {nq}, got shape {tuple(key.shape)}")
@@ -225,6 +242,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
     """
     _validate.features("z1", z1)
     _validate.features("z2", z2)
+    z1, z2 = _autocast_common(z1, z2)
     _validate.same_dtype_device("z1", z1, "z2", z2)
     if z2.shape != z1.shape:
         raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)} (row i of each is a view of "
@@ -301,6 +319,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
     """
     _validate.features("image_features", image_features)
     _validate.features("text_features", text_features)
+    image_features, text_features = _autocast_common(image_features, text_features)
     _validate.same_dtype_device("image_features", image_features, "text_features", text_features)
     if text_features.shape != image_features.shape:
         raise ValueError(f"text_features must have the shape of image_features {tuple(image_features.shape)}, "
@@ -338,6 +357,7 @@ def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
     _validate.features("query", query)
     _validate.features("positive_key", positive_key)
     _validate.features("negatives", negatives)
+    query, positive_key, negatives = _autocast_common(query, positive_key, negatives)
     _validate.same_dtype_device("query", query, "positive_key", positive_key)
     _validate.same_dtype_device("query", query, "negatives", negatives)
     if positive_key.shape != query.shape:

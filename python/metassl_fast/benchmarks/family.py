@@ -1,0 +1,245 @@
+"""Benchmark of the drop-ins (metassl_fast.compat) against the original packages' own
+losses on the same inputs, in the same worker process, CPU.
+
+Each case runs in a fresh worker (peak memory = peak RSS over the RSS before the call,
+as in benchmarks/contrastive.py).  Times are forward+backward medians of interleaved
+repeats after a warm-up; "max rel diff" is max over the loss and every input gradient
+of max|ours - original| / max|original| on the measured inputs (float32).
+Originals that are not installed are reported as missing (scripts/setup.sh installs
+them); pytorch-metric-learning's NTXentLoss allocates (positive pairs x negative pairs)
+and is measured at a size it survives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb
+
+D = 128
+
+
+def _case_table():
+    """name -> (description, rows N, make(N) -> (ours_fn, orig_fn, inputs))."""
+    from ..compat import info_nce as c_info_nce
+    from ..compat import lightly as c_lightly
+    from ..compat import open_clip as c_open_clip
+    from ..compat import pytorch_metric_learning as c_pml
+    from . import originals
+
+    def leaves(*shapes, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
+
+    def lightly_ntxent(n):
+        NT = originals.lightly_ntxent()
+        a, b = leaves((n // 2, D), (n // 2, D))
+        return c_lightly.NTXentLoss(0.5), NT(0.5), [a, b]
+
+    def lightly_bank(n):
+        NT = originals.lightly_ntxent()
+        torch.manual_seed(0)
+        orig = NT(0.2, memory_bank_size=(65536, D))
+        torch.manual_seed(0)
+        ours = c_lightly.NTXentLoss(0.2, memory_bank_size=(65536, D))
+        a, b = leaves((n, D), (n, D))
+        # both banks start equal and get the same batches in the same order: they stay equal
+        return ours, orig, [a, b]
+
+    def pml_supcon(n):
+        L = originals.pml()
+        (x,) = leaves((n, D))
+        y = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(1))
+        return (lambda e: c_pml.SupConLoss(0.1)(e, y)), (lambda e: L.SupConLoss(0.1)(e, y)), [x]
+
+    def pml_ntxent(n):
+        L = originals.pml()
+        a, b = leaves((n // 2, D), (n // 2, D))
+        return (c_pml.SelfSupervisedLoss(c_pml.NTXentLoss(0.07)), L.SelfSupervisedLoss(L.NTXentLoss(0.07)), [a, b])
+
+    def info_nce_in_batch(n):
+        m = originals.info_nce_pkg()
+        q, p = leaves((n, D), (n, D))
+        return c_info_nce.InfoNCE(0.1), m.InfoNCE(0.1), [q, p]
+
+    def info_nce_negatives(n):
+        m = originals.info_nce_pkg()
+        q, p, neg = leaves((n, D), (n, D), (n, D))
+        return c_info_nce.InfoNCE(0.1), m.InfoNCE(0.1), [q, p, neg]
+
+    def clip(n):
+        ClipLoss, _ = originals.open_clip_losses()
+        a, b = leaves((n, D), (n, D))
+        s = torch.tensor(14.0, requires_grad=True)
+        unit = [F.normalize(a.detach(), dim=1).requires_grad_(), F.normalize(b.detach(), dim=1).requires_grad_()]
+        return c_open_clip.ClipLoss(), ClipLoss(), unit + [s]
+
+    def siglip(n):
+        _, SigLipLoss = originals.open_clip_losses()
+        a, b = leaves((n, D), (n, D))
+        unit = [F.normalize(a.detach(), dim=1).requires_grad_(), F.normalize(b.detach(), dim=1).requires_grad_()]
+        s = torch.tensor(10.0, requires_grad=True)
+        bias = torch.tensor(-10.0, requires_grad=True)
+        return c_open_clip.SigLipLoss(), SigLipLoss(), unit + [s, bias]
+
+    return {
+        "lightly.NTXentLoss": ("2 x N/2 views, in-batch negatives", lightly_ntxent),
+        "lightly.NTXentLoss+bank": ("N queries, memory bank of 65536", lightly_bank),
+        "pml.SupConLoss": ("N embeddings, 100 classes", pml_supcon),
+        "pml.NTXentLoss": ("SelfSupervisedLoss, 2 x N/2 views", pml_ntxent),
+        "info_nce.InfoNCE": ("N pairs, in-batch negatives", info_nce_in_batch),
+        "info_nce.InfoNCE+negatives": ("N pairs, N unpaired negatives", info_nce_negatives),
+        "open_clip.ClipLoss": ("N pairs", clip),
+        "open_clip.SigLipLoss": ("N pairs", siglip),
+    }
+
+
+def _step(fn, inputs):
+    for x in inputs:
+        x.grad = None
+    loss = fn(*inputs)
+    loss.backward()
+    return [loss.detach()] + [x.grad for x in inputs]
+
+
+def _rel_diff(a, b):
+    err = 0.0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        err = max(err, ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+def _worker(args):
+    from . import originals
+
+    try:
+        made = _case_table()[args.case][1](args.n)
+    except originals.OriginalMissing as exc:
+        print("RESULT " + json.dumps({"missing": str(exc)}))
+        return
+    ours, orig, inputs = made[:3]
+    fns = {"ours": ours}
+    if not args.ours_only:
+        fns["original"] = orig
+    times = {k: [] for k in fns}
+    peaks, outs = {}, {}
+    for impl, fn in fns.items():
+        _step(fn, inputs)  # warm-up
+        peaks[impl] = _peak_extra_mb(lambda: outs.__setitem__(impl, _step(fn, inputs)))
+        outs[impl] = [None if t is None else t.clone() for t in outs[impl]]
+    for _ in range(args.repeats):
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            _step(fn, inputs)
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    res = {}
+    for impl in fns:
+        ts = sorted(times[impl])
+        res[impl] = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+                     "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "peak_mb": peaks[impl]}
+    if "original" in outs:
+        res["ours"]["max_rel_diff"] = _rel_diff(outs["ours"], outs["original"])
+    print("RESULT " + json.dumps(res))
+
+
+def _run_worker(case, n, repeats, ours_only, threads):
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.family", "--worker", "--case", case, "--n", str(n),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    if ours_only:
+        cmd.append("--ours-only")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+
+
+# (case, N, ours only): N = rows fed to the loss (both views together for NT-Xent);
+# pml's NTXentLoss at 512 rows already allocates ~0.5 GiB of pair masks (cubic in N).
+PLAN = [("lightly.NTXentLoss", 8192, False), ("lightly.NTXentLoss+bank", 1024, False),
+        ("pml.SupConLoss", 8192, False), ("pml.NTXentLoss", 512, False), ("pml.NTXentLoss", 8192, True),
+        ("info_nce.InfoNCE", 8192, False), ("info_nce.InfoNCE+negatives", 8192, False),
+        ("open_clip.ClipLoss", 8192, False), ("open_clip.SigLipLoss", 8192, False)]
+
+
+def run(out_dir="bench/out", repeats=3, threads=None, stream=sys.stdout, plan=PLAN):
+    import metassl_fast
+
+    threads = threads or torch.get_num_threads()
+    descr = {k: v[0] for k, v in _case_table().items()}
+    rows = []
+    for i, (case, n, ours_only) in enumerate(plan):
+        sys.stderr.write(f"\r[family {i + 1}/{len(plan)}] {case} N={n}          ")
+        sys.stderr.flush()
+        res = _run_worker(case, n, repeats, ours_only, threads)
+        if "missing" in res:
+            rows.append({"op": case, "impl": "original", "N": n, "note": res["missing"]})
+            continue
+        orig = res.get("original")
+        for impl, r in res.items():
+            rows.append({"op": case, "impl": impl, "N": n, "D": D, "dtype": "float32", **r,
+                         "speedup": orig["median_ms"] / r["median_ms"] if orig else None,
+                         "mem_ratio": (r["peak_mb"] / orig["peak_mb"]) if orig and orig["peak_mb"] else None,
+                         "note": descr[case]})
+    sys.stderr.write("\n")
+    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": _cpu_name(),
+            "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    table = format_table(rows, meta)
+    print(table, file=stream)
+    os.makedirs(out_dir, exist_ok=True)
+    fields = ["date", "version", "torch", "device", "threads", "op", "impl", "N", "D", "dtype", "median_ms",
+              "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_diff", "note"]
+    _append_csv(os.path.join(out_dir, "family.csv"), rows, meta, fields)
+    with open(os.path.join(out_dir, "family.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+def format_table(rows, meta):
+    lines = [f"drop-ins vs the original packages, forward+backward, {meta['device']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}, metassl_fast {meta['version']}, {meta['date']}, D={D}, float32\n",
+             "| loss | impl | N | median ms (p20-p80) | speed-up | peak MiB | mem ratio | max rel diff | inputs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | - | - | - | - | - | {r['note']} |")
+            continue
+        lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-"
+                     f"{r['p80_ms']:.1f}) | {_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                     f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.4f')} | "
+                     f"{_fmt(r.get('max_rel_diff'), '.1e')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case")
+    p.add_argument("--n", type=int)
+    p.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        _worker(args)
+    else:
+        run(args.out, args.repeats, args.threads or None)
+
+
+if __name__ == "__main__":
+    main()
