@@ -19,8 +19,8 @@ tail -3 "$OUT/build.log"
 metassl-fast info 2>&1 | tee "$OUT/info.txt"
 
 echo "== GPU tests"
-timeout 270 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastive_triton.py \
+timeout 270 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastive_triton.py tests/test_family_triton.py \
   -q --maxfail=20 -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== GPU benchmark"
-timeout 200 metassl-fast bench --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
+timeout 200 metassl-fast bench --section contrastive --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45

@@ -353,7 +353,7 @@ Y = torch.tensor([0, 1, 0, 1])
     (lambda: msf.siglip_loss(X, X, 1.0, float("nan")), ValueError, "logit_bias"),
     (lambda: msf.siglip_loss(X, X, 1.0, torch.zeros(2)), ValueError, "logit_bias"),
     (lambda: msf.siglip_loss(X, torch.randn(4, 2), 1.0, 0.0), ValueError, "text_features"),
-    (lambda: msf.nt_xent(X, X, backend="triton"), (RuntimeError, ValueError), "triton"),
+    (lambda: msf.nt_xent(X.double(), X.double(), backend="triton"), (TypeError, RuntimeError), "triton"),
     (lambda: labeled_contrastive(X, Y, torch.randn(2, 3)), ValueError, "key_labels"),
     (lambda: labeled_contrastive(X, Y, torch.randn(2, 3), Y), ValueError, "key_labels"),
     (lambda: labeled_contrastive(X, Y, torch.randn(2, 4), Y[:2]), ValueError, "key"),

@@ -48,7 +48,7 @@ def _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise
 def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction, backend,
                           rank, ws, group):
     """Local rows against the columns of every rank (see metassl_fast.distributed)."""
-    which = _family_backend(backend, query.device, "gather_distributed")
+    which = _family_backend(backend, query.device, "gather_distributed", query.dtype)
     n, dev = query.shape[0], query.device
     ids = rank * n + torch.arange(n, device=dev)
     all_ids = torch.arange(ws * n, device=dev)
@@ -163,11 +163,13 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
 # the rest of the family: NT-Xent, SupCon, SigLIP
 # ---------------------------------------------------------------------------
 
-def _family_backend(backend, device, op: str) -> str:
+def _family_backend(backend, device, op: str, dtype=None) -> str:
     which = _backend.resolve(backend, device)
-    if which in ("triton", "cuda"):
-        raise RuntimeError(f"backend={which!r}: {op} has no {which} kernel in this version; "
-                           "use backend='cpu' on CPU tensors or backend='torch' (the reference)")
+    if which == "cuda":  # resolve() refuses it today; keep the message if that changes
+        raise RuntimeError(f"backend='cuda': {op} has no CUDA C++ kernel in this version; "
+                           "use backend='triton' or 'torch'")
+    if which == "triton" and dtype == torch.float64:
+        raise TypeError(f"{op}: backend='triton' takes float32, float16 or bfloat16, got float64")
     return which
 
 
@@ -204,7 +206,7 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     _validate.flag("pairwise", pairwise)
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
-    which = _family_backend(backend, query.device, "this loss")
+    which = _family_backend(backend, query.device, "this loss", query.dtype)
     rank, ws = _world(gather_distributed, process_group)
     if ws > 1:
         if key is not None:
@@ -326,7 +328,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
                          f"got {tuple(text_features.shape)}")
     scale = _validate.positive_scalar("logit_scale", logit_scale, image_features.device)
     bias = _validate.scalar("logit_bias", logit_bias, image_features.device)
-    which = _family_backend(backend, image_features.device, "siglip_loss")
+    which = _family_backend(backend, image_features.device, "siglip_loss", image_features.dtype)
     rank, ws = _world(gather_distributed, process_group)
     offset = 0
     if ws > 1:
@@ -369,7 +371,7 @@ def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
     _validate.flag("normalize", normalize)
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
-    which = _family_backend(backend, query.device, "info_nce_explicit")
+    which = _family_backend(backend, query.device, "info_nce_explicit", query.dtype)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, p = query.to(acc), positive_key.to(acc)
     if normalize:

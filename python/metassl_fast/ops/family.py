@@ -24,9 +24,9 @@ _WHAT = "the contrastive family losses"
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "cpu":  # the functional layer sends every other backend to the reference
+    if backend not in ("cpu", "triton"):  # the functional layer stops the others before this
         raise RuntimeError(f"metassl_fast: {_WHAT} have no {backend!r} kernel in this version "
-                           "(CPU kernel and torch reference only)")
+                           "(CPU and Triton kernels, and the torch reference)")
 
 
 def _sweep(rows: Tensor, keys: Tensor, kernel, *, grad: bool, need_rows: bool, need_keys: bool,
@@ -85,12 +85,21 @@ def _labeled_weights(reduction, pairwise, npos, grad, dtype):
     """dL/d(row loss) per anchor (rows without positives get a zero gradient from the
     kernel whatever their weight), and the divisor of the mean."""
     count = int(npos.sum()) if pairwise else int((npos > 0).sum())
+    dev = npos.device
     if reduction == "none":
-        g = torch.ones(npos.shape[0], dtype=dtype) if grad is None else grad.to(dtype).contiguous()
+        g = torch.ones(npos.shape[0], dtype=dtype, device=dev) if grad is None else grad.to(dtype).contiguous()
         return g, count
     w = 1.0 / max(count, 1) if reduction == "mean" else 1.0
-    g = torch.full((npos.shape[0],), w, dtype=dtype)
+    g = torch.full((npos.shape[0],), w, dtype=dtype, device=dev)
     return (g if grad is None else g * grad.to(dtype)), count
+
+
+def _reduce_rows(row_loss, reduction, count, dtype):
+    if reduction == "mean":
+        return (row_loss.sum() / max(count, 1)).to(dtype)
+    if reduction == "sum":
+        return row_loss.sum().to(dtype)
+    return row_loss.to(dtype)
 
 
 def _labeled_inputs(query, key, labels, key_labels, normalize):
@@ -112,8 +121,11 @@ def _labeled_inputs(query, key, labels, key_labels, normalize):
 
 
 def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise,
-                 grad_out, with_grad, need):
+                 grad_out, with_grad, need, backend="cpu"):
     """Loss (reduced) and, with_grad, (dq, dk, dpos, ds) for upstream gradient grad_out (None = 1)."""
+    if backend == "triton":
+        return _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize,
+                                   reduction, pairwise, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
     self_mode = key is None
@@ -187,7 +199,7 @@ def labeled_fwd(
     _check_backend(backend)
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
     loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize,
-                               reduction, pairwise, None, precompute, need)
+                               reduction, pairwise, None, precompute, need, backend)
     if grads is None:
         grads = (query.new_empty(0), (query if key is None else key).new_empty(0), query.new_empty(0),
                  scale.new_empty(0))
@@ -222,7 +234,7 @@ def labeled_bwd(
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
     _, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction,
-                            pairwise, grad, True, need)
+                            pairwise, grad, True, need, backend)
     return grads
 
 
@@ -288,7 +300,9 @@ def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tenso
 # SigLIP
 # ---------------------------------------------------------------------------
 
-def _siglip_run(query, key, scale, bias, diag_offset, grad_out, with_grad, need):
+def _siglip_run(query, key, scale, bias, diag_offset, grad_out, with_grad, need, backend="cpu"):
+    if backend == "triton":
+        return _siglip_run_triton(query, key, scale, bias, diag_offset, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     acc = _c._acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
@@ -329,7 +343,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
     sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
     _check_backend(backend)
     loss, grads = _siglip_run(query, key, scale, bias, diag_offset, None, precompute,
-                              (need_dq, need_dk, need_dscale, need_dbias))
+                              (need_dq, need_dk, need_dscale, need_dbias), backend)
     if grads is None:
         grads = (query.new_empty(0), key.new_empty(0), scale.new_empty(0), bias.new_empty(0))
     return (loss,) + grads
@@ -353,7 +367,7 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
         raise ValueError(f"grad must be 0-dim (the loss is a scalar), got shape {tuple(grad.shape)}")
     # the weight goes into the kernel; a zero upstream gradient gives zero gradients
     _, grads = _siglip_run(query, key, scale, bias, diag_offset, grad, True,
-                           (need_dq, need_dk, need_dscale, need_dbias))
+                           (need_dq, need_dk, need_dscale, need_dbias), backend)
     return grads
 
 
@@ -393,3 +407,126 @@ def siglip(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, backend: str
     need = tuple(grads and x.requires_grad for x in (query, key, scale, bias))
     out = torch.ops.metassl_fast.siglip_fwd(query, key, scale, bias, diag_offset, any(need), *need, backend)
     return out[0]
+
+
+# ---------------------------------------------------------------------------
+# Triton backend (kernels/family.py): the forward kernel stores per-row statistics;
+# the gradient (during the forward for a scalar loss, as on the CPU, or in backward)
+# recomputes S in a row-outer (dQ) and a column-outer (dK) kernel.
+# ---------------------------------------------------------------------------
+
+def _triton_operands(x, normalize):
+    """(x in float32, normalised if asked; its norms or None; the kernel operand in the
+    input dtype, contiguous)."""
+    acc = _c._acc_dtype(x.dtype)
+    xa, norm = x.to(acc), None
+    if normalize:
+        xa, norm = _c._normalized(xa)
+    op_dtype = x.dtype if x.dtype != torch.float64 else torch.float32
+    return xa, norm, xa.to(op_dtype).contiguous()
+
+
+def _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction,
+                        pairwise, grad_out, with_grad, need):
+    from ..kernels import family as tf
+
+    q, q_norm, q_op = _triton_operands(query, normalize)
+    self_mode = key is None
+    k, k_norm, k_op = (q, q_norm, q_op) if self_mode else _triton_operands(key, normalize)
+    col0 = 0 if self_mode else (self_offset if self_offset >= 0 else None)
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    if col0 is not None and col0 + n > c:
+        raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + n}) "
+                         f"are not all among the {c} keys")
+    y = labels.contiguous()
+    yk = y if self_mode else key_labels.contiguous()
+    if y.shape != (n,) or yk.shape != (c,) or y.dtype != torch.int64 or yk.dtype != torch.int64:
+        raise ValueError("labels and key_labels must be int64 with one entry per row of query and key")
+    dev, f32 = q_op.device, torch.float32
+    s = float(scale)
+    bm, bn, bd, warps = _c._triton_config(d)
+    prec = _c._precision(q_op.dtype)
+    ext = None
+    if pos_logit is not None:
+        if pairwise or pos_logit.shape != (n,):
+            raise ValueError(f"pos_logit must have shape ({n},) and goes with the mean-positive loss only")
+        ext = pos_logit.to(f32).contiguous()
+    row_loss = torch.empty(n, dtype=f32, device=dev)
+    stat_a = torch.empty(n, dtype=f32, device=dev)
+    stat_b = torch.empty(n, dtype=f32, device=dev)
+    meta = dict(SELF=col0 is not None, PAIRWISE=pairwise, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                num_warps=warps)
+    tf.labeled_fwd_kernel[(_c._cdiv(n, bm),)](
+        q_op, k_op, y, yk, ext if ext is not None else row_loss, row_loss, stat_a, stat_b, n, c, d,
+        q_op.stride(0), k_op.stride(0), s, col0 or 0, HAS_EXT=ext is not None, **meta)
+    npos = positives_per_row(y, yk, col0) + (1 if ext is not None else 0)
+    g, count = _labeled_weights(reduction, pairwise, npos, grad_out, f32)
+    loss = _reduce_rows(row_loss, reduction, count, query.dtype)
+    if not with_grad:
+        return loss, None
+    need_dq, need_dk, need_dpos, need_ds = need
+    grid_q = _c._cdiv(n, bm)
+    dq = torch.empty(n, d, dtype=f32, device=dev)
+    parts = torch.empty(grid_q, dtype=f32, device=dev)
+    tf.labeled_bwd_dq_kernel[(grid_q,)](
+        q_op, k_op, y, yk, g, stat_a, stat_b, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0), dq.stride(0),
+        s, col0 or 0, **meta)
+    dk = None
+    if self_mode or need_dk:
+        dk = torch.empty(c, d, dtype=f32, device=dev)
+        tf.labeled_bwd_dk_kernel[(_c._cdiv(c, bn),)](
+            q_op, k_op, y, yk, g, stat_a, stat_b, dk, n, c, d, q_op.stride(0), k_op.stride(0), dk.stride(0),
+            s, col0 or 0, **meta)
+    out_q = query.new_empty(0)
+    if need_dq:
+        gq = s * (dq + dk) if self_mode else s * dq
+        out_q = (_c._normalize_backward(gq, q, q_norm) if q_norm is not None else gq).to(query.dtype)
+    out_k = query.new_empty(0) if self_mode else key.new_empty(0)
+    if need_dk and not self_mode:
+        gk = s * dk
+        out_k = (_c._normalize_backward(gk, k, k_norm) if k_norm is not None else gk).to(key.dtype)
+    out_p = query.new_empty(0)
+    if need_dpos and ext is not None:
+        out_p = (g * (torch.exp(ext - stat_a) - 1.0 / npos.to(f32))).to(pos_logit.dtype)
+    out_s = (parts.double().sum() / s).to(scale.dtype) if need_ds else scale.new_empty(0)
+    return loss, (out_q, out_k, out_p, out_s)
+
+
+def _siglip_run_triton(query, key, scale, bias, diag_offset, grad_out, with_grad, need):
+    from ..kernels import family as tf
+
+    _, _, q_op = _triton_operands(query, False)
+    _, _, k_op = _triton_operands(key, False)
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    if diag_offset < 0 or diag_offset + n > c:
+        raise ValueError(f"diag_offset={diag_offset}: the positive columns [{diag_offset}, {diag_offset + n}) "
+                         f"are not all among the {c} keys")
+    dev, f32 = q_op.device, torch.float32
+    s, b = float(scale), float(bias)
+    bm, bn, bd, warps = _c._triton_config(d)
+    meta = dict(PRECISION=_c._precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    row_loss = torch.empty(n, dtype=f32, device=dev)
+    tf.siglip_fwd_kernel[(_c._cdiv(n, bm),)](q_op, k_op, row_loss, n, c, d, q_op.stride(0), k_op.stride(0), s, b,
+                                             diag_offset, **meta)
+    loss = (row_loss.double().sum() / n).to(query.dtype)
+    if not with_grad:
+        return loss, None
+    need_dq, need_dk, need_ds, need_db = need
+    w = (1.0 if grad_out is None else float(grad_out)) / n
+    grid_q = _c._cdiv(n, bm)
+    dq = torch.empty(n, d, dtype=f32, device=dev)
+    parts = torch.empty(grid_q, 2, dtype=f32, device=dev)
+    tf.siglip_bwd_dq_kernel[(grid_q,)](q_op, k_op, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0),
+                                       dq.stride(0), s, b, diag_offset, w, **meta)
+    out_k = key.new_empty(0)
+    if need_dk:
+        dk = torch.empty(c, d, dtype=f32, device=dev)
+        tf.siglip_bwd_dk_kernel[(_c._cdiv(c, bn),)](q_op, k_op, dk, n, c, d, q_op.stride(0), k_op.stride(0),
+                                                    dk.stride(0), s, b, diag_offset, w, **meta)
+        out_k = (s * dk).to(key.dtype)
+    tot = parts.double().sum(0)
+    return loss, ((s * dq).to(query.dtype) if need_dq else query.new_empty(0), out_k,
+                  tot[0].to(scale.dtype) if need_ds else scale.new_empty(0),
+                  tot[1].to(bias.dtype) if need_db else bias.new_empty(0))
