@@ -5,8 +5,8 @@ is the CPU kernel's (csrc/cpu/contrastive.h, python/metassl_fast/reference/famil
 Labelled rows, S = s Q K^T, anchor i with label yq_i, column j with label yk_j; with
 SELF, column i + self_col0 is the anchor itself and in no set:
     valid_ij = not self,  pos_ij = valid and yk_j == yq_i,  neg_ij = yk_j != yq_i
-  mean-positive:  l_i = LSE_valid S_i - mean_pos S_i          (+ one extra positive logit
-                  EXT_i, outside S, when HAS_EXT)
+  mean-positive:  l_i = LSE_valid S_i - mean_pos S_i          (+ one extra logit EXT_i,
+                  outside S, when HAS_EXT: a positive if EXT_POS, else only in the LSE)
                   G_ij = g_i (exp(S_ij - lse_i) [valid] - [pos] / npos_i)
   pairwise:       l_i = sum_pos softplus(lse_neg_i - S_ip)
                   G_ip = -g_i sigmoid(lse_neg_i - S_ip),  G_in = g_i sig_i exp(S_in - lse_neg_i)
@@ -53,7 +53,8 @@ def _sets(rows, cols, row_ok, col_ok, yq, yk, self_col0, SELF: tl.constexpr):
 
 @triton.jit
 def labeled_fwd_kernel(Q, K, YQ, YK, EXT, LOSS, STAT_A, STAT_B, N, C, D, stride_q, stride_k, scale, self_col0,
-                       SELF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_EXT: tl.constexpr, PRECISION: tl.constexpr,
+                       SELF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_EXT: tl.constexpr, EXT_POS: tl.constexpr,
+                       PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per row: LOSS, STAT_A = lse (pairwise: lse over the negatives), STAT_B = npos
     (pairwise: sum of the positives' sigmoids)."""
@@ -108,8 +109,9 @@ def labeled_fwd_kernel(Q, K, YQ, YK, EXT, LOSS, STAT_A, STAT_B, N, C, D, stride_
             m_new = tl.maximum(m_i, ext)
             l_i = l_i * tl.exp(m_i - m_new) + tl.exp(ext - m_new)
             m_i = m_new
-            pos_sum += ext
-            npos += 1.0
+            if EXT_POS:
+                pos_sum += ext
+                npos += 1.0
             log_l = tl.log(l_i)
         loss = (m_i - pos_sum / tl.maximum(npos, 1.0)) + log_l
         tl.store(LOSS + rows, tl.where(npos > 0, loss, 0.0), mask=row_ok)

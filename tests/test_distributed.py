@@ -40,6 +40,9 @@ CASES = {
     "info_nce": lambda a, b, neg, y, s, **kw: msf.info_nce(a, b, temperature=s[0], negatives=neg, **kw),
     "info_nce_symmetric": lambda a, b, neg, y, s, **kw: msf.info_nce(a, b, temperature=s[0], symmetric=True,
                                                                      **kw),
+    # paired negatives built row by row from the local rows, so they shard with them
+    "info_nce_paired": lambda a, b, neg, y, s, **kw: msf.info_nce(
+        a, b, temperature=s[0], negatives=torch.stack([b.flip(1), -a], 1), symmetric=True, **kw),
     "clip": lambda a, b, neg, y, s, **kw: msf.clip_loss(a, b, 1 / s[0], **kw),
     "siglip": lambda a, b, neg, y, s, **kw: msf.siglip_loss(a, b, 1 / s[0], s[1], **kw),
     "nt_xent_torch_backend": lambda a, b, neg, y, s, **kw: msf.nt_xent(a, b, temperature=s[0], backend="torch",

@@ -234,8 +234,8 @@ def _labeled_args(precompute, reduction, with_key, pairwise, with_pos=False):
     yk = torch.randint(0, 3, (11,), generator=g) if with_key else None
     pos = torch.randn(19, generator=g, requires_grad=True) if with_pos else None
     scale = torch.tensor(4.0, requires_grad=True)
-    return (q, key, y, yk, pos, scale, -1, True, reduction, pairwise, precompute, True, with_key, with_pos, True,
-            "cpu")
+    return (q, key, y, yk, pos, True, scale, -1, True, reduction, pairwise, precompute, True, with_key, with_pos,
+            True, "cpu")
 
 
 @pytest.mark.parametrize("with_key,pairwise,with_pos", [(False, False, False), (False, True, False),
@@ -246,10 +246,11 @@ def test_opcheck_labeled(with_key, pairwise, with_pos, reduction, precompute):
     args = _labeled_args(precompute, reduction, with_key, pairwise, with_pos)
     torch.library.opcheck(torch.ops.metassl_fast.labeled_fwd.default, args)
     if not precompute:
-        q, key, y, yk, pos, scale = args[:6]
+        q, key, y, yk, pos, _ext_pos, scale = args[:7]
         torch.library.opcheck(torch.ops.metassl_fast.labeled_bwd.default,
                               (torch.randn(19), q.detach(), None if key is None else key.detach(), y, yk,
-                               None if pos is None else pos.detach(), scale.detach(), -1, True, reduction, pairwise,
+                               None if pos is None else pos.detach(), True, scale.detach(), -1, True, reduction,
+                               pairwise,
                                True, with_key, with_pos, True, "cpu"))
 
 
@@ -387,11 +388,11 @@ def test_cpp_checks_buffer_bounds():
 def test_raw_op_checks_labels():
     q = torch.randn(5, 3)
     with pytest.raises(ValueError, match="labels"):
-        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(4, dtype=torch.long), None, None,
+        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(4, dtype=torch.long), None, None, True,
                                            torch.tensor(2.0), -1, True, "mean", False, False, False, False,
                                            False, False, "cpu")
     with pytest.raises(ValueError, match="labels"):
-        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(5, dtype=torch.int32), None, None,
+        torch.ops.metassl_fast.labeled_fwd(q, None, torch.zeros(5, dtype=torch.int32), None, None, True,
                                            torch.tensor(2.0), -1, True, "mean", False, False, False, False,
                                            False, False, "cpu")
 
@@ -441,3 +442,50 @@ def test_autocast_bf16_on_cpu(op):
     assert torch.isfinite(loss) and torch.isfinite(g_auto).all()
     torch.testing.assert_close(loss.float(), ref, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(g_auto, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------
+# info_nce with paired negatives (N, M, D)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 3), (3, 5, 1), (17, 5, 16), (65, 2, 40)])
+def test_paired_negatives_float64(n, m, d, small_blocks):
+    from metassl_fast.reference import contrastive_loss
+
+    q, k, neg = _randn(n, d, seed=n), _randn(n, d, seed=n + 1), _randn(n, m, d, seed=n + 2)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for symmetric, reduction, normalize in itertools.product([False, True], ["mean", "sum", "none"], [True, False]):
+        inputs = [q, k, neg, t]
+        ours = _grads(msf.info_nce(q, k, negatives=neg, temperature=t, symmetric=symmetric, normalize=normalize,
+                                   reduction=reduction, backend="cpu"), inputs)
+        ref = _grads(contrastive_loss(q, k, neg, 1 / t, symmetric, normalize, reduction), inputs)
+        _compare(ours, ref, torch.float64, f"paired n={n} m={m} sym={symmetric} {reduction} norm={normalize}")
+
+
+def test_paired_negatives_written_out():
+    """Independent of the reference: CE over [q_i . k_j for all j, q_i . neg_i,m]."""
+    q, k, neg = _randn(6, 4, seed=1), _randn(6, 4, seed=2), _randn(6, 3, 4, seed=3)
+    qn, kn, nn_ = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k, neg))
+    logits = torch.cat([qn @ kn.T, torch.einsum("nd,nmd->nm", qn, nn_)], 1) / 0.1
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(6))
+    torch.testing.assert_close(msf.info_nce(q, k, negatives=neg, temperature=0.1, backend="cpu"), want,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_paired_negatives_gradcheck_and_opcheck():
+    q, k, neg = _randn(4, 3, seed=1), _randn(4, 3, seed=2), _randn(4, 2, 3, seed=3)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, n, t: msf.info_nce(q, k, negatives=n, temperature=t, symmetric=True, backend="cpu"),
+        (q, k, neg, t))
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(7, 4, generator=g, requires_grad=True), torch.randn(7, 4, generator=g, requires_grad=True),
+            torch.arange(7), torch.arange(7), torch.randn(7, generator=g, requires_grad=True), False,
+            torch.tensor(3.0, requires_grad=True), -1, True, "mean", False, True, True, True, True, True, "cpu")
+    torch.library.opcheck(torch.ops.metassl_fast.labeled_fwd.default, args)
+
+
+@pytest.mark.parametrize("bad,name", [((5, 2, 3), "negatives"), ((4, 0, 3), "negatives"), ((4, 2, 5), "negatives")])
+def test_paired_negatives_bad_shape(bad, name):
+    with pytest.raises(ValueError, match=name):
+        msf.info_nce(torch.randn(4, 3), torch.randn(4, 3), negatives=torch.randn(*bad))

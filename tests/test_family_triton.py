@@ -145,8 +145,8 @@ def test_opcheck_and_compile():
     scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
     for precompute, reduction in ((True, "mean"), (False, "none")):
         torch.library.opcheck(torch.ops.metassl_fast.labeled_fwd.default,
-                              (q, None, y, None, None, scale, -1, True, reduction, False, precompute, True, False,
-                               False, True, "triton"))
+                              (q, None, y, None, None, True, scale, -1, True, reduction, False, precompute, True,
+                               False, False, True, "triton"))
     a, b = (torch.randn(13, 8, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
     torch.library.opcheck(torch.ops.metassl_fast.siglip_fwd.default,
                           (a, b, scale, torch.tensor(-1.0, device=DEVICE, requires_grad=True), 0, True, True, True,
@@ -158,3 +158,16 @@ def test_opcheck_and_compile():
 
     got = torch.compile(step, fullgraph=True)(a, b)
     torch.testing.assert_close(got, step(a, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_paired_negatives(dtype, symmetric):
+    from metassl_fast.reference import contrastive_loss
+
+    q, k, neg = _leaves([(17, 16), (17, 16), (17, 3, 16)], dtype, 9)
+    for reduction in ("mean", "none"):
+        _check(lambda a, b, c: msf.info_nce(a, b, negatives=c, temperature=0.3, symmetric=symmetric,
+                                            reduction=reduction, backend="triton"),
+               lambda a, b, c: contrastive_loss(a, b, c, 1 / _t(), symmetric, True, reduction),
+               [q, k, neg], dtype, f"paired symmetric={symmetric} {reduction}")

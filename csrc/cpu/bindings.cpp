@@ -114,7 +114,7 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
                           int64_t y_row_numel, uintptr_t y_col, int64_t y_col_numel,
                           uintptr_t row_loss, int64_t row_loss_numel, uintptr_t g_row,
                           int64_t g_row_numel, uintptr_t ext, int64_t ext_numel, uintptr_t dext,
-                          int64_t dext_numel, bool write_grad, int nthreads) {
+                          int64_t dext_numel, bool ext_positive, bool write_grad, int nthreads) {
   require_dtype(dtype);
   require(B >= 0 && C >= 1 && ld >= C && row0 >= 0, "need B >= 0, C >= 1, ld >= C and row0 >= 0");
   require(!exclude_self || row0 + B <= C, "exclude_self needs rows [row0, row0 + B) inside the C columns");
@@ -132,6 +132,7 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
   msf::LabeledArgs a;
   a.B = B, a.C = C, a.ld = ld, a.row0 = row0;
   a.exclude_self = exclude_self, a.pairwise = pairwise, a.write_grad = write_grad;
+  a.ext_positive = ext_positive;
   py::gil_scoped_release nogil;
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
@@ -300,7 +301,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pairwise"), py::arg("y_row"), py::arg("y_row_numel"), py::arg("y_col"),
         py::arg("y_col_numel"), py::arg("row_loss"), py::arg("row_loss_numel"), py::arg("g_row"),
         py::arg("g_row_numel"), py::arg("ext") = 0, py::arg("ext_numel") = 0, py::arg("dext") = 0,
-        py::arg("dext_numel") = 0, py::arg("write_grad"), py::arg("nthreads"),
+        py::arg("dext_numel") = 0, py::arg("ext_positive") = true, py::arg("write_grad"), py::arg("nthreads"),
         "Labelled-row losses (SupCon, NT-Xent, pairwise NT-Xent) of one row block of S and, "
         "optionally, its in-place gradient; returns sum(G * S). See csrc/cpu/contrastive.h.");
   m.def("block_sigmoid", &block_sigmoid, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),

@@ -185,16 +185,17 @@ T sigmoid(T t) {
 }
 
 // One anchor row of the mean-positive loss; returns its sum G S (0 without write_grad).
-// ext (optional): this row's extra logit, a positive outside S (the query's own key
-// when the columns are a bank of negatives); its gradient goes to *dext.
+// ext (optional): this row's extra logit outside S, a positive when ext_pos (the
+// query's own key when the columns are a bank of negatives), else a negative (the LSE
+// of the query's paired negatives); its gradient goes to *dext.
 template <typename T>
 double labeled_mean_row(T* row, int64_t C, int64_t self, int64_t y, const int64_t* y_col, T g,
-                        bool write_grad, T* e, T* loss, const T* ext, T* dext) {
+                        bool write_grad, T* e, T* loss, const T* ext, bool ext_pos, T* dext) {
   T pos_sum = 0;  // over the columns of S only
   int64_t npos = 0;
   for (int64_t j = 0; j < C; ++j)
     if (y_col[j] == y && j != self) pos_sum += row[j], ++npos;
-  if (ext) ++npos;
+  if (ext && ext_pos) ++npos;
   if (npos == 0) {
     *loss = 0;
     if (write_grad) std::fill(row, row + C, T(0));
@@ -207,14 +208,14 @@ double labeled_mean_row(T* row, int64_t C, int64_t self, int64_t y, const int64_
   T sum = exp_sum(row, C, m, e, &dot);
   const T e_ext = ext ? exp_t(*ext - m) : T(0);
   sum += e_ext;
-  const T pos_mean = (pos_sum + (ext ? *ext : T(0))) / static_cast<T>(npos);
+  const T pos_mean = (pos_sum + (ext && ext_pos ? *ext : T(0))) / static_cast<T>(npos);
   *loss = (m - pos_mean) + std::log(sum);
   if (!write_grad) return 0.0;
   const T f = g / sum, gp = g / static_cast<T>(npos);
   for (int64_t j = 0; j < C; ++j) row[j] = f * e[j];
   for (int64_t j = 0; j < C; ++j)
     if (y_col[j] == y && j != self) row[j] -= gp;
-  if (ext) *dext = f * e_ext - gp;
+  if (ext) *dext = f * e_ext - (ext_pos ? gp : T(0));
   return static_cast<double>(f * dot) - static_cast<double>(gp) * static_cast<double>(pos_sum);
 }
 
@@ -281,7 +282,7 @@ double block_rows_labeled(T* S, const LabeledArgs& a, const int64_t* y_row, cons
       acc += a.pairwise ? labeled_pair_row(row, a.C, self, y_row[r], y_col, g, a.write_grad, e.data(),
                                            pidx, psig, row_loss + r)
                         : labeled_mean_row(row, a.C, self, y_row[r], y_col, g, a.write_grad, e.data(),
-                                           row_loss + r, ext ? ext + r : nullptr,
+                                           row_loss + r, ext ? ext + r : nullptr, a.ext_positive,
                                            dext ? dext + r : nullptr);
     }
     partial[tid] = acc;

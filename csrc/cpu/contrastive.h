@@ -54,15 +54,18 @@ void block_col_stats(const T* S, int64_t B, int64_t n_cols, int64_t ld, T* col_m
 //     G_ip = -g_i sigmoid(t_ip),  G_in = g_i (sum_p sigmoid(t_ip)) softmax_Neg(S_i)_n
 // An anchor without positives has l_i = 0 and G_i = 0.  G overwrites S when
 // write_grad; the return value is sum_rj G_rj S_rj (old S, the columns only).
-// ext (optional, mean-positive only): one more logit per row, outside S, that is a
-// positive of its row (info-nce-pytorch's and lightly's memory-bank form: the columns
-// are negatives, the positive is q_i . k_i); its gradient is written to dext[r].
+// ext (optional, mean-positive only): one more logit per row, outside S; with
+// ext_positive it is a positive of its row (info-nce-pytorch's and lightly's
+// memory-bank form: the columns are negatives, the positive is q_i . k_i), otherwise
+// it only enters the LSE (the log-sum-exp of each query's own paired negatives).
+// Its gradient is written to dext[r].
 struct LabeledArgs {
   int64_t B = 0, C = 0, ld = 0;
   int64_t row0 = 0;
   bool exclude_self = false;
   bool pairwise = false;
   bool write_grad = false;
+  bool ext_positive = true;
 };
 
 template <typename T>

@@ -19,7 +19,8 @@ def features(name: str, x: object, rank: int = 2) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank} (shape (N, D)), got shape {tuple(x.shape)}")
+        want = "(N, D)" if rank == 2 else "(N, M, D)"
+        raise ValueError(f"{name} must have rank {rank} (shape {want}), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[0] == 0:

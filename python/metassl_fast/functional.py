@@ -45,6 +45,31 @@ def _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise
                                self_offset=self_offset)
 
 
+def _paired_lse(query, negatives, scale, normalize):
+    """LSE_m s q_i . negatives[i, m] per row, differentiable: the (N, M) logits are
+    smaller than the (N, M, D) negatives themselves."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, n = query.to(acc), negatives.to(acc)
+    if normalize:
+        q, n = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(n, dim=-1)
+    return torch.logsumexp(scale.to(acc) * torch.bmm(n, q.unsqueeze(2)).squeeze(2), 1)
+
+
+def _contrastive_paired(query, key, negatives, scale, symmetric, normalize, reduction, which):
+    """In-batch keys plus each query's own negatives: the in-batch row goes through the
+    fused labelled-row op with the LSE of the paired logits as one extra (negative) logit
+    per row, which is exact: LSE(S_i, P_i) = LSE(S_i, LSE(P_i))."""
+    n = query.shape[0]
+    ids = torch.arange(n, device=query.device)
+    ext = _paired_lse(query, negatives, scale, normalize)
+    row = _family_ops.labeled(query, key, ids, ids, scale, normalize, reduction, False, which, pos_logit=ext,
+                              ext_positive=False)
+    if not symmetric:
+        return row
+    col = _family_ops.labeled(key, query, ids, ids, scale, normalize, reduction, False, which)
+    return 0.5 * (row + col)
+
+
 def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction, backend,
                           rank, ws, group):
     """Local rows against the columns of every rank (see metassl_fast.distributed)."""
@@ -54,10 +79,19 @@ def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetri
     all_ids = torch.arange(ws * n, device=dev)
     keys = _dist.gather(key, name_k, group)
     y_keys = all_ids
-    if negatives is not None:
+    ext = None
+    if negatives is not None and negatives.dim() == 3:  # paired: each local row its own
+        ext = _paired_lse(query, negatives, scale, normalize)
+    elif negatives is not None:
         keys = torch.cat([keys, negatives])
         y_keys = torch.cat([all_ids, torch.full((negatives.shape[0],), -1, dtype=torch.long, device=dev)])
-    row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
+    if which == "torch" and ext is not None:
+        raise ValueError("gather_distributed with paired negatives runs on the cpu or triton backend")
+    if ext is not None:
+        row = _family_ops.labeled(query, keys, ids, y_keys, scale, normalize, reduction, False, which, pos_logit=ext,
+                                  ext_positive=False)
+    else:
+        row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
     if not symmetric:
         return row
     queries = _dist.gather(query, name_q, group)
@@ -74,7 +108,14 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
     if key.shape != query.shape:
         raise ValueError(f"{name_k} must have the shape of {name_q} {tuple(query.shape)} "
                          f"(row i of {name_k} is the positive of row i of {name_q}), got {tuple(key.shape)}")
-    if negatives is not None:
+    paired = isinstance(negatives, Tensor) and negatives.dim() == 3
+    if paired:
+        _validate.features("negatives", negatives, rank=3)
+        _validate.same_dtype_device(name_q, query, "negatives", negatives)
+        if negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1] or negatives.shape[1] == 0:
+            raise ValueError(f"paired negatives must have shape (N, M, D) = ({query.shape[0]}, M >= 1, "
+                             f"{query.shape[1]}), got {tuple(negatives.shape)}")
+    elif negatives is not None:
         _validate.features("negatives", negatives)
         _validate.same_dtype_device(name_q, query, "negatives", negatives)
         if negatives.shape[1] != query.shape[1]:
@@ -89,6 +130,11 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
     if ws > 1:
         return _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction,
                                      backend, rank, ws, process_group)
+    if paired:
+        which = _family_backend(backend, query.device, "info_nce with paired negatives", query.dtype)
+        if which == "torch":
+            return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
+        return _contrastive_paired(query, key, negatives, scale, symmetric, normalize, reduction, which)
     which = _backend.resolve(backend, query.device)
     if which == "triton" and query.dtype == torch.float64:
         raise TypeError(f"{name_q}: backend='triton' takes float32, float16 or bfloat16, got float64")
@@ -109,8 +155,9 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
             other keys are its in-batch negatives.
         temperature: float or 0-dim tensor > 0; logits are query . key / temperature.
             Its gradient is computed when it requires grad.
-        negatives: optional (M, D) extra negatives for every query (e.g. a MoCo queue).
-            They get a gradient only if they require grad.
+        negatives: optional (M, D) extra negatives for every query (e.g. a MoCo queue),
+            or (N, M, D) paired negatives (query i's own M negatives, e.g. hard
+            negatives).  They get a gradient only if they require grad.
         symmetric: also add the column-wise loss (key j against all queries) and
             average the two, as CLIP does.  Negatives take part only in the row loss.
         normalize: L2-normalise query, key and negatives inside the op (exact gradient).

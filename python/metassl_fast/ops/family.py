@@ -120,11 +120,12 @@ def _labeled_inputs(query, key, labels, key_labels, normalize):
     return q, k, q_norm, k_norm, y, yk
 
 
-def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise,
-                 grad_out, with_grad, need, backend="cpu"):
+def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
+                 pairwise, grad_out, with_grad, need, backend="cpu"):
     """Loss (reduced) and, with_grad, (dq, dk, dpos, ds) for upstream gradient grad_out (None = 1)."""
     if backend == "triton":
-        return _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize,
+        return _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
+                                   normalize,
                                    reduction, pairwise, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
@@ -140,8 +141,10 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, 
     n = q.shape[0]
     npos = positives_per_row(y, yk, col0)
     ext = dext = None
-    if pos_logit is not None:  # one more positive per row, outside S
-        npos = npos + 1
+    if pos_logit is not None:  # one more logit per row, outside S
+        if pairwise:
+            raise ValueError("pos_logit goes with the mean-positive loss only (pairwise=False)")
+        npos = npos + (1 if ext_positive else 0)
         ext = pos_logit.to(q.dtype).contiguous()
         if ext.shape != (n,):
             raise ValueError(f"pos_logit must have shape ({n},), got {tuple(pos_logit.shape)}")
@@ -160,7 +163,7 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, 
             g_row=g[r0:r1].data_ptr(), g_row_numel=r1 - r0,
             ext=0 if ext is None else ext[r0:r1].data_ptr(), ext_numel=0 if ext is None else r1 - r0,
             dext=0 if dext is None else dext[r0:r1].data_ptr(), dext_numel=0 if dext is None else r1 - r0,
-            write_grad=with_grad, nthreads=nt)
+            ext_positive=ext_positive, write_grad=with_grad, nthreads=nt)
 
     dq, dk = _sweep(qs, k, kernel, grad=with_grad, need_rows=need_dq or (self_mode and need_dk),
                     need_keys=need_dk, self_mode=self_mode, row_alpha=s, key_alpha=1.0)
@@ -188,18 +191,19 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, 
 @torch.library.custom_op("metassl_fast::labeled_fwd", mutates_args=())
 def labeled_fwd(
     query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, pos_logit: Tensor | None,
-    scale: Tensor, self_offset: int, normalize: bool, reduction: str, pairwise: bool, precompute: bool,
-    need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
+    ext_positive: bool, scale: Tensor, self_offset: int, normalize: bool, reduction: str, pairwise: bool,
+    precompute: bool, need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, dq, dk, dpos, dscale): the gradients of the reduced loss for grad_output = 1
     when precompute, else empty.  key None: the keys are the queries, self excluded.
-    pos_logit (N,) or None: an extra positive logit per row, outside S (already scaled).
+    pos_logit (N,) or None: an extra logit per row, outside S (already scaled): a
+    positive of its row when ext_positive, else a term of the row's LSE only.
     self_offset >= 0 (with a key): anchor i is key row self_offset + i, left out of every
     set (keys gathered from all ranks); -1: no anchor is among the keys."""
     _check_backend(backend)
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
-    loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize,
-                               reduction, pairwise, None, precompute, need, backend)
+    loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
+                               normalize, reduction, pairwise, None, precompute, need, backend)
     if grads is None:
         grads = (query.new_empty(0), (query if key is None else key).new_empty(0), query.new_empty(0),
                  scale.new_empty(0))
@@ -207,8 +211,8 @@ def labeled_fwd(
 
 
 @labeled_fwd.register_fake
-def _(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise, precompute,
-      need_dq, need_dk, need_dpos, need_dscale, backend):
+def _(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction, pairwise,
+      precompute, need_dq, need_dk, need_dpos, need_dscale, backend):
     n = query.shape[0]
     k = query if key is None else key
     p = query if pos_logit is None else pos_logit
@@ -224,8 +228,8 @@ def _(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, 
 @torch.library.custom_op("metassl_fast::labeled_bwd", mutates_args=())
 def labeled_bwd(
     grad: Tensor, query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None,
-    pos_logit: Tensor | None, scale: Tensor, self_offset: int, normalize: bool, reduction: str, pairwise: bool,
-    need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
+    pos_logit: Tensor | None, ext_positive: bool, scale: Tensor, self_offset: int, normalize: bool, reduction: str,
+    pairwise: bool, need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
     _check_backend(backend)
@@ -233,14 +237,14 @@ def labeled_bwd(
     if grad.shape != ((n,) if reduction == "none" else ()):
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
-    _, grads = _labeled_run(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction,
-                            pairwise, grad, True, need, backend)
+    _, grads = _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
+                            reduction, pairwise, grad, True, need, backend)
     return grads
 
 
 @labeled_bwd.register_fake
-def _(grad, query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise,
-      need_dq, need_dk, need_dpos, need_dscale, backend):
+def _(grad, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
+      pairwise, need_dq, need_dk, need_dpos, need_dscale, backend):
     k = query if key is None else key
     p = query if pos_logit is None else pos_logit
     return (query.new_empty(query.shape if need_dq else (0,)),
@@ -250,9 +254,10 @@ def _(grad, query, key, labels, key_labels, pos_logit, scale, self_offset, norma
 
 
 def _labeled_setup(ctx, inputs, output):
-    (query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction, pairwise, precompute,
-     _ndq, _ndk, _ndp, _nds, backend) = inputs
+    (query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction, pairwise,
+     precompute, _ndq, _ndk, _ndp, _nds, backend) = inputs
     ctx.args = (self_offset, normalize, reduction, pairwise, backend)
+    ctx.ext_positive = ext_positive
     ctx.precompute, ctx.has_key, ctx.has_pos = precompute, key is not None, pos_logit is not None
     if precompute:
         ctx.save_for_backward(*output[1:])
@@ -261,7 +266,7 @@ def _labeled_setup(ctx, inputs, output):
 
 
 def _labeled_backward(ctx, grad_loss, *_unused):
-    nq, nk, _, _, npos, ns = ctx.needs_input_grad[:6]
+    nq, nk, _, _, npos, _, ns = ctx.needs_input_grad[:7]
     nk, npos = nk and ctx.has_key, npos and ctx.has_pos
     need = (nq, nk, npos, ns)
     if ctx.precompute:
@@ -269,10 +274,10 @@ def _labeled_backward(ctx, grad_loss, *_unused):
         dq, dk, dp, ds = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
         query, key, labels, key_labels, pos_logit, scale = ctx.saved_tensors
-        outs = labeled_bwd(grad_loss, query, key, labels, key_labels, pos_logit, scale, *ctx.args[:4],
-                           *need, ctx.args[4])
+        outs = labeled_bwd(grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive, scale,
+                           *ctx.args[:4], *need, ctx.args[4])
         dq, dk, dp, ds = (o if nd else None for o, nd in zip(outs, need))
-    return (dq, dk, None, None, dp, ds) + (None,) * 10
+    return (dq, dk, None, None, dp, None, ds) + (None,) * 10
 
 
 torch.library.register_autograd("metassl_fast::labeled_fwd", _labeled_backward, setup_context=_labeled_setup)
@@ -282,7 +287,7 @@ torch.library.register_autograd("metassl_fast::labeled_bwd", refuse_double_backw
 
 def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, scale: Tensor,
             normalize: bool, reduction: str, pairwise: bool, backend: str, pos_logit: Tensor | None = None,
-            self_offset: int = -1) -> Tensor:
+            self_offset: int = -1, ext_positive: bool = True) -> Tensor:
     """Run the fused labelled-row op on validated inputs; returns the loss."""
     grads = torch.is_grad_enabled()
     need_dq = grads and query.requires_grad
@@ -290,7 +295,8 @@ def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tenso
     need_dp = grads and pos_logit is not None and pos_logit.requires_grad
     need_ds = grads and scale.requires_grad
     precompute = reduction != "none" and (need_dq or need_dk or need_dp or need_ds)
-    out = torch.ops.metassl_fast.labeled_fwd(query, key, labels, key_labels, pos_logit, scale, self_offset,
+    out = torch.ops.metassl_fast.labeled_fwd(query, key, labels, key_labels, pos_logit, ext_positive, scale,
+                                             self_offset,
                                              normalize, reduction, pairwise, precompute, need_dq, need_dk, need_dp,
                                              need_ds, backend)
     return out[0]
@@ -426,8 +432,8 @@ def _triton_operands(x, normalize):
     return xa, norm, xa.to(op_dtype).contiguous()
 
 
-def _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_offset, normalize, reduction,
-                        pairwise, grad_out, with_grad, need):
+def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
+                        reduction, pairwise, grad_out, with_grad, need):
     from ..kernels import family as tf
 
     q, q_norm, q_op = _triton_operands(query, normalize)
@@ -459,8 +465,8 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_o
                 num_warps=warps)
     tf.labeled_fwd_kernel[(_c._cdiv(n, bm),)](
         q_op, k_op, y, yk, ext if ext is not None else row_loss, row_loss, stat_a, stat_b, n, c, d,
-        q_op.stride(0), k_op.stride(0), s, col0 or 0, HAS_EXT=ext is not None, **meta)
-    npos = positives_per_row(y, yk, col0) + (1 if ext is not None else 0)
+        q_op.stride(0), k_op.stride(0), s, col0 or 0, HAS_EXT=ext is not None, EXT_POS=ext_positive, **meta)
+    npos = positives_per_row(y, yk, col0) + (1 if ext is not None and ext_positive else 0)
     g, count = _labeled_weights(reduction, pairwise, npos, grad_out, f32)
     loss = _reduce_rows(row_loss, reduction, count, query.dtype)
     if not with_grad:
@@ -488,7 +494,11 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, scale, self_o
         out_k = (_c._normalize_backward(gk, k, k_norm) if k_norm is not None else gk).to(key.dtype)
     out_p = query.new_empty(0)
     if need_dpos and ext is not None:
-        out_p = (g * (torch.exp(ext - stat_a) - 1.0 / npos.to(f32))).to(pos_logit.dtype)
+        p_ext = torch.exp(ext - stat_a)
+        if ext_positive:
+            p_ext = p_ext - 1.0 / npos.to(f32)
+        # rows without positives have no loss and no gradient
+        out_p = torch.where(npos > 0, g * p_ext, torch.zeros_like(p_ext)).to(pos_logit.dtype)
     out_s = (parts.double().sum() / s).to(scale.dtype) if need_ds else scale.new_empty(0)
     return loss, (out_q, out_k, out_p, out_s)
 
