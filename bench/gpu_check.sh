@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU host (no network; torch, triton, nvcc,
 # pybind11 and scikit-build-core are installed there): build, GPU tests, GPU benchmark.
-# Everything it prints also lands under $OUT (7 files: the device tool brings back 8).
-# Budget: under 8 minutes.  Run from the repository root:  bash bench/gpu_check.sh
+# Everything it prints also lands under $OUT (8 files: the device tool brings back 8).
+# Budget: each step has its own timeout (build, 240 s tests, 150 s + 90 s benchmarks): at most
+# about 10 minutes, typically well under.  Run from the repository root:  bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
@@ -19,8 +20,13 @@ tail -3 "$OUT/build.log"
 metassl-fast info 2>&1 | tee "$OUT/info.txt"
 
 echo "== GPU tests"
-timeout 270 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastive_triton.py tests/test_family_triton.py \
+timeout 240 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastive_triton.py tests/test_family_triton.py \
+  tests/test_inner_loop_triton.py \
   -q --maxfail=20 -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== GPU benchmark"
-timeout 200 metassl-fast bench --section contrastive --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
+timeout 150 metassl-fast bench --section contrastive --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
+
+echo "== GPU benchmark: ANIL meta-loss (Triton kernel vs vmap and the autograd loop)"
+# its table file goes to /tmp: $OUT may hold 8 files and the log has the table
+timeout 90 python -m metassl_fast.benchmarks.inner_loop --gpu --out /tmp/msf_inner 2>&1 | tee "$OUT/bench_inner_loop.log" | tail -12

@@ -222,13 +222,70 @@ def format_table(rows, meta):
     return "\n".join(lines)
 
 
+def run_gpu(out_dir="bench/out", stream=sys.stdout, Ts=(32, 128)):
+    """On a CUDA device: the Triton kernel of anil_loss against torch.func vmap(grad) and the
+    per-task autograd loop, forward+backward, float32, the main shape at each T; median
+    of triton.testing.do_bench, peak memory from torch.cuda.max_memory_allocated."""
+    import metassl_fast
+    from triton.testing import do_bench
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("run_gpu needs a CUDA device")
+    from metassl_fast import meta
+
+    impls = {"ours-triton": lambda K: (lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K,
+                                                                                   backend="triton")),
+             "vmap": _vmap, "loop": _loop}
+    rows = []
+    for T in Ts:
+        cfg = {**MAIN, "T": T}
+        args = [a.cuda().detach().requires_grad_(a.requires_grad) for a in
+                _inputs(T, cfg["S"], cfg["Q"], cfg["D"], cfg["C"])]
+        for name, make in impls.items():
+            fn = make(cfg["K"])
+            try:
+                _step(fn, args)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                _step(fn, args)
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                ms = do_bench(lambda: _step(fn, args), quantiles=[0.5, 0.2, 0.8])
+                rows.append({"T": T, "impl": name, "median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2],
+                             "peak_mb": peak})
+            except Exception as exc:  # a baseline that fails is reported, not hidden
+                rows.append({"T": T, "impl": name, "note": f"{type(exc).__name__}: {exc}"[:80]})
+    lines = [f"ANIL meta-loss on {torch.cuda.get_device_name()}, S={MAIN['S']} Q={MAIN['Q']} D={MAIN['D']} "
+             f"C={MAIN['C']} K={MAIN['K']}, second order, float32, forward+backward, torch {torch.__version__}, "
+             f"metassl_fast {metassl_fast.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n",
+             "| T | impl | median ms (p20-p80) | vmap / this | peak MiB |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        vm = next((x.get("median_ms") for x in rows if x["T"] == r["T"] and x["impl"] == "vmap"), None)
+        if "median_ms" not in r:
+            lines.append(f"| {r['T']} | {r['impl']} | {r['note']} | - | - |")
+            continue
+        ratio = f"{vm / r['median_ms']:.1f}x" if vm else "-"
+        lines.append(f"| {r['T']} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | "
+                     f"{ratio} | {r['peak_mb']:.1f} |")
+    table = "\n".join(lines)
+    print(table, file=stream)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "latest_inner_loop_gpu.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--gpu", action="store_true", help="the GPU benchmark of the Triton kernel (needs CUDA)")
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
+    if args.gpu:
+        return run_gpu(args.out)
     run(args.out)
 
 

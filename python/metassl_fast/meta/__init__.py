@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from .. import _backend, _validate
 from ..reference.inner_loop import adapt_reference
 
-_KERNEL_BACKENDS = ("cpu",)  # the Triton / CUDA kernels of the inner loop are still to come
+_KERNEL_BACKENDS = ("cpu",)  # adapt_linear_head: the C++ kernel (Triton: anil_loss only)
+_ANIL_BACKENDS = ("cpu", "triton")  # the fused meta-loss (kernels/inner_loop.py on Triton)
 
 
 def _int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
@@ -187,7 +188,7 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     which = _backend.resolve(backend, support.device)
-    if which not in _KERNEL_BACKENDS:
+    if which not in _ANIL_BACKENDS:
         W_t, b_t = adapt_linear_head(support, support_labels, weight, bias, lr=lr, steps=steps,
                                      first_order=first_order, backend=which)
         q_labels = _check_query(support, query, query_labels, weight.shape[0])

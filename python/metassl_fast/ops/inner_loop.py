@@ -129,8 +129,52 @@ torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_ba
 # dXq: autograd copies gradients the op still references.)
 # ---------------------------------------------------------------------------
 
+def _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
+                      first_order, compute_grad):
+    """kernels/inner_loop.py: one program per task; float32 inside (float64 inputs are
+    rounded), results in the input dtype."""
+    from ..kernels import inner_loop as tk
+
+    dtype = support.dtype
+    f32 = torch.float32
+    X, Xq, W, b, aW, ab = (x.to(f32).contiguous() for x in (support, query, weight, bias, lr_w, lr_b))
+    y, yq = labels.contiguous(), query_labels.contiguous()
+    T, S, D = X.shape
+    Q, C = Xq.shape[1], W.shape[0]
+    dev = X.device
+    loss = torch.empty(T, dtype=f32, device=dev)
+    traj = torch.empty(T, steps + 1, C, D, dtype=f32, device=dev)
+    btraj = torch.empty(T, steps + 1, C, dtype=f32, device=dev)
+    if compute_grad:
+        tw = task_weight.to(f32).contiguous()
+        dX, dXq = torch.empty_like(X), torch.empty_like(Xq)
+        dW0, daW = torch.empty(T, C, D, dtype=f32, device=dev), torch.empty(T, C, D, dtype=f32, device=dev)
+        db0, dab = torch.empty(T, C, dtype=f32, device=dev), torch.empty(T, C, dtype=f32, device=dev)
+    else:
+        tw = dX = dXq = dW0 = daW = db0 = dab = loss  # not touched without COMPUTE_GRAD
+
+    def block(n, floor=16):
+        return max(floor, 1 << (max(1, n) - 1).bit_length())
+
+    from .. import _backend
+
+    block_d = 16 if _backend.interpreting() else 64
+    tk.anil_kernel[(T,)](X, y, Xq, yq, W, b, aW, ab, tw, loss, traj, btraj, dX, dXq, dW0, db0, daW, dab,
+                         S, Q, D, C, steps, COMPUTE_GRAD=compute_grad, FIRST_ORDER=first_order,
+                         PRECISION="ieee", BLOCK_S=block(S), BLOCK_Q=block(Q), BLOCK_C=block(C),
+                         BLOCK_D=block_d, num_warps=4)
+    loss = loss.to(dtype)
+    if not compute_grad:
+        return loss, None
+    return loss, (dX.to(dtype), dXq.to(dtype), dW0.sum(0).to(dtype), db0.sum(0).to(dtype),
+                  daW.sum(0).to(dtype), dab.sum(0).to(dtype))
+
+
 def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
-               first_order, compute_grad):
+               first_order, compute_grad, backend="cpu"):
+    if backend == "triton":
+        return _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
+                                 steps, first_order, compute_grad)
     C_ext = _ext.require("_C")
     _check((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
            lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
@@ -173,7 +217,7 @@ def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: 
                   backend: str) -> Tensor:
     """-> the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none")."""
     loss_t, _ = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
-                           first_order, False)
+                           first_order, False, backend)
     return loss_t.mean() if reduction == "mean" else loss_t
 
 
@@ -192,7 +236,7 @@ def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, 
     weights = (grad.to(support.dtype).contiguous() if reduction == "none"
                else (grad.to(support.dtype) / T).expand(T).contiguous())
     _, grads = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights, steps,
-                          first_order, True)
+                          first_order, True, backend)
     return grads
 
 
