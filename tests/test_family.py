@@ -489,3 +489,26 @@ def test_paired_negatives_gradcheck_and_opcheck():
 def test_paired_negatives_bad_shape(bad, name):
     with pytest.raises(ValueError, match=name):
         msf.info_nce(torch.randn(4, 3), torch.randn(4, 3), negatives=torch.randn(*bad))
+
+
+def test_key_without_grad_updated_in_place_before_backward():
+    """A memory bank / queue enqueued in place between forward and a recomputing backward
+    (reduction="none") does not change the gradient: the op saved a copy."""
+    q = _randn(9, 4, seed=1)
+    bank = torch.randn(6, 4, dtype=torch.float64)
+    p = _randn(9, 4, seed=2)
+    want = torch.autograd.grad(info_nce_explicit_sum(q, p, bank.clone()), [q, p])
+    loss = info_nce_explicit_none(q, p, bank)
+    bank.mul_(-3.0)
+    got = torch.autograd.grad(loss.sum(), [q, p])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def info_nce_explicit_none(q, p, bank):
+    from metassl_fast.functional import info_nce_explicit
+    return info_nce_explicit(q, p, bank, temperature=0.2, reduction="none", backend="cpu")
+
+
+def info_nce_explicit_sum(q, p, bank):
+    return info_nce_explicit_none(q, p, bank).sum()

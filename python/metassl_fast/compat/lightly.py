@@ -66,8 +66,15 @@ class NTXentLoss(nn.Module):
         if out0.shape[1] != self.size[1]:
             raise ValueError(f"the memory bank holds vectors of width {self.size[1]} "
                              f"(memory_bank_size={self.size}), but out0 has width {out0.shape[1]}")
-        negatives = self.bank.detach().to(device=out0.device, dtype=out0.dtype, copy=True)
-        loss = _f.info_nce_explicit(out0, out1, negatives, temperature=self.temperature, backend=self.backend)
+        # The bank's rows are unit vectors already, so only out0 and out1 are normalised
+        # (here, with autograd) and the bank goes to the op as it is: no copy of it.  The
+        # op never keeps it past this call (a scalar loss's gradient is formed in the
+        # forward; a recomputing backward would save a copy), so the in-place enqueue
+        # below cannot change what the loss saw.
+        q, p = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        negatives = self.bank.detach().to(device=out0.device, dtype=out0.dtype)
+        loss = _f.info_nce_explicit(q, p, negatives, temperature=self.temperature, normalize=False,
+                                    backend=self.backend)
         if out0.requires_grad:
             self._enqueue(F.normalize(out1.detach(), dim=1))
         return loss

@@ -262,6 +262,10 @@ def _labeled_setup(ctx, inputs, output):
     if precompute:
         ctx.save_for_backward(*output[1:])
     else:
+        # keys without grad (a memory bank, a queue) are saved as a copy: trainers update
+        # them in place between the forward and the backward
+        if key is not None and not key.requires_grad:
+            key = key.clone()
         ctx.save_for_backward(query, key, labels, key_labels, pos_logit, scale)
 
 
