@@ -79,3 +79,16 @@ def test_family_bench_small_run(tmp_path):
     assert (tmp_path / "family.md").read_text().startswith("drop-ins vs the original packages")
     with open(tmp_path / "family.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_gpu_bench_eager_baselines_compute_the_same_losses():
+    """The GPU table's eager contenders for the family ops are the same losses (checked on
+    the CPU: their timing needs a GPU)."""
+    import torch
+
+    import metassl_fast as msf
+    from metassl_fast.benchmarks import contrastive_gpu as g
+
+    a, b = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    torch.testing.assert_close(g._eager_nt_xent(a, b, None), msf.nt_xent(a, b, temperature=0.5))
+    torch.testing.assert_close(g._eager_siglip(a, b, 3.0), msf.siglip_loss(a, b, 3.0, -10.0))

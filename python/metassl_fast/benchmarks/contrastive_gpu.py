@@ -1,5 +1,6 @@
-"""GPU benchmark of clip_loss and info_nce: eager torch, torch.compile of the same eager
-code and ours (Triton; the CUDA C++ kernels join when they exist).  Inf-CL is not
+"""GPU benchmark of clip_loss and info_nce (and siglip_loss and nt_xent at N=16384,
+D=512): eager torch, torch.compile of the same eager code and ours (Triton; the CUDA
+C++ kernels join when they exist).  Inf-CL is not
 compared yet: the lent GPU host has no network to install it, and its call has not
 been checked here.
 
@@ -21,10 +22,30 @@ import torch.nn.functional as F
 from .contrastive import CSV_FIELDS, TEMPERATURE, _append_csv, _eager_clip_loss, _eager_info_nce, _fmt
 
 OPS = ("clip_loss", "info_nce")
+# the rest of the family, at the issue's target shape only (each op's N is its rows)
+FAMILY_OPS = ("siglip", "nt_xent")
+FAMILY_SHAPES = ((16384, 512),)
 
 
 def _products(op: str) -> int:
     return 4 if op == "clip_loss" else 3
+
+
+def _eager_siglip(image, text, logit_scale):
+    """open_clip SigLipLoss.forward for one process (bias -10)."""
+    logits = logit_scale * image @ text.T - 10.0
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def _eager_nt_xent(z1, z2, logit_scale):
+    """lightly NTXentLoss without a memory bank (SimCLR), as its single-process code does."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = (z @ z.T) * (1 / 0.5)
+    logits = logits.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), float("-inf"))
+    n = z1.shape[0]
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
 
 
 def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
@@ -40,12 +61,17 @@ def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
 def _contenders(op: str):
     import metassl_fast as msf
 
-    eager = _eager_clip_loss if op == "clip_loss" else _eager_info_nce
+    eager = {"clip_loss": _eager_clip_loss, "info_nce": _eager_info_nce, "siglip": _eager_siglip,
+             "nt_xent": _eager_nt_xent}[op]
     out = {"eager": eager, "compiled": torch.compile(eager, dynamic=True)}
     if op == "clip_loss":
         out["triton"] = lambda q, k, s: msf.clip_loss(q, k, s, backend="triton")
-    else:
+    elif op == "info_nce":
         out["triton"] = lambda q, k, s: msf.info_nce(q, k, temperature=TEMPERATURE, backend="triton")
+    elif op == "siglip":
+        out["triton"] = lambda q, k, s: msf.siglip_loss(q, k, s, -10.0, backend="triton")
+    else:  # nt_xent: 2 x N/2 views, so that N counts the rows as for the others
+        out["triton"] = lambda q, k, s: msf.nt_xent(q, k, temperature=0.5, backend="triton")
     return out
 
 
@@ -83,13 +109,19 @@ def _measure(fn, q, k, s):
 
 
 def _rel_err(fn, op, n=1000, d=256, dtype=torch.bfloat16):
-    from metassl_fast.reference import contrastive_loss
+    from metassl_fast.reference import contrastive_loss, labeled_contrastive_loss, siglip_loss
 
     q, k, s = _inputs(n, d, dtype, seed=1)
     loss = fn(q, k, s)
-    got = [loss] + list(torch.autograd.grad(loss, (q, k, s)))
+    got = [loss] + list(torch.autograd.grad(loss, (q, k, s), allow_unused=True))
     q64, k64, s64 = (x.detach().double().requires_grad_() for x in (q, k, s))
-    if op == "clip_loss":
+    if op == "siglip":
+        ref = siglip_loss(q64, k64, s64, torch.tensor(-10.0, dtype=torch.float64, device="cuda"))
+    elif op == "nt_xent":
+        y = torch.arange(n, device="cuda").repeat(2)
+        ref = labeled_contrastive_loss(torch.cat([q64, k64]), None, y, None,
+                                       torch.tensor(2.0, dtype=torch.float64, device="cuda"), True, "mean", False)
+    elif op == "clip_loss":
         ref = contrastive_loss(q64, k64, None, s64, True, False, "mean")
     else:
         ref = contrastive_loss(q64, k64, None, torch.tensor(1 / TEMPERATURE, dtype=torch.float64,
@@ -130,6 +162,29 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
                                  "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None})
                     print(_line(rows[-1]), file=stream, flush=True)
                 del q, k, s
+    for op in FAMILY_OPS:
+        contenders = _contenders(op)
+        try:
+            errs = {name: _rel_err(fn, op) for name, fn in contenders.items()}
+        except Exception as exc:  # reported, and the timings still run
+            print(f"{op}: error check failed: {type(exc).__name__}: {exc}", file=stream)
+            errs = {name: None for name in contenders}
+        for n, d in FAMILY_SHAPES:
+            # nt_xent takes two (N/2, D) views
+            q, k, s = _inputs(n // 2 if op == "nt_xent" else n, d, dt)
+            res = {name: _measure(fn, q, k, s) for name, fn in contenders.items()}
+            base = res["eager"]
+            for name, (ms, peak, note) in res.items():
+                # the products the fused algorithm needs: S, dQ, dK (N x N x D each)
+                tflops = 3 * 2 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
+                rows.append({"op": op, "impl": name, "N": n, "D": d, "dtype": dtype, "median_ms": ms,
+                             "p20_ms": None, "p80_ms": None,
+                             "speedup": base[0] / ms if ms and base[0] else None, "peak_mb": peak,
+                             "mem_ratio": peak / base[1] if peak and base[1] else None,
+                             "max_rel_err": errs[name], "repeats": None, "note": note,
+                             "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None})
+                print(_line(rows[-1]), file=stream, flush=True)
+            del q, k, s
     for n in huge:  # ours alone: eager needs n^2 x 2 B for the logits alone
         d = max(dims)
         q, k, s = _inputs(n, d, dt)
