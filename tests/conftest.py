@@ -1,6 +1,7 @@
 """Test-session set-up shared by every test module."""
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run under its interpreter, on CPU tensors.  The variable
@@ -8,3 +9,13 @@ import torch
 # import metassl_fast.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the CPU backend's S block so that every shape spans several row blocks
+    (tile edges)."""
+    from metassl_fast.ops import contrastive as ops
+
+    monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import metassl_fast as msf
+from helpers import TOL
 from metassl_fast import _ext
-from metassl_fast.ops import contrastive as ops
 from metassl_fast.reference import contrastive_loss
 
 # Backends this machine can run; the rest are listed with the reason they are skipped.
@@ -21,22 +21,6 @@ BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skip(
         reason="triton takes no float64: its grid runs from fp32/fp16 inputs in test_contrastive_triton.py")),
 ]
-
-# max |ours - ref| <= atol + rtol |ref|, per input dtype (reference run in float64)
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (2e-3, 1e-2),
-    torch.bfloat16: (1e-2, 4e-2),
-}
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Shrink the S block so that every shape spans several row blocks (tile edges)."""
-    monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
-    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
-
 
 def _make(n, d, m, dtype, *, seed=0, temp=0.3):
     g = torch.Generator().manual_seed(seed)

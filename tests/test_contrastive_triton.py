@@ -7,7 +7,6 @@ tests/test_contrastive_gpu.py).
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -15,20 +14,9 @@ import torch
 import metassl_fast as msf
 from metassl_fast.reference import contrastive_loss
 
-try:
-    import triton  # noqa: F401
+from helpers import DEVICE, TOL, needs_triton
 
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="triton is not installed, or there is no GPU and TRITON_INTERPRET is not 1")
-
-# max |ours - ref| <= atol + rtol * max|ref|, reference in float64 on the same input values
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 4e-2)}
+pytestmark = needs_triton
 
 
 def _make(n, d, m, dtype, seed):

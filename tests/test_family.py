@@ -8,28 +8,13 @@ import pytest
 import torch
 
 import metassl_fast as msf
+from helpers import TOL
 from metassl_fast import _ext
 from metassl_fast.functional import labeled_contrastive
-from metassl_fast.ops import contrastive as ops
 from metassl_fast.ops import family as fam
 from metassl_fast.reference import labeled_contrastive_loss, siglip_loss
 
 pytestmark = pytest.mark.skipif(not _ext.available("_C"), reason=f"_C not built: {_ext.load_error('_C')}")
-
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (2e-3, 1e-2),
-    torch.bfloat16: (1e-2, 4e-2),
-}
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Shrink the S block so every shape spans several row blocks (tile edges)."""
-    monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
-    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
-
 
 def _randn(*shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

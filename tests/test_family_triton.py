@@ -6,8 +6,6 @@ fp16 (bf16 runs on a GPU only: the interpreter's bf16 loads are wrong).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,19 +13,10 @@ import metassl_fast as msf
 from metassl_fast.functional import info_nce_explicit, labeled_contrastive
 from metassl_fast.reference import labeled_contrastive_loss, siglip_loss
 
-try:
-    import triton  # noqa: F401
+from helpers import DEVICE, TOL, needs_triton
 
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
+pytestmark = needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="triton is not installed, or there is no GPU and TRITON_INTERPRET is not 1")
-
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 4e-2)}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 

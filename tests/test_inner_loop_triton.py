@@ -7,24 +7,15 @@ kernel computes in float32, so the tolerance is float32's.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
 from metassl_fast import meta
 
-try:
-    import triton  # noqa: F401
+from helpers import DEVICE, needs_triton
 
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="triton is not installed, or there is no GPU and TRITON_INTERPRET is not 1")
+pytestmark = needs_triton
 
 
 def _task(T, S, Q, D, C, lr_kind, seed):

@@ -27,6 +27,17 @@ def _autocast_common(*xs):
     return tuple(x.float() if isinstance(x, Tensor) else x for x in xs)
 
 
+def _pair(name_a, a, name_b, b, what):
+    """Two (N, D) feature tensors of one dtype, device and shape (`what` says why)."""
+    _validate.features(name_a, a)
+    _validate.features(name_b, b)
+    a, b = _autocast_common(a, b)
+    _validate.same_dtype_device(name_a, a, name_b, b)
+    if b.shape != a.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)} ({what}), got {tuple(b.shape)}")
+    return a, b
+
+
 def _world(gather_distributed, process_group) -> tuple[int, int]:
     """(rank, world size) when the op gathers across ranks, else (0, 1)."""
     _validate.flag("gather_distributed", gather_distributed)
@@ -101,13 +112,8 @@ def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetri
 
 def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value, *, scale_is_temperature,
                  symmetric, normalize, reduction, backend, gather_distributed=False, process_group=None):
-    _validate.features(name_q, query)
-    _validate.features(name_k, key)
+    query, key = _pair(name_q, query, name_k, key, f"row i of {name_k} is the positive of row i of {name_q}")
     query, key, negatives = _autocast_common(query, key, negatives)
-    _validate.same_dtype_device(name_q, query, name_k, key)
-    if key.shape != query.shape:
-        raise ValueError(f"{name_k} must have the shape of {name_q} {tuple(query.shape)} "
-                         f"(row i of {name_k} is the positive of row i of {name_q}), got {tuple(key.shape)}")
     paired = isinstance(negatives, Tensor) and negatives.dim() == 3
     if paired:
         _validate.features("negatives", negatives, rank=3)
@@ -289,13 +295,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
     Returns:
         A scalar, or (2N,), in the input dtype.
     """
-    _validate.features("z1", z1)
-    _validate.features("z2", z2)
-    z1, z2 = _autocast_common(z1, z2)
-    _validate.same_dtype_device("z1", z1, "z2", z2)
-    if z2.shape != z1.shape:
-        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)} (row i of each is a view of "
-                         f"sample i), got {tuple(z2.shape)}")
+    z1, z2 = _pair("z1", z1, "z2", z2, "row i of each is a view of sample i")
     n = z1.shape[0]
     rank, _ = _world(gather_distributed, process_group)
     labels = (rank * n + torch.arange(n, device=z1.device)).repeat(2)  # sample ids, unique across ranks
@@ -366,13 +366,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
     Returns:
         A scalar in the input dtype.  The N x N logits are never in memory.
     """
-    _validate.features("image_features", image_features)
-    _validate.features("text_features", text_features)
-    image_features, text_features = _autocast_common(image_features, text_features)
-    _validate.same_dtype_device("image_features", image_features, "text_features", text_features)
-    if text_features.shape != image_features.shape:
-        raise ValueError(f"text_features must have the shape of image_features {tuple(image_features.shape)}, "
-                         f"got {tuple(text_features.shape)}")
+    image_features, text_features = _pair("image_features", image_features, "text_features", text_features,
+                                          "text j is the caption of image j")
     scale = _validate.positive_scalar("logit_scale", logit_scale, image_features.device)
     bias = _validate.scalar("logit_bias", logit_bias, image_features.device)
     which = _family_backend(backend, image_features.device, "siglip_loss", image_features.dtype)

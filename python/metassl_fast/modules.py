@@ -10,20 +10,30 @@ from . import _validate
 from .functional import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 
 
-class InfoNCE(nn.Module):
-    """InfoNCE loss module; forward(query (N, D), key (N, D), negatives=None (M, D)).
-    See metassl_fast.info_nce for the semantics."""
+class _TemperatureLoss(nn.Module):
+    """Shared constructor of the temperature-scaled losses below."""
 
-    def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
-                 reduction: str = "mean", backend: str | None = None):
+    def __init__(self, temperature: float, normalize: bool, reduction: str, backend: str | None):
         super().__init__()
         if not isinstance(temperature, Tensor):  # a tensor is checked at each call
             _validate.positive_scalar("temperature", temperature, device=None)
         self.temperature = temperature
-        self.symmetric = _validate.flag("symmetric", symmetric)
         self.normalize = _validate.flag("normalize", normalize)
         self.reduction = _validate.reduction(reduction)
         self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+
+class InfoNCE(_TemperatureLoss):
+    """InfoNCE loss module; forward(query (N, D), key (N, D), negatives=None (M, D) or
+    (N, M, D)).  See metassl_fast.info_nce for the semantics."""
+
+    def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
+                 reduction: str = "mean", backend: str | None = None):
+        super().__init__(temperature, normalize, reduction, backend)
+        self.symmetric = _validate.flag("symmetric", symmetric)
 
     def forward(self, query: Tensor, key: Tensor, negatives: Tensor | None = None) -> Tensor:
         return info_nce(query, key, temperature=self.temperature, negatives=negatives,
@@ -31,8 +41,7 @@ class InfoNCE(nn.Module):
                         reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
-                f"normalize={self.normalize}, reduction={self.reduction!r}")
+        return f"{super().extra_repr()}, symmetric={self.symmetric}"
 
 
 class ClipLoss(nn.Module):
@@ -47,47 +56,29 @@ class ClipLoss(nn.Module):
         return clip_loss(image_features, text_features, logit_scale, backend=self.backend)
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_TemperatureLoss):
     """SimCLR's NT-Xent; forward(z1 (N, D), z2 (N, D)).  See metassl_fast.nt_xent."""
 
     def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
                  backend: str | None = None):
-        super().__init__()
-        if not isinstance(temperature, Tensor):
-            _validate.positive_scalar("temperature", temperature, device=None)
-        self.temperature = temperature
-        self.normalize = _validate.flag("normalize", normalize)
-        self.reduction = _validate.reduction(reduction)
-        self.backend = backend
+        super().__init__(temperature, normalize, reduction, backend)
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent(z1, z2, temperature=self.temperature, normalize=self.normalize,
                        reduction=self.reduction, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
 
-
-class SupConLoss(nn.Module):
+class SupConLoss(_TemperatureLoss):
     """Supervised contrastive loss; forward(features (N, D) or (N, V, D), labels (N,)).
     See metassl_fast.supcon_loss."""
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean",
                  backend: str | None = None):
-        super().__init__()
-        if not isinstance(temperature, Tensor):
-            _validate.positive_scalar("temperature", temperature, device=None)
-        self.temperature = temperature
-        self.normalize = _validate.flag("normalize", normalize)
-        self.reduction = _validate.reduction(reduction)
-        self.backend = backend
+        super().__init__(temperature, normalize, reduction, backend)
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         return supcon_loss(features, labels, temperature=self.temperature, normalize=self.normalize,
                            reduction=self.reduction, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
 
 
 class SigLipLoss(nn.Module):

@@ -151,15 +151,8 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
             for n in sizes:
                 q, k, s = _inputs(n, d, dt)
                 res = {name: _measure(fn, q, k, s) for name, fn in contenders.items()}
-                base = res["eager"]
-                for name, (ms, peak, note) in res.items():
-                    tflops = _products(op) * 2 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
-                    rows.append({"op": op, "impl": name, "N": n, "D": d, "dtype": dtype, "median_ms": ms,
-                                 "p20_ms": None, "p80_ms": None,
-                                 "speedup": base[0] / ms if ms and base[0] else None, "peak_mb": peak,
-                                 "mem_ratio": peak / base[1] if peak and base[1] else None,
-                                 "max_rel_err": errs[name], "repeats": None, "note": note,
-                                 "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None})
+                for name, r in res.items():
+                    rows.append(_row(op, name, n, d, dtype, r, res["eager"], errs[name], _products(op), peak_rate))
                     print(_line(rows[-1]), file=stream, flush=True)
                 del q, k, s
     for op in FAMILY_OPS:
@@ -173,27 +166,16 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
             # nt_xent takes two (N/2, D) views
             q, k, s = _inputs(n // 2 if op == "nt_xent" else n, d, dt)
             res = {name: _measure(fn, q, k, s) for name, fn in contenders.items()}
-            base = res["eager"]
-            for name, (ms, peak, note) in res.items():
+            for name, r in res.items():
                 # the products the fused algorithm needs: S, dQ, dK (N x N x D each)
-                tflops = 3 * 2 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
-                rows.append({"op": op, "impl": name, "N": n, "D": d, "dtype": dtype, "median_ms": ms,
-                             "p20_ms": None, "p80_ms": None,
-                             "speedup": base[0] / ms if ms and base[0] else None, "peak_mb": peak,
-                             "mem_ratio": peak / base[1] if peak and base[1] else None,
-                             "max_rel_err": errs[name], "repeats": None, "note": note,
-                             "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None})
+                rows.append(_row(op, name, n, d, dtype, r, res["eager"], errs[name], 3, peak_rate))
                 print(_line(rows[-1]), file=stream, flush=True)
             del q, k, s
     for n in huge:  # ours alone: eager needs n^2 x 2 B for the logits alone
         d = max(dims)
         q, k, s = _inputs(n, d, dt)
-        ms, peak, note = _measure(_contenders("clip_loss")["triton"], q, k, s)
-        tflops = 8 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
-        rows.append({"op": "clip_loss", "impl": "triton", "N": n, "D": d, "dtype": dtype, "median_ms": ms,
-                     "p20_ms": None, "p80_ms": None, "speedup": None, "peak_mb": peak, "mem_ratio": None,
-                     "max_rel_err": None, "repeats": None, "note": note, "tflops": tflops,
-                     "of_peak": tflops / peak_rate if tflops else None})
+        measured = _measure(_contenders("clip_loss")["triton"], q, k, s)
+        rows.append(_row("clip_loss", "triton", n, d, dtype, measured, (None, None), None, 4, peak_rate))
         print(_line(rows[-1]), file=stream, flush=True)
         del q, k, s
     meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
@@ -206,6 +188,16 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
         f.write(table + "\n")
     print(table, file=stream)
     return rows
+
+
+def _row(op, impl, n, d, dtype, measured, eager, err, products, peak_rate):
+    """One table row from (ms, peak MiB, note) of this contender and of eager."""
+    ms, peak, note = measured
+    tflops = products * 2 * n * n * d / (ms * 1e-3) / 1e12 if ms else None
+    return {"op": op, "impl": impl, "N": n, "D": d, "dtype": dtype, "median_ms": ms, "p20_ms": None,
+            "p80_ms": None, "speedup": eager[0] / ms if ms and eager[0] else None, "peak_mb": peak,
+            "mem_ratio": peak / eager[1] if peak and eager[1] else None, "max_rel_err": err, "repeats": None,
+            "note": note, "tflops": tflops, "of_peak": tflops / peak_rate if tflops else None}
 
 
 def _line(r):
