@@ -66,18 +66,29 @@ def _paired_lse(query, negatives, scale, normalize):
     return torch.logsumexp(scale.to(acc) * torch.bmm(n, q.unsqueeze(2)).squeeze(2), 1)
 
 
-def _contrastive_paired(query, key, negatives, scale, symmetric, normalize, reduction, which):
-    """In-batch keys plus each query's own negatives: the in-batch row goes through the
-    fused labelled-row op with the LSE of the paired logits as one extra (negative) logit
-    per row, which is exact: LSE(S_i, P_i) = LSE(S_i, LSE(P_i))."""
-    n = query.shape[0]
-    ids = torch.arange(n, device=query.device)
-    ext = _paired_lse(query, negatives, scale, normalize)
-    row = _family_ops.labeled(query, key, ids, ids, scale, normalize, reduction, False, which, pos_logit=ext,
-                              ext_positive=False)
+def _rows_against(which, query, key, keys, queries, ids, all_ids, negatives, scale, symmetric, normalize,
+                  reduction):
+    """InfoNCE of these rows (labels ids) against `keys` (labels all_ids: every rank's keys,
+    or just `key`), plus the negatives: an (M, D) queue as more key rows that are no row's
+    positive, or (N, M, D) paired negatives as one extra logit per row, the LSE of its
+    paired logits, which is exact: LSE(S_i, P_i) = LSE(S_i, LSE(P_i)).  Symmetric: also
+    `key`'s rows against `queries`, and the mean of the two."""
+    y_keys, ext = all_ids, None
+    if negatives is not None and negatives.dim() == 3:
+        ext = _paired_lse(query, negatives, scale, normalize)
+    elif negatives is not None:
+        keys = torch.cat([keys, negatives])
+        y_keys = torch.cat([all_ids, torch.full((negatives.shape[0],), -1, dtype=torch.long, device=ids.device)])
+    if ext is None:
+        row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
+    elif which == "torch":
+        raise ValueError("gather_distributed with paired negatives runs on the cpu or triton backend")
+    else:
+        row = _family_ops.labeled(query, keys, ids, y_keys, scale, normalize, reduction, False, which,
+                                  pos_logit=ext, ext_positive=False)
     if not symmetric:
         return row
-    col = _family_ops.labeled(key, query, ids, ids, scale, normalize, reduction, False, which)
+    col = _labeled_any(which, key, queries, ids, all_ids, scale, normalize, reduction, False)
     return 0.5 * (row + col)
 
 
@@ -87,27 +98,10 @@ def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetri
     which = _family_backend(backend, query.device, "gather_distributed", query.dtype)
     n, dev = query.shape[0], query.device
     ids = rank * n + torch.arange(n, device=dev)
-    all_ids = torch.arange(ws * n, device=dev)
     keys = _dist.gather(key, name_k, group)
-    y_keys = all_ids
-    ext = None
-    if negatives is not None and negatives.dim() == 3:  # paired: each local row its own
-        ext = _paired_lse(query, negatives, scale, normalize)
-    elif negatives is not None:
-        keys = torch.cat([keys, negatives])
-        y_keys = torch.cat([all_ids, torch.full((negatives.shape[0],), -1, dtype=torch.long, device=dev)])
-    if which == "torch" and ext is not None:
-        raise ValueError("gather_distributed with paired negatives runs on the cpu or triton backend")
-    if ext is not None:
-        row = _family_ops.labeled(query, keys, ids, y_keys, scale, normalize, reduction, False, which, pos_logit=ext,
-                                  ext_positive=False)
-    else:
-        row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
-    if not symmetric:
-        return row
-    queries = _dist.gather(query, name_q, group)
-    col = _labeled_any(which, key, queries, ids, all_ids, scale, normalize, reduction, False)
-    return 0.5 * (row + col)
+    queries = _dist.gather(query, name_q, group) if symmetric else None
+    return _rows_against(which, query, key, keys, queries, ids, torch.arange(ws * n, device=dev), negatives, scale,
+                         symmetric, normalize, reduction)
 
 
 def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value, *, scale_is_temperature,
@@ -140,7 +134,9 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
         which = _family_backend(backend, query.device, "info_nce with paired negatives", query.dtype)
         if which == "torch":
             return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
-        return _contrastive_paired(query, key, negatives, scale, symmetric, normalize, reduction, which)
+        ids = torch.arange(query.shape[0], device=query.device)
+        return _rows_against(which, query, key, key, query, ids, ids, negatives, scale, symmetric, normalize,
+                             reduction)
     which = _backend.resolve(backend, query.device)
     if which == "triton" and query.dtype == torch.float64:
         raise TypeError(f"{name_q}: backend='triton' takes float32, float16 or bfloat16, got float64")

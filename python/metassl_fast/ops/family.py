@@ -112,12 +112,18 @@ def _labeled_inputs(query, key, labels, key_labels, normalize):
         k = key.to(acc)
         if normalize:
             k, k_norm = _c._normalized(k)
-    y = labels.contiguous()
-    yk = y if key is None else key_labels.contiguous()
-    if y.shape != (query.shape[0],) or yk.shape != (k.shape[0],) or y.dtype != torch.int64 \
-            or yk.dtype != torch.int64:
-        raise ValueError("labels and key_labels must be int64 with one entry per row of query and key")
+    y, yk = _checked_labels(labels, key_labels, query.shape[0], k.shape[0])
     return q, k, q_norm, k_norm, y, yk
+
+
+def _checked_labels(labels, key_labels, n, c):
+    """(labels, key labels) contiguous; key_labels None means the keys are the queries.
+    The kernels read them as raw int64 arrays of n and c entries."""
+    y = labels.contiguous()
+    yk = y if key_labels is None else key_labels.contiguous()
+    if y.shape != (n,) or yk.shape != (c,) or y.dtype != torch.int64 or yk.dtype != torch.int64:
+        raise ValueError("labels and key_labels must be int64 with one entry per row of query and key")
+    return y, yk
 
 
 def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
@@ -125,8 +131,7 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale,
     """Loss (reduced) and, with_grad, (dq, dk, dpos, ds) for upstream gradient grad_out (None = 1)."""
     if backend == "triton":
         return _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
-                                   normalize,
-                                   reduction, pairwise, grad_out, with_grad, need)
+                                   normalize, reduction, pairwise, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
     self_mode = key is None
@@ -167,13 +172,7 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale,
 
     dq, dk = _sweep(qs, k, kernel, grad=with_grad, need_rows=need_dq or (self_mode and need_dk),
                     need_keys=need_dk, self_mode=self_mode, row_alpha=s, key_alpha=1.0)
-    if reduction == "mean":
-        loss = row_loss.sum() / max(count, 1)
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss
-    loss = loss.to(query.dtype)
+    loss = _reduce_rows(row_loss, reduction, count, query.dtype)
     if not with_grad:
         return loss, None
     out_q = query.new_empty(0)
@@ -449,10 +448,7 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive,
     if col0 is not None and col0 + n > c:
         raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + n}) "
                          f"are not all among the {c} keys")
-    y = labels.contiguous()
-    yk = y if self_mode else key_labels.contiguous()
-    if y.shape != (n,) or yk.shape != (c,) or y.dtype != torch.int64 or yk.dtype != torch.int64:
-        raise ValueError("labels and key_labels must be int64 with one entry per row of query and key")
+    y, yk = _checked_labels(labels, None if self_mode else key_labels, n, c)
     dev, f32 = q_op.device, torch.float32
     s = float(scale)
     bm, bn, bd, warps = _c._triton_config(d)
