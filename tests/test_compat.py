@@ -239,3 +239,29 @@ def test_open_clip_bad_input():
         c_open_clip.SigLipLoss(dist_impl="ring")
     with pytest.raises(ValueError, match="world_size"):
         c_open_clip.ClipLoss(world_size=2, rank=1)(torch.randn(3, 2), torch.randn(3, 2), 2.0)
+
+
+def test_pml_supcon_drops_anchors_whose_loss_rounds_to_zero():
+    """AvgNonZeroReducer averages over anchors with loss > 0 as computed: a well separated
+    pair's anchors (loss exactly 0 in float32) leave the mean (found by review)."""
+    pml = originals.pml()
+    e = torch.tensor([[1., 0, 0], [1., 0, 0], [-1., .3, .2], [-1., .1, .5], [-1., .5, .1], [-1., .2, .4]],
+                     requires_grad=True)
+    lab = torch.tensor([0, 0, 1, 1, 2, 2])
+    for t in (0.1, 0.05, 0.02):
+        _same(lambda x: c_pml.SupConLoss(temperature=t)(x, lab), lambda x: pml.SupConLoss(temperature=t)(x, lab),
+              [e], f"t={t}")
+
+
+def test_pml_ntxent_half_precision_warns():
+    c_pml._warned.discard("NTXentLoss-half")
+    x = torch.randn(8, 4).half()
+    with pytest.warns(UserWarning, match="half precision"):
+        c_pml.NTXentLoss()(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+
+
+def test_open_clip_clip_loss_refuses_a_non_scalar_bias():
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="logit_bias"):
+        c_open_clip.ClipLoss()(a, b, 10.0, torch.linspace(-3, 3, 6))
+    torch.testing.assert_close(c_open_clip.ClipLoss()(a, b, 10.0, torch.tensor(2.0)), c_open_clip.ClipLoss()(a, b, 10.0))

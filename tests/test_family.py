@@ -497,3 +497,54 @@ def info_nce_explicit_none(q, p, bank):
 
 def info_nce_explicit_sum(q, p, bank):
     return info_nce_explicit_none(q, p, bank).sum()
+
+
+def test_raw_ops_check_what_the_kernels_assume():
+    """Direct torch.ops calls (the public functions never send these): mismatched D, a
+    key with no rows, a bad reduction or scale (found by review)."""
+    q, k = torch.randn(6, 8), torch.randn(9, 2)
+    y, yk = torch.zeros(6, dtype=torch.long), torch.zeros(9, dtype=torch.long)
+    s = torch.tensor(2.0)
+
+    def lab(**kw):
+        args = dict(query=q, key=k, labels=y, key_labels=yk, pos_logit=None, ext_positive=True, scale=s,
+                    self_offset=-1, normalize=False, reduction="none", pairwise=False, precompute=False,
+                    need_dq=False, need_dk=False, need_dpos=False, need_dscale=False, backend="cpu")
+        args.update(kw)
+        return torch.ops.metassl_fast.labeled_fwd(**args)
+
+    with pytest.raises(ValueError, match="key"):
+        lab()
+    k8 = torch.randn(9, 8)
+    with pytest.raises(ValueError, match="key"):
+        lab(key=k8[:0], key_labels=yk[:0])
+    # (labels or pos_logit on another device: _check_op refuses them; that needs a second
+    # real device to test, a meta tensor only reaches the fake implementation)
+    with pytest.raises(ValueError, match="reduction"):
+        lab(key=k8, reduction="bogus")
+    with pytest.raises(ValueError, match="scale"):
+        lab(key=k8, scale=torch.tensor(0.0))
+    with pytest.raises(ValueError, match="scale"):
+        lab(key=k8, scale=torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="key"):
+        torch.ops.metassl_fast.siglip_fwd(q, k, s, torch.tensor(0.0), 0, False, False, False, False, False, "cpu")
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.metassl_fast.siglip_fwd(q, q, s, torch.zeros(2), 0, False, False, False, False, False, "cpu")
+
+
+def test_supcon_empty_feature_dimension():
+    with pytest.raises(ValueError, match="features"):
+        msf.supcon_loss(torch.randn(6, 2, 0), torch.zeros(6, dtype=torch.long))
+
+
+def test_torch_compile_as_the_first_call_in_a_process():
+    """The compiled module is loaded at import, not inside the first (traced) call."""
+    import subprocess
+    import sys
+
+    code = ("import torch, metassl_fast as msf\n"
+            "a, b = torch.randn(9, 4, requires_grad=True), torch.randn(9, 4)\n"
+            "f = torch.compile(lambda a, b: msf.nt_xent(a, b) + msf.info_nce(a, b), fullgraph=True)\n"
+            "print(float(f(a, b)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

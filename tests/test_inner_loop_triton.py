@@ -105,3 +105,19 @@ def test_adapt_linear_head_refuses_triton():
     with pytest.raises(RuntimeError, match="triton"):
         meta.adapt_linear_head(x.float().to(DEVICE), y.to(DEVICE), W.float().to(DEVICE), b.float().to(DEVICE),
                                backend="triton")
+
+
+def test_raw_op_checks_shapes_the_kernel_cannot():
+    """The Triton kernel reads raw memory: a direct op call with a short bias, a narrow
+    weight or labels out of range gets an error (found by review)."""
+    x, y, xq, yq, W, b, _ = _task(2, 5, 3, 8, 4, "float", seed=0)
+    X, Xq, Wf, bf = (t.float().to(DEVICE) for t in (x, xq, W, b))
+    aw, ab = torch.full((4, 8), 0.5, device=DEVICE), torch.full((4,), 0.5, device=DEVICE)
+    yd, yqd = y.to(DEVICE), yq.to(DEVICE)
+    op = torch.ops.metassl_fast.anil_loss_fwd
+    with pytest.raises(ValueError, match="bias"):
+        op(X, yd, Xq, yqd, Wf, bf[:1], aw, ab, 2, False, "none", "triton")
+    with pytest.raises(ValueError, match="weight"):
+        op(X, yd, Xq, yqd, Wf[:, :2], bf, aw, ab, 2, False, "none", "triton")
+    with pytest.raises(ValueError, match="labels"):
+        op(X, yd + 4, Xq, yqd, Wf, bf, aw, ab, 2, False, "none", "triton")

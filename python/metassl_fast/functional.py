@@ -60,10 +60,11 @@ def _paired_lse(query, negatives, scale, normalize):
     """LSE_m s q_i . negatives[i, m] per row, differentiable: the (N, M) logits are
     smaller than the (N, M, D) negatives themselves."""
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, n = query.to(acc), negatives.to(acc)
-    if normalize:
-        q, n = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(n, dim=-1)
-    return torch.logsumexp(scale.to(acc) * torch.bmm(n, q.unsqueeze(2)).squeeze(2), 1)
+    with torch.autocast(query.device.type, enabled=False):  # accumulate in acc, as the fused row does
+        q, n = query.to(acc), negatives.to(acc)
+        if normalize:
+            q, n = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(n, dim=-1)
+        return torch.logsumexp(scale.to(acc) * torch.bmm(n, q.unsqueeze(2)).squeeze(2), 1)
 
 
 def _rows_against(which, query, key, keys, queries, ids, all_ids, negatives, scale, symmetric, normalize,
@@ -327,11 +328,11 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() not in (2, 3):
         raise ValueError(f"features must have shape (N, D) or (N, V, D), got {tuple(features.shape)}")
+    if 0 in features.shape:
+        raise ValueError(f"features has an empty dimension: shape {tuple(features.shape)}")
     shape = features.shape[:-1]
     flat = features.reshape(-1, features.shape[-1])
     _validate.features("features", flat)
-    if features.dim() == 3 and 0 in features.shape:
-        raise ValueError(f"features has an empty dimension: shape {tuple(features.shape)}")
     y = _validate.labels("labels", labels, features.shape[0], features.device, "sample of features")
     if features.dim() == 3:
         y = y.repeat_interleave(features.shape[1])

@@ -50,6 +50,11 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
+        # a scalar bias shifts every logit of a row alike: the cross-entropies do not change
+        if logit_bias is not None and not (isinstance(logit_bias, (int, float)) or
+                                           (isinstance(logit_bias, Tensor) and logit_bias.numel() == 1)):
+            raise ValueError("logit_bias: only a scalar bias is supported (it leaves CLIP's loss unchanged); "
+                             f"got shape {tuple(logit_bias.shape) if isinstance(logit_bias, Tensor) else '?'}")
         loss = self._loss(image_features, text_features, logit_scale)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -92,8 +92,9 @@ class _PMLLoss(nn.Module):
             loss = self._fused(embeddings, y, key, yk, self_offset=-1)
         else:  # a separate ref_emb whose row i is anchor i itself (pytorch-metric-learning's rule)
             if key.shape[0] < embeddings.shape[0]:
-                raise ValueError("ref_emb must have at least as many rows as embeddings when ref_labels is "
-                                 "labels (row i of ref_emb is then anchor i's own column)")
+                raise ValueError(f"ref_emb has {key.shape[0]} rows but embeddings has {embeddings.shape[0]}: "
+                                 "without ref_labels (or with ref_labels=labels) pytorch-metric-learning treats "
+                                 "row i of ref_emb as anchor i itself; pass ref_labels for a separate set")
             loss = self._fused(embeddings, y, key, yk, self_offset=0)
         return loss
 
@@ -112,13 +113,26 @@ def _no_pairs(y: Tensor, yk: Tensor, exclude_self: bool) -> bool:
 
 
 class NTXentLoss(_PMLLoss):
-    """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs)."""
+    """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs).
+
+    One difference, at extremes only: pml computes each pair's loss as
+    -log(num / den + finfo.tiny), which caps it at about 87.3 in float32 (9.7 in float16,
+    where pml computes in half precision) and gives such pairs almost no gradient; this
+    op computes the exact value, in float32 for half-precision inputs.  In float32 the
+    two agree unless a pair's loss exceeds ~87 (temperatures far below 0.07 with hard
+    pairs); half-precision inputs warn once, since pml's own numbers differ there."""
     _name = "NTXentLoss"
 
     def __init__(self, temperature: float = 0.07, **kwargs):
         super().__init__(temperature, **kwargs)
 
     def _fused(self, q, y, key, yk, self_offset):
+        if q.dtype in (torch.float16, torch.bfloat16) and "NTXentLoss-half" not in _warned:
+            _warned.add("NTXentLoss-half")
+            warnings.warn("metassl_fast.compat.pytorch_metric_learning.NTXentLoss: half-precision inputs are "
+                          "computed in float32 here; pytorch-metric-learning computes them in half precision "
+                          "and caps each pair's loss at -log(finfo.tiny) (9.7 in float16), so the numbers "
+                          "differ", stacklevel=4)
         if key is None:
             return _f.labeled_contrastive(q, y, temperature=self.temperature, pairwise=True, backend=self.backend)
         return _pairwise_with_key(q, y, key, yk, self.temperature, self_offset, self.backend)
@@ -132,16 +146,14 @@ class SupConLoss(_PMLLoss):
         super().__init__(temperature, **kwargs)
 
     def _fused(self, q, y, key, yk, self_offset):
-        col0 = 0 if key is None else (self_offset if self_offset >= 0 else None)
-        from ..ops.family import positives_per_row
-        npos = positives_per_row(y, y if key is None else yk, col0)
-        n_cols = q.shape[0] if key is None else key.shape[0]
-        n_same = positives_per_row(y, y if key is None else yk, None)
-        nneg = n_cols - n_same
-        # AvgNonZeroReducer: an anchor with a single positive and no negative has loss 0
-        count = int(((npos > 0) & ~((npos == 1) & (nneg == 0))).sum())
-        total = _labeled(q, y, key, yk, self.temperature, self_offset, "sum", False, self.backend)
-        return total / max(count, 1)
+        # AvgNonZeroReducer: the mean over the anchors whose loss is > 0 as computed, so an
+        # anchor whose loss rounds to 0 (a well separated class) leaves the mean, as in pml.
+        # Per-anchor losses cost a recomputing backward; still far below pml's pair masks.
+        losses = _labeled(q, y, key, yk, self.temperature, self_offset, "none", False, self.backend)
+        keep = losses > 0
+        if not bool(keep.any()):
+            return (q * 0).sum()
+        return losses[keep].mean()
 
 
 def _pairwise_with_key(q, y, key, yk, temperature, self_offset, backend):

@@ -29,6 +29,28 @@ def _check_backend(backend: str) -> None:
                            "(CPU and Triton kernels, and the torch reference)")
 
 
+def _check_op(query: Tensor, key: Tensor | None, scale: Tensor, reduction: str | None = None,
+              **others: Tensor | None) -> None:
+    """What the kernels assume of a direct torch.ops call (the public functions ensure it):
+    (N, D) features with N, D >= 1, keys with the same D and device, a 0-dim scale > 0,
+    a known reduction, and every other tensor on the features' device."""
+    if query.dim() != 2 or query.shape[0] == 0 or query.shape[1] == 0:
+        raise ValueError(f"query must be (N, D) with N, D >= 1, got {tuple(query.shape)}")
+    if key is not None and (key.dim() != 2 or key.shape[0] == 0 or key.shape[1] != query.shape[1]):
+        raise ValueError(f"key must be (M, D={query.shape[1]}) with M >= 1, got {tuple(key.shape)}")
+    if key is not None and key.device != query.device:
+        raise ValueError(f"key is on {key.device} but query is on {query.device}")
+    if scale.dim() != 0:
+        raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+    if reduction is not None and reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    for name, t in others.items():
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if not torch.compiler.is_compiling() and not float(scale) > 0:
+        raise ValueError(f"scale must be > 0, got {float(scale)}")
+
+
 def _sweep(rows: Tensor, keys: Tensor, kernel, *, grad: bool, need_rows: bool, need_keys: bool,
            self_mode: bool, row_alpha: float, key_alpha: float):
     """S = rows keys^T in row blocks of at most TARGET_BLOCK_BYTES; kernel(S, r0, r1)
@@ -200,6 +222,7 @@ def labeled_fwd(
     self_offset >= 0 (with a key): anchor i is key row self_offset + i, left out of every
     set (keys gathered from all ranks); -1: no anchor is among the keys."""
     _check_backend(backend)
+    _check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit)
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
     loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
                                normalize, reduction, pairwise, None, precompute, need, backend)
@@ -232,6 +255,7 @@ def labeled_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
     _check_backend(backend)
+    _check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit, grad=grad)
     n = query.shape[0]
     if grad.shape != ((n,) if reduction == "none" else ()):
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
@@ -351,6 +375,9 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
     query (N, D), key (M, D): query i's positive is key diag_offset + i; the loss is the
     sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
     _check_backend(backend)
+    _check_op(query, key, scale, bias=bias)
+    if bias.dim() != 0:
+        raise ValueError(f"bias must be a 0-dim tensor, got shape {tuple(bias.shape)}")
     loss, grads = _siglip_run(query, key, scale, bias, diag_offset, None, precompute,
                               (need_dq, need_dk, need_dscale, need_dbias), backend)
     if grads is None:
@@ -372,6 +399,7 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
                need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_backend(backend)
+    _check_op(query, key, scale, bias=bias, grad=grad)
     if grad.shape != ():
         raise ValueError(f"grad must be 0-dim (the loss is a scalar), got shape {tuple(grad.shape)}")
     # the weight goes into the kernel; a zero upstream gradient gives zero gradients

@@ -129,12 +129,40 @@ torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_ba
 # dXq: autograd copies gradients the op still references.)
 # ---------------------------------------------------------------------------
 
+def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight):
+    """The C++ kernel checks every buffer's size itself; the Triton kernel cannot, so a
+    direct call of the op is checked here: shapes, one device, float features, int64
+    labels in [0, C)."""
+    if support.dim() != 3 or query.dim() != 3 or weight.dim() != 2:
+        raise ValueError("support (T, S, D), query (T, Q, D) and weight (C, D) have the wrong rank")
+    T, S, D = support.shape
+    C = weight.shape[0]
+    want = {"labels": (labels, (T, S)), "query": (query, (T, query.shape[1], D)),
+            "query_labels": (query_labels, (T, query.shape[1])), "weight": (weight, (C, D)), "bias": (bias, (C,)),
+            "lr_w": (lr_w, (C, D)), "lr_b": (lr_b, (C,))}
+    if task_weight is not None:
+        want["task_weight"] = (task_weight, (T,))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != support.device:
+            raise ValueError(f"{name} is on {t.device} but support is on {support.device}")
+    if min(T, S, D, C, query.shape[1]) < 1:
+        raise ValueError(f"every dimension must be >= 1, got T={T} S={S} D={D} C={C} Q={query.shape[1]}")
+    for name, y in (("labels", labels), ("query_labels", query_labels)):
+        if y.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {y.dtype}")
+        if bool((y < 0).any() | (y >= C).any()):
+            raise ValueError(f"{name} must be in [0, {C})")
+
+
 def _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
                       first_order, compute_grad):
     """kernels/inner_loop.py: one program per task; float32 inside (float64 inputs are
     rounded), results in the input dtype."""
     from ..kernels import inner_loop as tk
 
+    _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight)
     dtype = support.dtype
     f32 = torch.float32
     X, Xq, W, b, aW, ab = (x.to(f32).contiguous() for x in (support, query, weight, bias, lr_w, lr_b))
