@@ -18,12 +18,37 @@ namespace {
 // registers and every row chunk of X is loaded once per block.
 constexpr int CB = 8;
 
-// out (R, C) = X (R, D) W (C, D)^T + bias (C, may be null)
+// out (R, C) = X (R, D) W (C, D)^T + bias (C, may be null).  Two rows at a time: each
+// loaded vector of W feeds two FMAs (NC <= 8 classes x 2 rows = 16 accumulators at most,
+// the ymm register file).
 template <typename T, int NC>
 void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C,
                int64_t c0) {
   using Xv = Vec<T>;
-  for (int64_t r = 0; r < R; ++r) {
+  constexpr int RB = NC <= 6 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) {
+    typename Xv::V acc[RB][NC];
+    for (int i = 0; i < RB; ++i)
+      for (int j = 0; j < NC; ++j) acc[i][j] = Xv::splat(0);
+    int64_t d = 0;
+    for (; d + Xv::W <= D; d += Xv::W) {
+      typename Xv::V xv[RB];
+      for (int i = 0; i < RB; ++i) xv[i] = Xv::load(X + (r + i) * D + d);
+      for (int j = 0; j < NC; ++j) {
+        const typename Xv::V wv = Xv::load(W + (c0 + j) * D + d);
+        for (int i = 0; i < RB; ++i) acc[i][j] += xv[i] * wv;
+      }
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int j = 0; j < NC; ++j) {
+        const T* x = X + (r + i) * D;
+        T v = Xv::hsum(acc[i][j]);
+        for (int64_t e = d; e < D; ++e) v += x[e] * W[(c0 + j) * D + e];
+        out[(r + i) * C + c0 + j] = v + (bias ? bias[c0 + j] : T(0));
+      }
+  }
+  for (; r < R; ++r) {
     const T* x = X + r * D;
     typename Xv::V acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = Xv::splat(0);
@@ -40,12 +65,32 @@ void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t
   }
 }
 
-// out (C, D) = alpha A (R, C)^T X (R, D), added to out when accumulate
+// out (C, D) = alpha A (R, C)^T X (R, D), added to out when accumulate.  Two vectors of
+// D at a time for small class blocks: each broadcast of A feeds two FMAs.
 template <typename T, int NC>
 void atx_block(const T* A, const T* X, T* out, int64_t R, int64_t D, int64_t C, int64_t c0, T alpha,
                bool accumulate) {
   using Xv = Vec<T>;
+  constexpr int DB = NC <= 6 ? 2 : 1;
   int64_t d = 0;
+  for (; d + DB * Xv::W <= D; d += DB * Xv::W) {
+    typename Xv::V acc[DB][NC];
+    for (int u = 0; u < DB; ++u)
+      for (int j = 0; j < NC; ++j) acc[u][j] = Xv::splat(0);
+    for (int64_t r = 0; r < R; ++r) {
+      typename Xv::V xv[DB];
+      for (int u = 0; u < DB; ++u) xv[u] = Xv::load(X + r * D + d + u * Xv::W);
+      for (int j = 0; j < NC; ++j) {
+        const T a = A[r * C + c0 + j];
+        for (int u = 0; u < DB; ++u) acc[u][j] += a * xv[u];
+      }
+    }
+    for (int u = 0; u < DB; ++u)
+      for (int j = 0; j < NC; ++j) {
+        T* o = out + (c0 + j) * D + d + u * Xv::W;
+        Xv::store(o, (accumulate ? Xv::load(o) : Xv::splat(0)) + alpha * acc[u][j]);
+      }
+  }
   for (; d + Xv::W <= D; d += Xv::W) {
     typename Xv::V acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = Xv::splat(0);
