@@ -11,7 +11,7 @@ BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"),
                                                  reason=f"_C not built: {_ext.load_error('_C')}")),
     pytest.param("triton", marks=pytest.mark.skip(
-        reason="the Triton kernel computes in float32 and covers anil_loss only: tests/test_inner_loop_triton.py")),
+        reason="the Triton kernels compute in float32: their grid runs in tests/test_inner_loop_triton.py")),
     pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA C++ inner-loop kernel yet")),
 ]
 

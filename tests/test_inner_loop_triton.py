@@ -91,6 +91,8 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.metassl_fast.anil_loss_fwd.default,
                           (f32[0], y.to(DEVICE), f32[1], yq.to(DEVICE), f32[2], f32[3], lr_w, lr_b, 2, False,
                            "mean", "triton"))
+    torch.library.opcheck(torch.ops.metassl_fast.inner_loop_fwd.default,
+                          (f32[0], y.to(DEVICE), f32[2], f32[3], lr_w, lr_b, 2, False, "triton"))
     torch._dynamo.reset()
 
     def step(x, xq, W, b):
@@ -100,11 +102,35 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(got, step(*f32))
 
 
-def test_adapt_linear_head_refuses_triton():
-    x, y, _, _, W, b, _ = _task(1, 3, 1, 4, 2, "float", seed=0)
-    with pytest.raises(RuntimeError, match="triton"):
-        meta.adapt_linear_head(x.float().to(DEVICE), y.to(DEVICE), W.float().to(DEVICE), b.float().to(DEVICE),
-                               backend="triton")
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_kind", ["tensor", "meta_sgd"])
+@pytest.mark.parametrize("T,S,D,C,K", [(1, 1, 1, 2, 0), (3, 5, 17, 5, 3), (2, 25, 64, 20, 1)])
+def test_adapt_linear_head(T, S, D, C, K, lr_kind, first_order):
+    """adapt_linear_head on Triton (adapt_fwd_kernel / adapt_bwd_kernel): W_t, b_t and the
+    gradients of a non-uniform function of them, against the autograd loop."""
+    x, y, _, _, W, b, lr = _task(T, S, 1, D, C, lr_kind, seed=T * S + D + K)
+
+    def run(backend, dtype, device):
+        leaves = [t.to(dtype).to(device).requires_grad_() for t in (x, W, b)]
+        lrs = tuple(t.to(dtype).to(device).requires_grad_() for t in lr) if isinstance(lr, tuple) \
+            else lr.to(dtype).to(device).requires_grad_()
+        lr_leaves = list(lrs) if isinstance(lrs, tuple) else [lrs]
+        W_t, b_t = meta.adapt_linear_head(leaves[0], y.to(device), leaves[1], leaves[2], lr=lrs, steps=K,
+                                          first_order=first_order, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        cw = torch.randn(W_t.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        cb = torch.randn(b_t.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        obj = (W_t * cw).sum() + (b_t * cb).sum()
+        inputs = leaves + lr_leaves
+        grads = torch.autograd.grad(obj, inputs, allow_unused=True)
+        grads = [torch.zeros_like(v) if gr is None else gr for gr, v in zip(grads, inputs)]
+        return [t.detach().double().cpu() for t in [W_t, b_t, *grads]]
+
+    ours = run("triton", torch.float32, DEVICE)
+    ref = run("torch", torch.float64, "cpu")
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        err, bound = (a - r).abs().max().item(), 2e-5 + 2e-4 * r.abs().max().item()
+        assert err <= bound, f"output {i}: {err:.3e} > {bound:.3e}"
 
 
 def test_raw_op_checks_shapes_the_kernel_cannot():

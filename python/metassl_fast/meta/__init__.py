@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from .. import _backend, _validate
 from ..reference.inner_loop import adapt_reference
 
-_KERNEL_BACKENDS = ("cpu",)  # adapt_linear_head: the C++ kernel (Triton: anil_loss only)
-_ANIL_BACKENDS = ("cpu", "triton")  # the fused meta-loss (kernels/inner_loop.py on Triton)
+_KERNEL_BACKENDS = ("cpu", "triton")  # the C++ kernel, or kernels/inner_loop.py
 
 
 def _int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
@@ -132,8 +131,9 @@ def adapt_linear_head(support: Tensor, support_labels: Tensor, weight: Tensor, b
     Returns (W_t (T, C, D), b_t (T, C)), differentiable with respect to support,
     weight, bias and lr: exact second-order meta-gradients (or first-order MAML
     semantics with first_order=True, the inner gradients treated as constants).
-    backend: None (best available), "cpu" (the fused C++ kernel) or "torch" (the
-    per-task autograd loop); also METASSL_FAST_BACKEND.
+    backend: None (best available), "cpu" (the fused C++ kernel), "triton" (one program
+    per task, float32 inside; opt-in) or "torch" (the per-task autograd loop); also
+    METASSL_FAST_BACKEND.
     """
     X, labels, W, b, lr_w, lr_b, steps = _prepared(support, support_labels, weight, bias, lr, steps,
                                                    first_order)
@@ -188,7 +188,7 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     which = _backend.resolve(backend, support.device)
-    if which not in _ANIL_BACKENDS:
+    if which not in _KERNEL_BACKENDS:
         W_t, b_t = adapt_linear_head(support, support_labels, weight, bias, lr=lr, steps=steps,
                                      first_order=first_order, backend=which)
         q_labels = _check_query(support, query, query_labels, weight.shape[0])

@@ -40,6 +40,8 @@ def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
                    lr_b: Tensor, steps: int, first_order: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """support (T, S, D), labels (T, S) int64, weight (C, D), bias (C), lr_w (C, D), lr_b (C)
     -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
+    if backend == "triton":
+        return _adapt_fwd_triton(support, labels, weight, bias, lr_w, lr_b, steps)
     C_ext = _ext.require("_C")
     _check((labels,), support=support, weight=weight, bias=bias, lr_w=lr_w, lr_b=lr_b)
     T, S, D = support.shape
@@ -70,6 +72,8 @@ def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, 
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (d support (T, S, D), d weight (C, D), d bias (C), d lr_w (C, D), d lr_b (C)),
     the head and lr gradients summed over tasks."""
+    if backend == "triton":
+        return _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order)
     C_ext = _ext.require("_C")
     dW_K, db_K = dW_K.to(support.dtype).contiguous(), db_K.to(support.dtype).contiguous()
     _check((labels,), support=support, lr_w=lr_w, lr_b=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K,
@@ -129,6 +133,59 @@ torch.library.register_autograd("metassl_fast::inner_loop_bwd", refuse_double_ba
 # dXq: autograd copies gradients the op still references.)
 # ---------------------------------------------------------------------------
 
+def _blocks(S, Q, C):
+    """(BLOCK_S, BLOCK_Q, BLOCK_C, BLOCK_D) of the Triton kernels: powers of two, at least
+    16 (tl.dot's smallest tile); a small D chunk under the interpreter."""
+    from .. import _backend
+
+    def block(n):
+        return max(16, 1 << (max(1, n) - 1).bit_length())
+
+    return block(S), block(Q), block(C), 16 if _backend.interpreting() else 64
+
+
+def _adapt_fwd_triton(support, labels, weight, bias, lr_w, lr_b, steps):
+    from ..kernels import inner_loop as tk
+
+    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], weight, bias, lr_w, lr_b, None)
+    f32 = torch.float32
+    X, W, b, aW, ab = (x.to(f32).contiguous() for x in (support, weight, bias, lr_w, lr_b))
+    T, S, D = X.shape
+    C = W.shape[0]
+    traj = torch.empty(T, steps + 1, C, D, dtype=f32, device=X.device)
+    btraj = torch.empty(T, steps + 1, C, dtype=f32, device=X.device)
+    bs, _, bc, bd = _blocks(S, 1, C)
+    tk.adapt_fwd_kernel[(T,)](X, labels.contiguous(), W, b, aW, ab, traj, btraj, S, D, C, steps, PRECISION="ieee",
+                              BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
+    dt = support.dtype
+    return traj[:, steps].to(dt, copy=True), btraj[:, steps].to(dt, copy=True), traj.to(dt), btraj.to(dt)
+
+
+def _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
+    from ..kernels import inner_loop as tk
+
+    T, S, D = support.shape
+    C = lr_w.shape[0]
+    steps = W_traj.shape[1] - 1
+    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None)
+    for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
+                           ("b_traj", b_traj, (T, steps + 1, C))):
+        if tuple(t.shape) != shape or t.device != support.device:
+            raise ValueError(f"{name} must have shape {shape} on {support.device}, got {tuple(t.shape)} on {t.device}")
+    f32 = torch.float32
+    X, aW, ab, Wt, bt, dWK, dbK = (x.to(f32).contiguous() for x in (support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K))
+    dev = X.device
+    dX = torch.empty_like(X)
+    dW0, daW = torch.empty(T, C, D, dtype=f32, device=dev), torch.empty(T, C, D, dtype=f32, device=dev)
+    db0, dab = torch.empty(T, C, dtype=f32, device=dev), torch.empty(T, C, dtype=f32, device=dev)
+    bs, _, bc, bd = _blocks(S, 1, C)
+    tk.adapt_bwd_kernel[(T,)](X, labels.contiguous(), aW, ab, Wt, bt, dWK, dbK, dX, dW0, db0, daW, dab, S, D, C, steps,
+                              FIRST_ORDER=first_order, PRECISION="ieee", BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd,
+                              num_warps=4)
+    dt = support.dtype
+    return dX.to(dt), dW0.sum(0).to(dt), db0.sum(0).to(dt), daW.sum(0).to(dt), dab.sum(0).to(dt)
+
+
 def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight):
     """The C++ kernel checks every buffer's size itself; the Triton kernel cannot, so a
     direct call of the op is checked here: shapes, one device, float features, int64
@@ -181,16 +238,10 @@ def _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, 
     else:
         tw = dX = dXq = dW0 = daW = db0 = dab = loss  # not touched without COMPUTE_GRAD
 
-    def block(n, floor=16):
-        return max(floor, 1 << (max(1, n) - 1).bit_length())
-
-    from .. import _backend
-
-    block_d = 16 if _backend.interpreting() else 64
+    bs, bq, bc, bd = _blocks(S, Q, C)
     tk.anil_kernel[(T,)](X, y, Xq, yq, W, b, aW, ab, tw, loss, traj, btraj, dX, dXq, dW0, db0, daW, dab,
                          S, Q, D, C, steps, COMPUTE_GRAD=compute_grad, FIRST_ORDER=first_order,
-                         PRECISION="ieee", BLOCK_S=block(S), BLOCK_Q=block(Q), BLOCK_C=block(C),
-                         BLOCK_D=block_d, num_warps=4)
+                         PRECISION="ieee", BLOCK_S=bs, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
     loss = loss.to(dtype)
     if not compute_grad:
         return loss, None
