@@ -197,6 +197,13 @@ def _siglip_tile(s_raw, rows, cols, row_ok, col_ok, scale, bias, diag_col0):
 
 
 @triton.jit
+def _siglip_dx(s_raw, rows, cols, row_ok, col_ok, scale, bias, diag_col0, w):
+    """dL/dx = -z w sigmoid(-z x) on a tile, 0 outside it."""
+    x, z, ok = _siglip_tile(s_raw, rows, cols, row_ok, col_ok, scale, bias, diag_col0)
+    return tl.where(ok, -z * w * _sigmoid(-z * x), 0.0)
+
+
+@triton.jit
 def siglip_fwd_kernel(Q, K, LOSS, N, C, D, stride_q, stride_k, scale, bias, diag_col0, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -231,8 +238,7 @@ def siglip_bwd_dq_kernel(Q, K, DQ, PART, N, C, D, stride_q, stride_k, stride_dq,
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         s, _q, k = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, 1.0, PRECISION)
-        x, z, ok = _siglip_tile(s, rows, cols, row_ok, col_ok, scale, bias, diag_col0)
-        dx = tl.where(ok, -z * w * _sigmoid(-z * x), 0.0)
+        dx = _siglip_dx(s, rows, cols, row_ok, col_ok, scale, bias, diag_col0, w)
         ds += tl.sum(dx * s, 1)
         db += tl.sum(dx, 1)
         acc = tl.dot(dx.to(k.dtype), k, acc, input_precision=PRECISION)
@@ -256,7 +262,6 @@ def siglip_bwd_dk_kernel(Q, K, DK, N, C, D, stride_q, stride_k, stride_dk, scale
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         s, q, _k = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, 1.0, PRECISION)
-        x, z, ok = _siglip_tile(s, rows, cols, row_ok, col_ok, scale, bias, diag_col0)
-        dx = tl.where(ok, -z * w * _sigmoid(-z * x), 0.0)
+        dx = _siglip_dx(s, rows, cols, row_ok, col_ok, scale, bias, diag_col0, w)
         acc = tl.dot(tl.trans(dx).to(q.dtype), q, acc, input_precision=PRECISION)
     tl.store(DK + cols[:, None] * stride_dk + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
