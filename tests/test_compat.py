@@ -265,3 +265,12 @@ def test_open_clip_clip_loss_refuses_a_non_scalar_bias():
     with pytest.raises(ValueError, match="logit_bias"):
         c_open_clip.ClipLoss()(a, b, 10.0, torch.linspace(-3, 3, 6))
     torch.testing.assert_close(c_open_clip.ClipLoss()(a, b, 10.0, torch.tensor(2.0)), c_open_clip.ClipLoss()(a, b, 10.0))
+
+
+def test_open_clip_scalar_bias_gets_a_zero_gradient():
+    """A learnable scalar bias takes part in the graph (gradient 0, its true value), as in
+    open_clip, so DDP does not find an unused parameter (found by review)."""
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    bias = torch.tensor(-2.0, requires_grad=True)
+    (g,) = torch.autograd.grad(c_open_clip.ClipLoss()(a, b, 10.0, bias), [bias])
+    assert g.item() == 0.0

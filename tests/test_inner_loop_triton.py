@@ -147,3 +147,12 @@ def test_raw_op_checks_shapes_the_kernel_cannot():
         op(X, yd, Xq, yqd, Wf[:, :2], bf, aw, ab, 2, False, "none", "triton")
     with pytest.raises(ValueError, match="labels"):
         op(X, yd + 4, Xq, yqd, Wf, bf, aw, ab, 2, False, "none", "triton")
+
+
+def test_sizes_beyond_the_kernel_refuse_clearly():
+    """S or Q beyond 128 rows per task would not fit the backward kernel's on-chip blocks
+    on an A100 (found by review): a clear error, not a launch failure."""
+    x, y, xq, yq, W, b, _ = _task(1, 129, 3, 4, 2, "float", seed=0)
+    with pytest.raises(ValueError, match="support"):
+        meta.anil_loss(x.float().to(DEVICE), y.to(DEVICE), xq.float().to(DEVICE), yq.to(DEVICE), W.float().to(DEVICE),
+                       b.float().to(DEVICE), lr=0.5, steps=1, backend="triton")

@@ -56,6 +56,10 @@ class ClipLoss(nn.Module):
             raise ValueError("logit_bias: only a scalar bias is supported (it leaves CLIP's loss unchanged); "
                              f"got shape {tuple(logit_bias.shape) if isinstance(logit_bias, Tensor) else '?'}")
         loss = self._loss(image_features, text_features, logit_scale)
+        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+            # its true gradient is 0; keep it in the graph so that it gets one (DDP
+            # refuses parameters that take no part in the loss)
+            loss = loss + 0 * logit_bias.sum()
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _loss(self, img, txt, scale):

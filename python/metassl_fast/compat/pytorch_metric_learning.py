@@ -139,7 +139,13 @@ class NTXentLoss(_PMLLoss):
 
 
 class SupConLoss(_PMLLoss):
-    """pytorch_metric_learning.losses.SupConLoss(temperature=0.1, **kwargs)."""
+    """pytorch_metric_learning.losses.SupConLoss(temperature=0.1, **kwargs).
+
+    pml averages over the anchors whose loss is > 0 as computed.  An anchor whose true
+    loss is within a float32 rounding of 0 (~1e-7: one tight positive, negatives far
+    away, low temperature) can come out as exactly 0 in one implementation and 1.2e-7
+    in the other, and then the two average over different anchors; elsewhere they
+    agree to float32 precision."""
     _name = "SupConLoss"
 
     def __init__(self, temperature: float = 0.1, **kwargs):

@@ -134,7 +134,7 @@ def _labeled_inputs(query, key, labels, key_labels, normalize):
         k = key.to(acc)
         if normalize:
             k, k_norm = _c._normalized(k)
-    y, yk = _checked_labels(labels, key_labels, query.shape[0], k.shape[0])
+    y, yk = _checked_labels(labels, None if key is None else key_labels, query.shape[0], k.shape[0])
     return q, k, q_norm, k_norm, y, yk
 
 

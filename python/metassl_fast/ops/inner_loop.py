@@ -14,6 +14,8 @@ from .. import _ext
 from ._autograd import refuse_double_backward
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
+MAX_TRITON_ROWS = 128  # support / query rows per task on the Triton backend
+MAX_TRITON_CLASSES = 64
 
 
 def _check(labels: tuple, **tensors) -> None:
@@ -206,6 +208,13 @@ def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w,
             raise ValueError(f"{name} is on {t.device} but support is on {support.device}")
     if min(T, S, D, C, query.shape[1]) < 1:
         raise ValueError(f"every dimension must be >= 1, got T={T} S={S} D={D} C={C} Q={query.shape[1]}")
+    # the (S x C) and (Q x C) blocks live in registers and shared memory: beyond these the
+    # backward kernel does not fit an A100's shared memory
+    for name, n, cap in (("support", S, MAX_TRITON_ROWS), ("query", query.shape[1], MAX_TRITON_ROWS),
+                         ("weight", C, MAX_TRITON_CLASSES)):
+        if n > cap:
+            raise ValueError(f"{name}: backend='triton' takes at most {cap} {'classes' if name == 'weight' else 'rows'}"
+                             f" per task, got {n}; use backend='cpu' or 'torch'")
     for name, y in (("labels", labels), ("query_labels", query_labels)):
         if y.dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {y.dtype}")
