@@ -177,11 +177,16 @@ def _progress(i, total, label):
 def _run_worker(cfg, d, dtype, threads):
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # fixed: freed big buffers leave the RSS
-    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.contrastive", "--worker",
-           "--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
-           "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
+    args = ["--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
+            "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
     if cfg["check_error"]:
-        cmd.append("--check-error")
+        args.append("--check-error")
+    return worker_result("metassl_fast.benchmarks.contrastive", args, env)
+
+
+def worker_result(module, args, env):
+    """Run `python -m module --worker args` and return the JSON of its RESULT line."""
+    cmd = [sys.executable, "-m", module, "--worker", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -15,14 +15,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb
+from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb, worker_result
 
 D = 128
 
@@ -155,15 +154,8 @@ def _worker(args):
 def _run_worker(case, n, repeats, ours_only, threads):
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.family", "--worker", "--case", case, "--n", str(n),
-           "--repeats", str(repeats), "--threads", str(threads)]
-    if ours_only:
-        cmd.append("--ours-only")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+    args = ["--case", case, "--n", str(n), "--repeats", str(repeats), "--threads", str(threads)]
+    return worker_result("metassl_fast.benchmarks.family", args + (["--ours-only"] if ours_only else []), env)
 
 
 # (case, N, ours only): N = rows fed to the loss (both views together for NT-Xent);
