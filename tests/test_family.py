@@ -526,6 +526,14 @@ def test_raw_ops_check_what_the_kernels_assume():
         lab(key=k8, scale=torch.tensor(0.0))
     with pytest.raises(ValueError, match="scale"):
         lab(key=k8, scale=torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="self_offset"):
+        lab(key=k8, self_offset=4)
+    with pytest.raises(ValueError, match="pos_logit"):
+        lab(key=k8, pos_logit=torch.zeros(6), pairwise=True)
+    with pytest.raises(ValueError, match="pos_logit"):
+        lab(key=k8, pos_logit=torch.zeros(5))
+    with pytest.raises(ValueError, match="diag_offset"):
+        torch.ops.metassl_fast.siglip_fwd(q, k8, s, torch.tensor(0.0), 4, False, False, False, False, False, "cpu")
     with pytest.raises(ValueError, match="key"):
         torch.ops.metassl_fast.siglip_fwd(q, k, s, torch.tensor(0.0), 0, False, False, False, False, False, "cpu")
     with pytest.raises(ValueError, match="bias"):

@@ -51,6 +51,32 @@ def _check_op(query: Tensor, key: Tensor | None, scale: Tensor, reduction: str |
         raise ValueError(f"scale must be > 0, got {float(scale)}")
 
 
+def _own_col0(key: Tensor | None, self_offset: int) -> int | None:
+    """The column of anchor 0 itself (anchor i's is col0 + i), None if it is not a column."""
+    return 0 if key is None else (self_offset if self_offset >= 0 else None)
+
+
+def _check_labeled(query: Tensor, key: Tensor | None, pos_logit: Tensor | None, self_offset: int,
+                   pairwise: bool) -> None:
+    """The labelled-row op's own shape rules (both backends rely on them)."""
+    n = query.shape[0]
+    c = n if key is None else key.shape[0]
+    col0 = _own_col0(key, self_offset)
+    if col0 is not None and col0 + n > c:
+        raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + n}) "
+                         f"are not all among the {c} keys")
+    if pos_logit is not None and (pairwise or pos_logit.shape != (n,)):
+        raise ValueError(f"pos_logit must have shape ({n},) and goes with the mean-positive loss only "
+                         f"(pairwise=False), got shape {tuple(pos_logit.shape)}, pairwise={pairwise}")
+
+
+def _check_diag(query: Tensor, key: Tensor, diag_offset: int) -> None:
+    n, c = query.shape[0], key.shape[0]
+    if diag_offset < 0 or diag_offset + n > c:
+        raise ValueError(f"diag_offset={diag_offset}: the positive columns [{diag_offset}, {diag_offset + n}) "
+                         f"are not all among the {c} keys")
+
+
 def _sweep(rows: Tensor, keys: Tensor, kernel, *, grad: bool, need_rows: bool, need_keys: bool,
            self_mode: bool, row_alpha: float, key_alpha: float):
     """S = rows keys^T in row blocks of at most TARGET_BLOCK_BYTES; kernel(S, r0, r1)
@@ -157,11 +183,7 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale,
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
     self_mode = key is None
-    # the column of anchor 0 itself (anchor i's is col0 + i), None if it is not a column
-    col0 = 0 if self_mode else (self_offset if self_offset >= 0 else None)
-    if col0 is not None and col0 + q.shape[0] > k.shape[0]:
-        raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + q.shape[0]}) "
-                         f"are not all among the {k.shape[0]} keys")
+    col0 = _own_col0(key, self_offset)
     need_dq, need_dk, need_dpos, need_ds = need
     s = float(scale)
     qs = q * s
@@ -169,12 +191,8 @@ def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale,
     npos = positives_per_row(y, yk, col0)
     ext = dext = None
     if pos_logit is not None:  # one more logit per row, outside S
-        if pairwise:
-            raise ValueError("pos_logit goes with the mean-positive loss only (pairwise=False)")
         npos = npos + (1 if ext_positive else 0)
         ext = pos_logit.to(q.dtype).contiguous()
-        if ext.shape != (n,):
-            raise ValueError(f"pos_logit must have shape ({n},), got {tuple(pos_logit.shape)}")
         dext = torch.zeros(n, dtype=q.dtype)
     g, count = _labeled_weights(reduction, pairwise, npos, grad_out, q.dtype)
     row_loss = torch.empty(n, dtype=q.dtype)
@@ -223,6 +241,7 @@ def labeled_fwd(
     set (keys gathered from all ranks); -1: no anchor is among the keys."""
     _check_backend(backend)
     _check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit)
+    _check_labeled(query, key, pos_logit, self_offset, pairwise)
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
     loss, grads = _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
                                normalize, reduction, pairwise, None, precompute, need, backend)
@@ -256,6 +275,7 @@ def labeled_bwd(
     """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
     _check_backend(backend)
     _check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit, grad=grad)
+    _check_labeled(query, key, pos_logit, self_offset, pairwise)
     n = query.shape[0]
     if grad.shape != ((n,) if reduction == "none" else ()):
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
@@ -340,9 +360,6 @@ def _siglip_run(query, key, scale, bias, diag_offset, grad_out, with_grad, need,
     acc = _c._acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     n = q.shape[0]
-    if diag_offset < 0 or diag_offset + n > k.shape[0]:
-        raise ValueError(f"diag_offset={diag_offset}: the positive columns [{diag_offset}, {diag_offset + n}) "
-                         f"are not all among the {k.shape[0]} keys")
     s, b = float(scale), float(bias)
     w = 1.0 / n * (1.0 if grad_out is None else float(grad_out))
     code, nt = _ext.DTYPE_CODE[acc], _nthreads()
@@ -376,6 +393,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
     sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
     _check_backend(backend)
     _check_op(query, key, scale, bias=bias)
+    _check_diag(query, key, diag_offset)
     if bias.dim() != 0:
         raise ValueError(f"bias must be a 0-dim tensor, got shape {tuple(bias.shape)}")
     loss, grads = _siglip_run(query, key, scale, bias, diag_offset, None, precompute,
@@ -400,6 +418,7 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_backend(backend)
     _check_op(query, key, scale, bias=bias, grad=grad)
+    _check_diag(query, key, diag_offset)
     if grad.shape != ():
         raise ValueError(f"grad must be 0-dim (the loss is a scalar), got shape {tuple(grad.shape)}")
     # the weight goes into the kernel; a zero upstream gradient gives zero gradients
@@ -470,12 +489,9 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive,
     q, q_norm, q_op = _triton_operands(query, normalize)
     self_mode = key is None
     k, k_norm, k_op = (q, q_norm, q_op) if self_mode else _triton_operands(key, normalize)
-    col0 = 0 if self_mode else (self_offset if self_offset >= 0 else None)
+    col0 = _own_col0(key, self_offset)
     n, d = q_op.shape
     c = k_op.shape[0]
-    if col0 is not None and col0 + n > c:
-        raise ValueError(f"self_offset={self_offset}: the anchors' own columns [{col0}, {col0 + n}) "
-                         f"are not all among the {c} keys")
     y, yk = _checked_labels(labels, None if self_mode else key_labels, n, c)
     dev, f32 = q_op.device, torch.float32
     s = float(scale)
@@ -483,8 +499,6 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive,
     prec = _c._precision(q_op.dtype)
     ext = None
     if pos_logit is not None:
-        if pairwise or pos_logit.shape != (n,):
-            raise ValueError(f"pos_logit must have shape ({n},) and goes with the mean-positive loss only")
         ext = pos_logit.to(f32).contiguous()
     row_loss = torch.empty(n, dtype=f32, device=dev)
     stat_a = torch.empty(n, dtype=f32, device=dev)
@@ -538,9 +552,6 @@ def _siglip_run_triton(query, key, scale, bias, diag_offset, grad_out, with_grad
     _, _, k_op = _triton_operands(key, False)
     n, d = q_op.shape
     c = k_op.shape[0]
-    if diag_offset < 0 or diag_offset + n > c:
-        raise ValueError(f"diag_offset={diag_offset}: the positive columns [{diag_offset}, {diag_offset + n}) "
-                         f"are not all among the {c} keys")
     dev, f32 = q_op.device, torch.float32
     s, b = float(scale), float(bias)
     bm, bn, bd, warps = _c._triton_config(d)
