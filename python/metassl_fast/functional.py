@@ -227,7 +227,7 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
                         key_labels: Tensor | None = None, *, temperature: float | Tensor = 0.1,
                         normalize: bool = True, reduction: str = "mean", pairwise: bool = False,
                         backend: str | None = None, gather_distributed: bool = False, process_group=None,
-                        names=("query", "labels", "key", "key_labels")) -> Tensor:
+                        self_offset: int = -1, names=("query", "labels", "key", "key_labels")) -> Tensor:
     """The labelled-row loss behind nt_xent and supcon_loss (math: reference/family.py).
 
     query (N, D) with labels (N,); key (M, D) with key_labels (M,), or None: the keys
@@ -236,7 +236,9 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     denominator is that positive plus the anchor's negatives); False the SupCon form
     (the mean over positives against all other columns).  Anchors without positives
     add 0 and are left out of the mean.  gather_distributed (key=None only): the anchors
-    of every rank are the columns; each rank's loss covers its own anchors."""
+    of every rank are the columns; each rank's loss covers its own anchors.  self_offset
+    >= 0 (with a key): anchor i is key row self_offset + i and is left out of every set
+    (pytorch-metric-learning's rule when ref_labels is labels)."""
     nq, nl, nk, nkl = names
     _validate.features(nq, query)
     y = _validate.labels(nl, labels, query.shape[0], query.device, f"row of {nq}")
@@ -266,7 +268,13 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
         y_all = _dist.gather(y, nl, process_group, with_grad=False)
         return _labeled_any(which, query, z_all, y, y_all, scale, normalize, reduction, pairwise,
                             self_offset=rank * n)
-    return _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise)
+    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
+        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+    if key is not None and self_offset >= 0 and self_offset + query.shape[0] > key.shape[0]:
+        raise ValueError(f"self_offset={self_offset}: {nk} has {key.shape[0]} rows, fewer than the anchors' own "
+                         f"columns [{self_offset}, {self_offset + query.shape[0]}) need")
+    return _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise,
+                        self_offset=self_offset if key is not None else -1)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normalize: bool = True,

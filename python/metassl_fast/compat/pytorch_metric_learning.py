@@ -167,16 +167,9 @@ def _pairwise_with_key(q, y, key, yk, temperature, self_offset, backend):
 
 
 def _labeled(q, y, key, yk, temperature, self_offset, reduction, pairwise, backend):
-    """labeled_contrastive with an anchor-own column inside a separate key set."""
-    if key is None or self_offset < 0:
-        return _f.labeled_contrastive(q, y, key, None if key is None else yk, temperature=temperature, reduction=reduction,
-                                      pairwise=pairwise, backend=backend)
-    _f._validate.features("embeddings", q)
-    _f._validate.features("ref_emb", key)
-    _f._validate.same_dtype_device("embeddings", q, "ref_emb", key)
-    scale = 1.0 / _f._validate.positive_scalar("temperature", temperature, q.device)
-    which = _f._family_backend(backend, q.device, "this loss")
-    return _f._labeled_any(which, q, key, y, yk, scale, True, reduction, pairwise, self_offset=self_offset)
+    return _f.labeled_contrastive(q, y, key, None if key is None else yk, temperature=temperature,
+                                  reduction=reduction, pairwise=pairwise, backend=backend, self_offset=self_offset,
+                                  names=("embeddings", "labels", "ref_emb", "ref_labels"))
 
 
 class SelfSupervisedLoss(nn.Module):
