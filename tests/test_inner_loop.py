@@ -40,7 +40,7 @@ def _leaves(x, xq, W, b, lr):
         out.append(lr)
     elif isinstance(lr, tuple):
         out.extend(lr)
-    return out
+    return [t for t in out if t.requires_grad]  # a frozen step size has no gradient to compare
 
 
 def _loss_and_grads(backend, x, y, xq, yq, W, b, lr, steps, first_order, reduction="mean"):
@@ -65,13 +65,71 @@ def _compare(ours, ref, atol=1e-10, rtol=1e-8, what=""):
 @pytest.mark.parametrize("D", [1, 17, 64])
 @pytest.mark.parametrize("C", [2, 5, 20])
 @pytest.mark.parametrize("K", [0, 1, 3, 10])
-def test_float64_grid(backend, T, S, Q, D, C, K):
-    args = _task(T, S, Q, D, C, seed=T * 1000 + S * 100 + D + C + K)
+@pytest.mark.parametrize("lr_kind", ["tensor", "float"])
+def test_float64_grid(backend, T, S, Q, D, C, K, lr_kind):
+    """lr "tensor" (a learned step size) runs the weight-space kernel; "float" runs the
+    support-space one (csrc/cpu/inner_loop.cpp gram_task): in one training pass for the
+    mean, through the recomputing forward/backward ops per task ("none")."""
+    args = _task(T, S, Q, D, C, seed=T * 1000 + S * 100 + D + C + K, lr_kind=lr_kind)
     for first_order in (False, True):
-        what = f"T={T} S={S} Q={Q} D={D} C={C} K={K} first_order={first_order}"
-        ours = _loss_and_grads(backend, *args, K, first_order)
-        ref = _loss_and_grads("torch", *args, K, first_order)
-        _compare(ours, ref, what=what)
+        for reduction in ("mean", "none") if lr_kind == "float" else ("mean",):
+            what = f"T={T} S={S} Q={Q} D={D} C={C} K={K} first_order={first_order} {reduction}"
+            ours = _loss_and_grads(backend, *args, K, first_order, reduction)
+            ref = _loss_and_grads("torch", *args, K, first_order, reduction)
+            _compare(ours, ref, what=what)
+
+
+def _one_pass_taken(loss) -> bool:
+    return "AnilTrainEager" in type(loss.grad_fn).__name__
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("lr_kind", ["float", "tensor_frozen", "rows", "meta_sgd_frozen"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_kernel_paths(lr_kind, first_order, reduction):
+    """Every route through the CPU kernel against the autograd loop: a frozen scalar step
+    size (the one-pass training op for the mean, the support-space kernel either way),
+    per-class step sizes (Meta-SGD with each row constant: support space), frozen
+    Meta-SGD step sizes that vary along D (weight space without step-size gradients)."""
+    args = list(_task(3, 7, 5, 11, 4, seed=3))
+    g = torch.Generator().manual_seed(5)
+    if lr_kind == "float":
+        args[6] = 0.4
+    elif lr_kind == "tensor_frozen":
+        args[6] = torch.tensor(0.6, dtype=torch.float64)
+    elif lr_kind == "rows":
+        args[6] = ((0.2 + torch.rand(4, 1, generator=g, dtype=torch.float64)).expand(4, 11).contiguous(),
+                   0.2 + torch.rand(4, generator=g, dtype=torch.float64))
+    elif lr_kind == "meta_sgd_frozen":
+        args[6] = (0.2 + torch.rand(4, 11, generator=g, dtype=torch.float64),
+                   0.2 + torch.rand(4, generator=g, dtype=torch.float64))
+    x, y, xq, yq, W, b, lr = args
+    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=4, first_order=first_order, reduction=reduction,
+                          backend="cpu")
+    assert _one_pass_taken(loss) == (reduction == "mean" and lr_kind in ("float", "tensor_frozen"))
+    ours = _loss_and_grads("cpu", *args, 4, first_order, reduction)
+    ref = _loss_and_grads("torch", *args, 4, first_order, reduction)
+    _compare(ours, ref, what=f"{lr_kind} {first_order} {reduction}")
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_one_pass_only_when_training():
+    """No gradient wanted (torch.no_grad, or nothing requires grad): the plain forward op,
+    not the training pass, and the same loss."""
+    x, y, xq, yq, W, b, _ = _task(2, 5, 4, 6, 3)
+    with torch.no_grad():
+        a = meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=3, backend="cpu")
+    assert a.grad_fn is None
+    trained = meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=3, backend="cpu")
+    assert _one_pass_taken(trained)
+    torch.testing.assert_close(a, trained.detach(), rtol=1e-12, atol=1e-14)
+    # an upstream gradient other than 1 scales every gradient of the one-pass op
+    g1 = torch.autograd.grad(trained * 2.5, (x, xq, W, b))
+    g2 = torch.autograd.grad(meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=3, backend="torch") * 2.5,
+                             (x, xq, W, b))
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,6 +248,46 @@ def test_opcheck_fused_anil_loss(reduction):
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_opcheck_one_pass_training_ops():
+    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3, dtype=torch.float32)
+    lr_w, lr_b = torch.full((3, 5), 0.5), torch.full((3,), 0.4)
+    args = (x, y, xq, yq, W, b, lr_w, lr_b, 3, False)
+    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_train.default, args)
+    out = torch.ops.metassl_fast.anil_loss_train(*args)
+    torch.library.opcheck(torch.ops.metassl_fast.anil_apply.default,
+                          (torch.tensor(1.5), x.detach(), xq.detach(), W.detach(), *out[3:]))
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_one_pass_op_refuses_step_sizes_that_vary_along_d():
+    """The support-space kernel needs one step size per class: a direct call of the
+    training op with Meta-SGD step sizes gets an error, not a wrong gradient."""
+    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3)
+    lr_w, lr_b = torch.rand(3, 5, dtype=torch.float64), torch.full((3,), 0.4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="step size"):
+        torch.ops.metassl_fast.anil_loss_train(x.detach(), y, xq.detach(), yq, W.detach(), b.detach(), lr_w, lr_b,
+                                               2, False)
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_torch_compile_fullgraph_one_pass(lr_kind):
+    torch._dynamo.reset()
+    x, y, xq, yq, W, b, lr = _task(3, 5, 4, 8, 3, dtype=torch.float32, lr_kind=lr_kind)
+    lr = lr.detach() if isinstance(lr, torch.Tensor) else lr
+
+    def f(x, xq, W, b):
+        return meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=3, backend="cpu")
+
+    got = torch.compile(f, fullgraph=True)(x, xq, W, b)
+    want = f(x, xq, W, b)
+    assert _one_pass_taken(want)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(torch.autograd.grad(got * 1.5, (x, xq, W, b)), torch.autograd.grad(want * 1.5, (x, xq, W, b))):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     x, y, xq, yq, W, b, lr = _task(3, 5, 4, 8, 3, dtype=torch.float32)
@@ -208,10 +306,11 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_double_backward_is_a_clear_error(reduction):
     x, y, xq, yq, W, b, lr = _task(1, 3, 2, 4, 2)
-    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=2, reduction=reduction, backend="cpu")
-    with pytest.raises(RuntimeError, match="double backward"):
-        (gW,) = torch.autograd.grad(loss.sum(), W, create_graph=True)
-        gW.sum().backward()
+    for step_size in (lr, 0.5):  # the recomputing ops, and (mean, fixed lr) the one-pass op
+        loss = meta.anil_loss(x, y, xq, yq, W, b, lr=step_size, steps=2, reduction=reduction, backend="cpu")
+        with pytest.raises(RuntimeError, match="double backward"):
+            (gW,) = torch.autograd.grad(loss.sum(), W, create_graph=True)
+            gW.sum().backward()
     W_t, _ = meta.adapt_linear_head(x, y, W, b, lr=lr, steps=2, backend="cpu")
     with pytest.raises(RuntimeError, match="double backward"):
         (gW,) = torch.autograd.grad(W_t.sum(), W, create_graph=True)

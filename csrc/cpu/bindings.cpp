@@ -22,10 +22,12 @@ void require(bool ok, const std::string& msg) {
 }
 
 // A buffer of `numel` elements must hold `need` of them.
+// (Messages are built only on failure: these checks run on every call.)
 void require_buffer(uintptr_t ptr, int64_t numel, int64_t need, const char* name) {
-  require(ptr != 0, std::string(name) + " is a null pointer");
-  require(numel >= need, std::string(name) + " holds " + std::to_string(numel) +
-                             " elements, the sizes need " + std::to_string(need));
+  if (ptr == 0) require(false, std::string(name) + " is a null pointer");
+  if (numel < need)
+    require(false, std::string(name) + " holds " + std::to_string(numel) + " elements, the sizes need " +
+                       std::to_string(need));
 }
 
 void require_dtype(int dtype) {
@@ -176,9 +178,9 @@ void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
   require_buffer(y, y_numel, n, "labels");
   const int64_t* lab = in<int64_t>(y);
   for (int64_t i = 0; i < n; ++i)
-    require(lab[i] >= 0 && lab[i] < C, "labels[" + std::to_string(i) + "] = " +
-                                           std::to_string(lab[i]) + " is outside [0, " +
-                                           std::to_string(C) + ")");
+    if (lab[i] < 0 || lab[i] >= C)  // the message only when it is needed: n can be large
+      require(false, "labels[" + std::to_string(i) + "] = " + std::to_string(lab[i]) +
+                         " is outside [0, " + std::to_string(C) + ")");
 }
 
 // The per-task gradient outputs of the inner loop: dX (T, S, D), dW0 and daW (T, C, D),
@@ -191,6 +193,16 @@ void require_task_grads(uintptr_t dX, int64_t dX_numel, uintptr_t dW0, int64_t d
   require_buffer(db0, db0_numel, a.T * a.C, "db0");
   require_buffer(daW, daW_numel, a.T * a.C * a.D, "daW");
   require_buffer(dab, dab_numel, a.T * a.C, "dab");
+}
+
+// What anil_loss defers to anil_apply (csrc/cpu/inner_loop.h, AnilDeferred).
+void require_deferred(uintptr_t coef, int64_t coef_numel, uintptr_t lamK, int64_t lamK_numel,
+                      uintptr_t dzqT, int64_t dzqT_numel, uintptr_t WK, int64_t WK_numel, int64_t T,
+                      int64_t S, int64_t Q, int64_t D, int64_t C) {
+  require_buffer(coef, coef_numel, T * (S + 2 * C) * S, "coef");
+  require_buffer(lamK, lamK_numel, T * C * D, "lamK");
+  require_buffer(dzqT, dzqT_numel, T * C * Q, "dzqT");
+  require_buffer(WK, WK_numel, T * C * D, "WK");
 }
 
 void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
@@ -254,7 +266,9 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
                int64_t loss_numel, uintptr_t dX, int64_t dX_numel, uintptr_t dXq, int64_t dXq_numel,
                uintptr_t dW0, int64_t dW0_numel, uintptr_t db0, int64_t db0_numel, uintptr_t daW,
                int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S, int64_t Q,
-               int64_t D, int64_t C, int64_t K, bool first_order, bool compute_grad, int nthreads) {
+               int64_t D, int64_t C, int64_t K, bool first_order, bool compute_grad, bool need_dlr,
+               bool defer, uintptr_t coef, int64_t coef_numel, uintptr_t lamK, int64_t lamK_numel,
+               uintptr_t dzqT, int64_t dzqT_numel, uintptr_t WK, int64_t WK_numel, int nthreads) {
   require_dtype(dtype);
   require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
@@ -267,17 +281,52 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
   require_buffer(aW, aW_numel, C * D, "aW");
   require_buffer(ab, ab_numel, C, "ab");
   require_buffer(loss, loss_numel, T, "loss");
+  require(!defer || compute_grad, "defer needs compute_grad");
   if (compute_grad) {
     require_buffer(task_weight, task_weight_numel, T, "task_weight");
-    require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
-    require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
+    if (defer) {
+      require_deferred(coef, coef_numel, lamK, lamK_numel, dzqT, dzqT_numel, WK, WK_numel, T, S, Q, D, C);
+    } else {
+      require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
+      require_buffer(dX, dX_numel, T * S * D, "dX");
+    }
+    require_buffer(dW0, dW0_numel, T * C * D, "dW0");
+    require_buffer(db0, db0_numel, T * C, "db0");
+    if (need_dlr) {
+      require_buffer(daW, daW_numel, T * C * D, "daW");
+      require_buffer(dab, dab_numel, T * C, "dab");
+    }
   }
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
+    msf::AnilDeferred<F> d;
+    if (defer) d = {out<F>(coef), out<F>(lamK), out<F>(dzqT), out<F>(WK)};
     msf::anil_loss<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), in<F>(W0), in<F>(b0),
                       in<F>(aW), in<F>(ab), in<F>(task_weight), out<F>(loss), out<F>(dX), out<F>(dXq),
-                      out<F>(dW0), out<F>(db0), out<F>(daW), out<F>(dab), a, Q, compute_grad, nthreads);
+                      out<F>(dW0), out<F>(db0), out<F>(daW), out<F>(dab), a, Q, compute_grad,
+                      need_dlr, d, nthreads);
+  });
+}
+
+void anil_apply(int dtype, uintptr_t X, int64_t X_numel, uintptr_t W0, int64_t W0_numel, uintptr_t coef,
+                int64_t coef_numel, uintptr_t lamK, int64_t lamK_numel, uintptr_t dzqT, int64_t dzqT_numel,
+                uintptr_t WK, int64_t WK_numel, double g, uintptr_t dX, int64_t dX_numel, uintptr_t dXq,
+                int64_t dXq_numel, int64_t T, int64_t S, int64_t Q, int64_t D, int64_t C, int nthreads) {
+  require_dtype(dtype);
+  require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
+  inner_args(T, S, D, C, 0, false);
+  require_buffer(X, X_numel, T * S * D, "X");
+  require_buffer(W0, W0_numel, C * D, "W0");
+  require_deferred(coef, coef_numel, lamK, lamK_numel, dzqT, dzqT_numel, WK, WK_numel, T, S, Q, D, C);
+  require_buffer(dX, dX_numel, T * S * D, "dX");
+  require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    const msf::AnilDeferred<F> d{out<F>(coef), out<F>(lamK), out<F>(dzqT), out<F>(WK)};
+    msf::anil_apply<F>(in<F>(X), in<F>(W0), d, static_cast<F>(g), out<F>(dX), out<F>(dXq), T, S, Q, D, C,
+                       nthreads);
   });
 }
 
@@ -334,8 +383,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dW0_numel"), py::arg("db0"), py::arg("db0_numel"), py::arg("daW"),
         py::arg("daW_numel"), py::arg("dab"), py::arg("dab_numel"), py::arg("T"), py::arg("S"),
         py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("K"), py::arg("first_order"),
-        py::arg("compute_grad"), py::arg("nthreads"),
+        py::arg("compute_grad"), py::arg("need_dlr"), py::arg("defer"), py::arg("coef"),
+        py::arg("coef_numel"), py::arg("lamK"), py::arg("lamK_numel"), py::arg("dzqT"),
+        py::arg("dzqT_numel"), py::arg("WK"), py::arg("WK_numel"), py::arg("nthreads"),
         "The ANIL meta-loss per task and, optionally, its gradient (csrc/cpu/inner_loop.h).");
+  m.def("anil_apply", &anil_apply, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("W0"),
+        py::arg("W0_numel"), py::arg("coef"), py::arg("coef_numel"), py::arg("lamK"), py::arg("lamK_numel"),
+        py::arg("dzqT"), py::arg("dzqT_numel"), py::arg("WK"), py::arg("WK_numel"), py::arg("g"), py::arg("dX"),
+        py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("T"), py::arg("S"), py::arg("Q"),
+        py::arg("D"), py::arg("C"), py::arg("nthreads"),
+        "dX and dXq from the coefficients a deferred anil_loss call left (csrc/cpu/inner_loop.h).");
 #ifdef __AVX2__
   m.attr("simd") = "avx2";
 #else

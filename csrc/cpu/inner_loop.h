@@ -32,15 +32,38 @@ void inner_loop_backward(const T* X, const int64_t* y, const T* aW, const T* ab,
                          const T* b_traj, const T* dW_K, const T* db_K, T* dX, T* dW0, T* db0,
                          T* daW, T* dab, const InnerLoopArgs& a, int nthreads);
 
+// Where anil_loss leaves the two big products of its gradient (dX, dXq) to anil_apply,
+// per task: coef (S + 2C, S) = [dG + dG^T; -(A diag a)^T; dZ_0^T] so that
+// dX = coef^T [X; Lambda_K; W_0], lamK (C, D) = dL/dW_K, dzqT (C, Q) = (dL/dZ_q)^T and
+// WK (C, D) the adapted head, so dXq = dzqT^T W_K.  All null: not deferred.
+template <typename T>
+struct AnilDeferred {
+  T* coef = nullptr;
+  T* lamK = nullptr;
+  T* dzqT = nullptr;
+  T* WK = nullptr;
+};
+
 // The whole ANIL meta-loss of T tasks in one call: the inner loop above, then the mean
 // cross-entropy of the adapted head on each task's queries, loss (T).  With
 // compute_grad, also the gradient of sum_t task_weight_t loss_t: dX (T, S, D),
-// dXq (T, Q, D), and per task dW0, daW (T, C, D), db0, dab (T, C).  The trajectory
-// lives in per-thread scratch: memory O(threads K C D).
+// dXq (T, Q, D), and per task dW0 (T, C, D), db0 (T, C), and with need_dlr the step
+// sizes' daW (T, C, D), dab (T, C) (not touched otherwise).  The trajectory lives in
+// per-thread scratch: memory O(threads K C D).  Where each class's weight step size is
+// constant along D and need_dlr is off, the loop runs in support space instead
+// (inner_loop.cpp, gram_task): same result, about half the work.  A non-null
+// defer.coef (that path only, with compute_grad; std::invalid_argument otherwise)
+// leaves dX and dXq unwritten and fills defer (T tasks of it) for anil_apply.
 template <typename T>
 void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const T* W0,
                const T* b0, const T* aW, const T* ab, const T* task_weight, T* loss, T* dX, T* dXq,
                T* dW0, T* db0, T* daW, T* dab, const InnerLoopArgs& a, int64_t Q, bool compute_grad,
-               int nthreads);
+               bool need_dlr, const AnilDeferred<T>& defer, int nthreads);
+
+// dX (T, S, D) = g coef^T [X; Lambda_K; W_0] and dXq (T, Q, D) = g dzqT^T W_K per task,
+// from what anil_loss deferred.
+template <typename T>
+void anil_apply(const T* X, const T* W0, const AnilDeferred<T>& d, T g, T* dX, T* dXq, int64_t T_,
+                int64_t S, int64_t Q, int64_t D, int64_t C, int nthreads);
 
 }  // namespace msf

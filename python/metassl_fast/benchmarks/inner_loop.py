@@ -95,29 +95,39 @@ def _step(fn, args):
     fn(*args).backward()
 
 
-def _measure(make, cfg, repeats, mode):
-    """mode "time": median (20/80 quantiles) of repeats after a warm-up; mode "memory":
-    peak RSS of one call over the RSS before it (in a worker whose mmap threshold is
-    pinned, so freed buffers leave the RSS)."""
-    args = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
-    try:
-        fn = make(cfg["K"])
-    except ImportError as exc:
-        return {"note": f"{exc.name} not installed"}
-    _step(fn, args)  # warm-up
-    if mode == "memory":  # the gradients it makes count: drop the warm-up's first
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                a.grad = None
-        return {"peak_mb": _peak_extra_mb(lambda: _step(fn, args))}
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _step(fn, args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": times[len(times) // 2], "p20_ms": times[int(0.2 * (len(times) - 1))],
-            "p80_ms": times[-1 - int(0.2 * (len(times) - 1))]}
+def _measure(makes, cfg, repeats, mode):
+    """makes: {impl: factory}.  mode "time": median (20/80 quantiles) of repeats after a
+    warm-up, the implementations interleaved repeat by repeat so that a slow spell of
+    this shared machine hits all of them alike; mode "memory": peak RSS of one call over
+    the RSS before it (in a worker whose mmap threshold is pinned, so freed buffers
+    leave the RSS)."""
+    out, runs = {}, {}
+    for impl, make in makes.items():
+        args = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
+        try:
+            fn = make(cfg["K"])
+        except ImportError as exc:
+            out[impl] = {"note": f"{exc.name} not installed"}
+            continue
+        _step(fn, args)  # warm-up
+        if mode == "memory":  # the gradients it makes count: drop the warm-up's first
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    a.grad = None
+            out[impl] = {"peak_mb": _peak_extra_mb(lambda: _step(fn, args))}
+            del args, fn
+        else:
+            runs[impl] = (fn, args, [])
+    for _ in range(repeats if mode == "time" else 0):
+        for fn, args, times in runs.values():
+            t0 = time.perf_counter()
+            _step(fn, args)
+            times.append((time.perf_counter() - t0) * 1e3)
+    for impl, (_, _, times) in runs.items():
+        times.sort()
+        out[impl] = {"median_ms": times[len(times) // 2], "p20_ms": times[int(0.2 * (len(times) - 1))],
+                     "p80_ms": times[-1 - int(0.2 * (len(times) - 1))]}
+    return {impl: out[impl] for impl in makes}
 
 
 def _max_rel_err(cfg):
@@ -137,18 +147,18 @@ def _max_rel_err(cfg):
 
 def _configs():
     """(label, cfg, impls, repeats): the main case with every baseline, then the sweeps."""
-    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 5)]
+    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 11)]
     for K in SWEEP_K:
-        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 3))
+        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 7))
     for T in SWEEP_T:
         if T != MAIN["T"]:
-            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 3))
+            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 7))
     return out
 
 
 def _worker(mode):
     for label, cfg, impls, repeats in _configs():
-        res = {impl: _measure(IMPLS[impl], cfg, repeats, mode) for impl in impls}
+        res = _measure({impl: IMPLS[impl] for impl in impls}, cfg, repeats, mode)
         err = _max_rel_err(cfg) if label == "main" and mode == "time" else None
         print("ROW " + json.dumps({"label": label, **cfg, "results": res, "max_rel_err": err}), flush=True)
 

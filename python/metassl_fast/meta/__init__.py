@@ -198,9 +198,24 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     X, labels, W, b, lr_w, lr_b, steps = _prepared(support, support_labels, weight, bias, lr, steps,
                                                    first_order)
     q_labels = _check_query(support, query, query_labels, W.shape[0]).contiguous()
+    if _one_pass(which, reduction, lr, (support, query, weight, bias)):
+        from ..ops.inner_loop import anil_loss_train_call
+
+        loss = anil_loss_train_call(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b, lr_w, lr_b, steps,
+                                    first_order)
+        return loss.to(query.dtype)
     loss = torch.ops.metassl_fast.anil_loss_fwd(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b,
                                                 lr_w, lr_b, steps, first_order, reduction, which)
     return loss.to(query.dtype)
+
+
+def _one_pass(which: str, reduction: str, lr: object, inputs: tuple) -> bool:
+    """Training with a step size that is one number and needs no gradient: the CPU
+    kernel forms the gradient during the forward (ops/inner_loop.py, anil_loss_train)
+    instead of re-running the inner loop in the backward."""
+    scalar_lr = isinstance(lr, (int, float)) or (isinstance(lr, Tensor) and not lr.requires_grad)
+    return (which == "cpu" and reduction == "mean" and scalar_lr and torch.is_grad_enabled()
+            and any(t.requires_grad for t in inputs))
 
 
 def proto_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labels: Tensor, *,

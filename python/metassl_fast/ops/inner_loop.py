@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._autograd import refuse_double_backward
+from ._autograd import refuse_create_graph, refuse_double_backward, scale_precomputed
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 MAX_TRITON_ROWS = 128  # support / query rows per task on the Triton backend
@@ -259,7 +259,10 @@ def _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, 
 
 
 def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
-               first_order, compute_grad, backend="cpu"):
+               first_order, compute_grad, backend="cpu", need_dlr=True, defer=None):
+    """-> (loss (T,), None or the gradients (dX, dXq, dW, db, d lr_w, d lr_b)); without
+    need_dlr the step sizes' gradients are zeros (and the C++ kernel may take its
+    support-space path, inner_loop.cpp gram_task)."""
     if backend == "triton":
         return _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
                                  steps, first_order, compute_grad)
@@ -270,12 +273,19 @@ def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, t
     Q = query.shape[1]
     C = weight.shape[0]
     loss = support.new_empty(T)
-    if compute_grad:
+    none = support.new_empty(0)
+    coef = lamK = dzqT = WK = none
+    if defer is not None:
+        coef, lamK, dzqT, WK = defer
+    if compute_grad and defer is not None:
+        dX = dXq = none
+        dW0, db0, daW, dab = support.new_empty(T, C, D), support.new_empty(T, C), none, none
+    elif compute_grad:
         dX, dXq = torch.empty_like(support), torch.empty_like(query)
-        dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
-        db0, dab = support.new_empty(T, C), support.new_empty(T, C)
+        dW0, db0 = support.new_empty(T, C, D), support.new_empty(T, C)
+        daW, dab = (support.new_empty(T, C, D), support.new_empty(T, C)) if need_dlr else (none, none)
     else:
-        dX = dXq = dW0 = daW = db0 = dab = task_weight = support.new_empty(0)
+        dX = dXq = dW0 = daW = db0 = dab = task_weight = none
     C_ext.anil_loss(
         dtype=_ext.DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(),
         y=labels.data_ptr(), y_numel=labels.numel(), Xq=query.data_ptr(), Xq_numel=query.numel(),
@@ -287,10 +297,16 @@ def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, t
         dXq_numel=dXq.numel(), dW0=dW0.data_ptr(), dW0_numel=dW0.numel(), db0=db0.data_ptr(),
         db0_numel=db0.numel(), daW=daW.data_ptr(), daW_numel=daW.numel(), dab=dab.data_ptr(),
         dab_numel=dab.numel(), T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order,
-        compute_grad=compute_grad, nthreads=max(1, torch.get_num_threads()))
+        compute_grad=compute_grad, need_dlr=need_dlr, defer=defer is not None, coef=coef.data_ptr(),
+        coef_numel=coef.numel(), lamK=lamK.data_ptr(), lamK_numel=lamK.numel(), dzqT=dzqT.data_ptr(),
+        dzqT_numel=dzqT.numel(), WK=WK.data_ptr(), WK_numel=WK.numel(), nthreads=max(1, torch.get_num_threads()))
     if not compute_grad:
         return loss, None
-    return loss, (dX, dXq, dW0.sum(0), db0.sum(0), daW.sum(0), dab.sum(0))
+    if need_dlr:
+        dlw, dlb = daW.sum(0), dab.sum(0)
+    else:
+        dlw, dlb = support.new_zeros(C, D), support.new_zeros(C)
+    return loss, (dX, dXq, dW0.sum(0), db0.sum(0), dlw, dlb)
 
 
 def _grad_fakes(support, query, weight):
@@ -318,19 +334,21 @@ def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, fir
 @torch.library.custom_op("metassl_fast::anil_loss_bwd", mutates_args=())
 def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor,
                   weight: Tensor, bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool,
-                  reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Recomputing backward: gradients of sum_t w_t loss_t with w = grad (per task) or grad / T."""
+                  reduction: str, backend: str, need_dlr: bool = True
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Recomputing backward: gradients of sum_t w_t loss_t with w = grad (per task) or grad / T.
+    need_dlr=False: the step sizes need no gradient (zeros are returned for them)."""
     T = support.shape[0]
     weights = (grad.to(support.dtype).contiguous() if reduction == "none"
                else (grad.to(support.dtype) / T).expand(T).contiguous())
     _, grads = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights, steps,
-                          first_order, True, backend)
+                          first_order, True, backend, need_dlr)
     return grads
 
 
 @anil_loss_bwd.register_fake
 def _(grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
-      backend):
+      backend, need_dlr=True):
     return _grad_fakes(support, query, weight)
 
 
@@ -342,11 +360,120 @@ def _anil_setup(ctx, inputs, output):
 
 
 def _anil_backward(ctx, grad):
+    need_dlr = bool(ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
     dX, dXq, dW, db, dlw, dlb = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order,
-                                              ctx.reduction, ctx.backend)
+                                              ctx.reduction, ctx.backend, need_dlr)
     return dX, None, dXq, None, dW, db, dlw, dlb, None, None, None, None
 
 
 torch.library.register_autograd("metassl_fast::anil_loss_fwd", _anil_backward, setup_context=_anil_setup)
 torch.library.register_autograd("metassl_fast::anil_loss_bwd", refuse_double_backward(_WHAT),
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------
+# One pass for training (reduction "mean", a step size constant along D that needs no
+# gradient, the CPU kernel): the forward runs the support-space kernel with the
+# gradient, keeps dW/db (C x D) and the per-task coefficients of dX and dXq (O(T (S^2
+# + C D)), csrc/cpu/inner_loop.h AnilDeferred), and the backward only forms dX and dXq
+# from them, scaled by grad_output: no second run of the inner loop, and the two big
+# gradients are allocated once, in the backward, where autograd takes them as .grad.
+# ---------------------------------------------------------------------------
+
+def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor,
+                    bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (mean loss (), dW (C, D), db (C) for grad_output = 1, coef (T, S + 2C, S),
+    lamK (T, C, D), dzqT (T, C, Q), WK (T, C, D)): the last four feed anil_apply."""
+    T, S, D = support.shape
+    Q, C = query.shape[1], weight.shape[0]
+    defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
+             support.new_empty(T, C, D))
+    weights = support.new_full((T,), 1.0 / T)
+    loss_t, (_, _, dW, db, _, _) = _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
+                                             weights, steps, first_order, True, "cpu", False, defer)
+    return (loss_t.mean(), dW, db) + defer
+
+
+anil_loss_train = torch.library.custom_op("metassl_fast::anil_loss_train", _train_impl, mutates_args=())
+
+
+@anil_loss_train.register_fake
+def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order):
+    T, S, D = support.shape
+    Q, C = query.shape[1], weight.shape[0]
+    return (support.new_empty(()), support.new_empty(C, D), support.new_empty(C),
+            support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
+            support.new_empty(T, C, D))
+
+
+def _apply_impl(grad: Tensor, support: Tensor, query: Tensor, weight: Tensor, coef: Tensor, lamK: Tensor,
+               dzqT: Tensor, WK: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (d support (T, S, D), d query (T, Q, D)) of anil_loss_train's loss, times grad ()."""
+    C_ext = _ext.require("_C")
+    _check((), support=support, query=query, weight=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK)
+    T, S, D = support.shape
+    Q, C = query.shape[1], weight.shape[0]
+    dX, dXq = torch.empty_like(support), torch.empty_like(query)
+    C_ext.anil_apply(
+        dtype=_ext.DTYPE_CODE[support.dtype], X=support.data_ptr(), X_numel=support.numel(), W0=weight.data_ptr(),
+        W0_numel=weight.numel(), coef=coef.data_ptr(), coef_numel=coef.numel(), lamK=lamK.data_ptr(),
+        lamK_numel=lamK.numel(), dzqT=dzqT.data_ptr(), dzqT_numel=dzqT.numel(), WK=WK.data_ptr(),
+        WK_numel=WK.numel(), g=float(grad), dX=dX.data_ptr(), dX_numel=dX.numel(), dXq=dXq.data_ptr(),
+        dXq_numel=dXq.numel(), T=T, S=S, Q=Q, D=D, C=C, nthreads=max(1, torch.get_num_threads()))
+    return dX, dXq
+
+
+anil_apply = torch.library.custom_op("metassl_fast::anil_apply", _apply_impl, mutates_args=())
+
+
+@anil_apply.register_fake
+def _(grad, support, query, weight, coef, lamK, dzqT, WK):
+    return torch.empty_like(support), torch.empty_like(query)
+
+
+def _train_setup(ctx, inputs, output):
+    support, _labels, query, _ql, weight = inputs[:5]
+    _, dW, db, coef, lamK, dzqT, WK = output
+    ctx.mark_non_differentiable(*output[1:])  # internal state for the backward, not results
+    ctx.save_for_backward(support, query, weight, dW, db, coef, lamK, dzqT, WK)
+
+
+def _train_backward(ctx, grad, *_unused, apply=anil_apply):
+    refuse_create_graph(_WHAT)
+    support, query, weight, dW, db, coef, lamK, dzqT, WK = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dX = dXq = None
+    if need[0] or need[2]:
+        dX, dXq = apply(grad, support, query, weight, coef, lamK, dzqT, WK)
+    dW, db = scale_precomputed((dW, db), grad, (need[4], need[5]))
+    return (dX if need[0] else None, None, dXq if need[2] else None, None, dW, db, None, None, None, None)
+
+
+torch.library.register_autograd("metassl_fast::anil_loss_train", _train_backward, setup_context=_train_setup)
+torch.library.register_autograd("metassl_fast::anil_apply", refuse_double_backward(_WHAT),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+class _AnilTrainEager(torch.autograd.Function):
+    """anil_loss_train's forward and backward without the dispatcher: in eager mode the
+    custom op's Python dispatch costs ~0.2 ms a call here, a tenth of the whole step at
+    the benchmark's shape.  Same implementation functions; torch.compile gets the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _train_impl(*inputs)
+        _train_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *_unused):
+        return _train_backward(ctx, grad, apply=_apply_impl)
+
+
+def anil_loss_train_call(*inputs) -> Tensor:
+    """The one-pass training loss: the custom op while torch.compile traces, the
+    equivalent autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return anil_loss_train(*inputs)[0]
+    return _AnilTrainEager.apply(*inputs)[0]
