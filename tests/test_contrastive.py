@@ -17,7 +17,8 @@ from metassl_fast.reference import contrastive_loss
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"),
                                                  reason=f"_C not built: {_ext.load_error('_C')}")),
-    pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA C++ kernel for contrastive yet (GPU issue)")),
+    pytest.param("cuda", marks=pytest.mark.skip(
+        reason="the CUDA C++ kernels take CUDA tensors and no float64: their grid is in test_contrastive_gpu.py")),
     pytest.param("triton", marks=pytest.mark.skip(
         reason="triton takes no float64: its grid runs from fp32/fp16 inputs in test_contrastive_triton.py")),
 ]
@@ -262,9 +263,57 @@ def test_env_var_selects_backend(monkeypatch):
         msf.info_nce(torch.randn(2, 3), torch.randn(2, 3))
 
 
-def test_missing_cuda_backend_says_so():
-    with pytest.raises(RuntimeError, match="cuda"):
+def test_cuda_backend_on_cpu_tensors_says_so():
+    """backend='cuda' on CPU tensors: ValueError where _C_cuda is built, else RuntimeError
+    saying how to build it; either names cuda."""
+    exc = ValueError if msf._ext.available("_C_cuda") else RuntimeError
+    with pytest.raises(exc, match="cuda"):
         msf.info_nce(torch.randn(2, 3), torch.randn(2, 3), backend="cuda")
+
+
+def test_ops_without_a_cuda_kernel_say_so(monkeypatch):
+    """Only info_nce / clip_loss have CUDA C++ kernels: the other ops name themselves."""
+    monkeypatch.setattr(msf._backend, "resolve", lambda backend, device: backend)
+    with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel"):
+        msf.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        from metassl_fast import meta
+        meta.anil_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.randn(1, 2, 3),
+                       torch.zeros(1, 2, dtype=torch.long), torch.randn(2, 3), torch.zeros(2), backend="cuda")
+
+
+@pytest.mark.skipif(not msf._ext.available("_C_cuda"), reason="_C_cuda not built (no nvcc at install time)")
+def test_cuda_module_imports_and_checks_arguments_before_any_cuda_call():
+    """Where _C_cuda was built (nvcc present; CI builds it with -Werror for sm_80 and sm_90),
+    it imports without a GPU and refuses bad sizes itself, before touching the device;
+    pointers it cannot verify as device memory are refused (no driver: a RuntimeError)."""
+    mod = msf._ext.require("_C_cuda")
+    assert mod.TILE == 64 and mod.device_count() >= 0
+    x = torch.zeros(8, 4)
+    buf = torch.zeros(8)
+
+    def fwd(**change):
+        args = dict(dtype=0, Q=x.data_ptr(), Q_numel=x.numel(), K=x.data_ptr(), K_numel=x.numel(),
+                    lse=buf.data_ptr(), lse_numel=8, pos=buf.data_ptr(), pos_numel=8, row_loss=buf.data_ptr(),
+                    row_loss_numel=8, col_max=buf.data_ptr(), col_max_numel=8, col_sum=buf.data_ptr(),
+                    col_sum_numel=8, lock=buf.data_ptr(), lock_numel=8, N=8, C=8, D=4, ldq=4, ldk=4, scale=1.0,
+                    symmetric=True, stream=0)
+        args.update(change)
+        mod.contrastive_fwd(**args)
+
+    for change, match in [(dict(dtype=1), "dtype"), (dict(C=7), "C >= N"), (dict(ldq=3), "stride"),
+                          (dict(scale=float("nan")), "finite"), (dict(Q_numel=31), "Q holds 31"),
+                          (dict(lse_numel=7), "lse holds 7"), (dict(lock=0), "lock is a null pointer")]:
+        with pytest.raises(ValueError, match=match):
+            fwd(**change)
+    with pytest.raises((RuntimeError, ValueError)):  # host memory is never handed to a kernel
+        fwd()
+    with pytest.raises(ValueError, match="col0"):
+        mod.contrastive_bwd(dtype=0, dk=True, Q=x.data_ptr(), Q_numel=32, K=x.data_ptr(), K_numel=32,
+                            lse=buf.data_ptr(), lse_numel=8, g_row=buf.data_ptr(), g_row_numel=8,
+                            lse_col=buf.data_ptr(), lse_col_numel=8, g_col=buf.data_ptr(), g_col_numel=8,
+                            out=x.data_ptr(), out_numel=32, ds_part=buf.data_ptr(), ds_part_numel=8, N=8, C=8, D=4,
+                            col0=3, col1=9, ldq=4, ldk=4, ldo=4, scale=1.0, symmetric=False, stream=0)
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

@@ -16,7 +16,8 @@ import metassl_fast as msf
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-GPU_BACKENDS = ["triton"]  # "cuda" joins when the CUDA C++ kernels land
+GPU_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not msf._ext.available("_C_cuda"), reason=f"_C_cuda not built: {msf._ext.load_error('_C_cuda')}"))]
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 4e-2)}
 
 
@@ -88,25 +89,28 @@ def test_repeat_runs_are_bitwise_equal(backend):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_huge_batch_memory_is_flat():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_huge_batch_memory_is_flat(backend):
     """N = 65536, D = 256, bf16: the loss's extra memory stays O(N D)."""
     q, k, _ = _inputs(65536, 256, 0, torch.bfloat16)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    msf.clip_loss(q, k, 100.0, backend="triton").backward()
+    msf.clip_loss(q, k, 100.0, backend=backend).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 64 * 65536 * 256, f"{extra / 2**20:.0f} MiB"  # eager: 65536^2 * 4 B = 16 GiB
 
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
-def test_compute_sanitizer_memcheck():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compute_sanitizer_memcheck(backend):
     code = ("import torch, metassl_fast as msf\n"
-            "q = torch.randn(37, 40, device='cuda', requires_grad=True)\n"
-            "k = torch.randn(37, 40, device='cuda', requires_grad=True)\n"
-            "n = torch.randn(9, 40, device='cuda', requires_grad=True)\n"
-            "msf.info_nce(q, k, negatives=n, symmetric=True, backend='triton').backward()\n"
+            "for dt in (torch.float32, torch.bfloat16):\n"
+            "    q = torch.randn(37, 40, device='cuda', dtype=dt, requires_grad=True)\n"
+            "    k = torch.randn(37, 40, device='cuda', dtype=dt, requires_grad=True)\n"
+            "    n = torch.randn(9, 40, device='cuda', dtype=dt, requires_grad=True)\n"
+            f"    msf.info_nce(q, k, negatives=n, symmetric=True, backend={backend!r}).backward()\n"
             "torch.cuda.synchronize()\n")
     proc = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
                            sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -1,16 +1,166 @@
-// pybind11 module _C_cuda: CUDA kernels, called with raw pointers and torch's
-// current stream handle (DESIGN.md).  Errors from the runtime become RuntimeError.
+// pybind11 module _C_cuda: CUDA kernels, called with raw pointers and torch's current
+// stream handle (DESIGN.md).  Python owns allocation and validation; this layer checks
+// again that every buffer is device memory on the current device and large enough for
+// what the kernel will touch, so no call from Python can make a kernel read or write
+// out of bounds.  Runtime errors become RuntimeError, bad arguments ValueError.
+#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
 
 namespace msf {
 namespace cuda {
 int device_count();
 int runtime_version();
+void check(cudaError_t err, const char* what);
+void contrastive_fwd(int dtype, const void* Q, const void* K, float* lse, float* pos, float* row_loss,
+                     float* col_max, float* col_sum, int* lock, int N, int C, int D, int64_t ldq, int64_t ldk,
+                     float scale, bool symmetric, cudaStream_t stream);
+void contrastive_bwd(int dtype, bool dk, const void* Q, const void* K, const float* lse, const float* g_row,
+                     const float* lse_col, const float* g_col, float* out, float* ds_part, int N, int C, int D,
+                     int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, float scale,
+                     bool symmetric, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace msf
 
+namespace {
+
+constexpr int64_t kTile = 64;  // csrc/cuda/contrastive.cu
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error("metassl_fast._C_cuda: " + msg);
+}
+
+// The buffers of one call: every size is checked first (no CUDA call), then every
+// pointer is verified as device memory on the current device.
+struct Buffers {
+  std::vector<std::pair<uintptr_t, const char*>> ptrs;
+
+  // a buffer of `numel` elements that must hold `need`
+  void add(uintptr_t ptr, int64_t numel, int64_t need, const char* name) {
+    if (ptr == 0) require(false, std::string(name) + " is a null pointer");
+    if (numel < need)
+      require(false, std::string(name) + " holds " + std::to_string(numel) + " elements, the sizes need " +
+                         std::to_string(need));
+    ptrs.emplace_back(ptr, name);
+  }
+
+  void require_on_device() const {
+    int dev = -1;
+    msf::cuda::check(cudaGetDevice(&dev), "cudaGetDevice");
+    for (const auto& [ptr, name] : ptrs) {
+      cudaPointerAttributes attr{};
+      msf::cuda::check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)), name);
+      if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+        require(false, std::string(name) + " is not CUDA device memory");
+      if (attr.device != dev)
+        require(false, std::string(name) + " is on device " + std::to_string(attr.device) +
+                           ", the current device is " + std::to_string(dev));
+    }
+  }
+};
+
+// Rows of `rows` x D elements with stride ld: the last element read is (rows - 1) ld + D - 1.
+int64_t span(int64_t rows, int64_t D, int64_t ld) { return rows <= 0 ? 0 : (rows - 1) * ld + D; }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void require_shapes(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale) {
+  require(dtype == 0 || dtype == 2 || dtype == 3, "dtype code must be 0 (float32), 2 (float16) or 3 (bfloat16)");
+  require(N >= 1 && C >= N && D >= 1, "need N >= 1, C >= N (keys are the first N columns) and D >= 1");
+  require(N < (int64_t{1} << 31) && C < (int64_t{1} << 31) && D < (int64_t{1} << 31), "N, C and D must fit in int32");
+  require(ldq >= D && ldk >= D, "row strides must be >= D");
+  require(std::isfinite(scale), "scale must be finite");
+}
+
+void contrastive_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t lse,
+                     int64_t lse_numel, uintptr_t pos, int64_t pos_numel, uintptr_t row_loss,
+                     int64_t row_loss_numel, uintptr_t col_max, int64_t col_max_numel, uintptr_t col_sum,
+                     int64_t col_sum_numel, uintptr_t lock, int64_t lock_numel, int64_t N, int64_t C, int64_t D,
+                     int64_t ldq, int64_t ldk, double scale, bool symmetric, uintptr_t stream) {
+  require_shapes(dtype, N, C, D, ldq, ldk, scale);
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(lse, lse_numel, N, "lse");
+  b.add(pos, pos_numel, N, "pos");
+  b.add(row_loss, row_loss_numel, N, "row_loss");
+  if (symmetric) {
+    b.add(col_max, col_max_numel, N, "col_max");
+    b.add(col_sum, col_sum_numel, N, "col_sum");
+    b.add(lock, lock_numel, cdiv(C, kTile), "lock");
+  }
+  b.require_on_device();
+  msf::cuda::contrastive_fwd(dtype, reinterpret_cast<const void*>(Q), reinterpret_cast<const void*>(K),
+                             reinterpret_cast<float*>(lse), reinterpret_cast<float*>(pos),
+                             reinterpret_cast<float*>(row_loss), reinterpret_cast<float*>(col_max),
+                             reinterpret_cast<float*>(col_sum), reinterpret_cast<int*>(lock), static_cast<int>(N),
+                             static_cast<int>(C), static_cast<int>(D), ldq, ldk, static_cast<float>(scale),
+                             symmetric, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void contrastive_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel,
+                     uintptr_t lse, int64_t lse_numel, uintptr_t g_row, int64_t g_row_numel, uintptr_t lse_col,
+                     int64_t lse_col_numel, uintptr_t g_col, int64_t g_col_numel, uintptr_t out, int64_t out_numel,
+                     uintptr_t ds_part, int64_t ds_part_numel, int64_t N, int64_t C, int64_t D, int64_t col0,
+                     int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, double scale, bool symmetric,
+                     uintptr_t stream) {
+  require_shapes(dtype, N, C, D, ldq, ldk, scale);
+  require(ldo >= D, "the output row stride must be >= D");
+  if (dk) require(0 <= col0 && col0 <= col1 && col1 <= C, "key rows must satisfy 0 <= col0 <= col1 <= C");
+  if (dk && col1 == col0) return;
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(lse, lse_numel, N, "lse");
+  b.add(g_row, g_row_numel, N, "g_row");
+  if (symmetric) {
+    b.add(lse_col, lse_col_numel, N, "lse_col");
+    b.add(g_col, g_col_numel, N, "g_col");
+  }
+  if (dk) {
+    b.add(out, out_numel, span(col1 - col0, D, ldo), "dK");
+  } else {
+    b.add(out, out_numel, span(N, D, ldo), "dQ");
+    b.add(ds_part, ds_part_numel, cdiv(N, kTile), "ds_part");
+  }
+  b.require_on_device();
+  msf::cuda::contrastive_bwd(dtype, dk, reinterpret_cast<const void*>(Q), reinterpret_cast<const void*>(K),
+                             reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(g_row),
+                             reinterpret_cast<const float*>(lse_col), reinterpret_cast<const float*>(g_col),
+                             reinterpret_cast<float*>(out), reinterpret_cast<float*>(ds_part), static_cast<int>(N),
+                             static_cast<int>(C), static_cast<int>(D), col0, col1, ldq, ldk, ldo,
+                             static_cast<float>(scale), symmetric, reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "metassl_fast CUDA kernels (build skeleton; kernels arrive with the GPU issue)";
+  m.doc() = "metassl_fast CUDA kernels (raw-pointer interface; use metassl_fast's Python API)";
   m.def("device_count", &msf::cuda::device_count, "CUDA devices visible to the runtime (0 without a driver)");
   m.def("runtime_version", &msf::cuda::runtime_version, "CUDA runtime version this module was built with");
+  m.attr("TILE") = kTile;
+  m.def("contrastive_fwd", &contrastive_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
+        py::arg("K_numel"), py::arg("lse"), py::arg("lse_numel"), py::arg("pos"), py::arg("pos_numel"),
+        py::arg("row_loss"), py::arg("row_loss_numel"), py::arg("col_max"), py::arg("col_max_numel"),
+        py::arg("col_sum"), py::arg("col_sum_numel"), py::arg("lock"), py::arg("lock_numel"), py::arg("N"),
+        py::arg("C"), py::arg("D"), py::arg("ldq"), py::arg("ldk"), py::arg("scale"), py::arg("symmetric"),
+        py::arg("stream"),
+        "Forward of the fused contrastive loss: row LSE, positive, row loss; symmetric: column "
+        "(max, sum) merged into col_max / col_sum (initialised -inf / 0), lock zeroed "
+        "(csrc/cuda/contrastive.cu).");
+  m.def("contrastive_bwd", &contrastive_bwd, py::arg("dtype"), py::arg("dk"), py::arg("Q"), py::arg("Q_numel"),
+        py::arg("K"), py::arg("K_numel"), py::arg("lse"), py::arg("lse_numel"), py::arg("g_row"),
+        py::arg("g_row_numel"), py::arg("lse_col"), py::arg("lse_col_numel"), py::arg("g_col"),
+        py::arg("g_col_numel"), py::arg("out"), py::arg("out_numel"), py::arg("ds_part"), py::arg("ds_part_numel"),
+        py::arg("N"), py::arg("C"), py::arg("D"), py::arg("col0"), py::arg("col1"), py::arg("ldq"), py::arg("ldk"),
+        py::arg("ldo"), py::arg("scale"), py::arg("symmetric"), py::arg("stream"),
+        "Backward: dk=False writes G K (dQ / s) and per-block sums of G S; dk=True writes G^T Q "
+        "(dK / s) for key rows [col0, col1) (csrc/cuda/contrastive.cu).");
 }

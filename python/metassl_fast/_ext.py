@@ -12,6 +12,8 @@ import torch
 
 # The dtype codes the compiled kernels take (csrc/cpu/bindings.cpp, enum DType).
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+# ... and the CUDA kernels (csrc/cuda/bindings.cpp): no float64, two 16-bit types.
+CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
 
 _cache: dict[str, tuple[ModuleType | None, str | None]] = {}
 

@@ -139,8 +139,8 @@ def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value,
         return _rows_against(which, query, key, key, query, ids, ids, negatives, scale, symmetric, normalize,
                              reduction)
     which = _backend.resolve(backend, query.device)
-    if which == "triton" and query.dtype == torch.float64:
-        raise TypeError(f"{name_q}: backend='triton' takes float32, float16 or bfloat16, got float64")
+    if which in ("triton", "cuda") and query.dtype == torch.float64:
+        raise TypeError(f"{name_q}: backend={which!r} takes float32, float16 or bfloat16, got float64")
     if which == "torch":
         return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
     return contrastive(query, key, negatives, scale, symmetric, normalize, reduction, which)
@@ -215,7 +215,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
 
 def _family_backend(backend, device, op: str, dtype=None) -> str:
     which = _backend.resolve(backend, device)
-    if which == "cuda":  # resolve() refuses it today; keep the message if that changes
+    if which == "cuda":  # only info_nce / clip_loss have CUDA C++ kernels so far
         raise RuntimeError(f"backend='cuda': {op} has no CUDA C++ kernel in this version; "
                            "use backend='triton' or 'torch'")
     if which == "triton" and dtype == torch.float64:

@@ -20,6 +20,7 @@ backward recomputes S tiles in a row-outer (dQ) and a column-outer (dK) kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -281,45 +282,69 @@ def _precision(dtype) -> str:
     return "tf32"
 
 
-def _triton_forward(query, key, negatives, scale, symmetric, normalize, reduction):
-    from ..kernels import contrastive as tk
-
+def _gpu_forward(backend, query, key, negatives, scale, symmetric, normalize, reduction):
+    """The Triton or the CUDA C++ forward: the same buffers, the same kernel contract."""
     _, _, _, _, q_op, k_op = _triton_inputs(query, key, negatives, normalize)
     n, d = q_op.shape
     c = k_op.shape[0]
-    bm, bn, bd, warps = _triton_config(d)
     dev = q_op.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     pos = torch.empty(n, dtype=torch.float32, device=dev)
     row_loss = torch.empty(n, dtype=torch.float32, device=dev)
     col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
     col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
-    lock = torch.zeros(_cdiv(c, bn), dtype=torch.int32, device=dev)
-    tk.contrastive_fwd_kernel[(_cdiv(n, bm),)](
-        q_op, k_op, lse, pos, row_loss, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
-        float(scale), SYMMETRIC=symmetric, PRECISION=_precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=bd, num_warps=warps)
+    if backend == "cuda":
+        _cuda_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, float(scale), symmetric)
+    else:
+        from ..kernels import contrastive as tk
+
+        bm, bn, bd, warps = _triton_config(d)
+        lock = torch.zeros(_cdiv(c, bn), dtype=torch.int32, device=dev)
+        tk.contrastive_fwd_kernel[(_cdiv(n, bm),)](
+            q_op, k_op, lse, pos, row_loss, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
+            float(scale), SYMMETRIC=symmetric, PRECISION=_precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_D=bd, num_warps=warps)
     lse_col, col_loss = _col_lse_and_loss(col_max, col_sum, pos) if symmetric else (lse.new_empty(0), None)
     loss = _reduce((row_loss, col_loss), symmetric, reduction, query.dtype)
     empty = (query.new_empty(0), key.new_empty(0), query.new_empty(0), scale.new_empty(0))
     return (loss, lse, lse_col) + empty
 
 
-def _triton_backward(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
-                     reduction, need):
-    from ..kernels import contrastive as tk
-
+def _gpu_backward(backend, grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize,
+                  reduction, need):
     q, keys, q_norm, k_norm, q_op, k_op = _triton_inputs(query, key, negatives, normalize)
     n, d = q_op.shape
     c = k_op.shape[0]
     s = float(scale)
-    bm, bn, bd, warps = _triton_config(d)
-    prec = _precision(q_op.dtype)
     g = _row_weights(reduction, n, symmetric, grad, torch.float32, q_op.device)
     lse_row = lse_row.float().contiguous()
     lse_c = lse_col.float().contiguous() if symmetric else lse_row  # any length-N buffer
     dq = gs = dk = None
-    if need[0] or need[3]:
+    rows = _key_rows(n, c, need)
+    if backend == "cuda":
+        dq, parts, dk = _cuda_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, need[0] or need[3], rows)
+    else:
+        dq, parts, dk = _triton_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, need[0] or need[3], rows)
+    if parts is not None:
+        gs = parts.double().sum()
+    if dk is not None:
+        dk = (dk * s).to(keys.dtype)
+    if dq is not None:
+        dq = dq.to(q.dtype)
+    return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
+
+
+def _triton_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, want_dq, rows):
+    """-> (G K (N, D) and the per-program sums of G S, or Nones; G^T Q for key rows
+    [c0, c1) or None), float32, from kernels/contrastive.py."""
+    from ..kernels import contrastive as tk
+
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    bm, bn, bd, warps = _triton_config(d)
+    prec = _precision(q_op.dtype)
+    dq = parts = dk = None
+    if want_dq:
         dq = torch.empty(n, d, dtype=torch.float32, device=q_op.device)
         grid = _cdiv(n, bm)
         parts = torch.empty(grid, dtype=torch.float32, device=q_op.device)
@@ -327,8 +352,6 @@ def _triton_backward(grad, query, key, negatives, scale, lse_row, lse_col, symme
             q_op, k_op, lse_row, g, lse_c, g, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0),
             dq.stride(0), s, SYMMETRIC=symmetric, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
             num_warps=warps)
-        gs = parts.double().sum()
-    rows = _key_rows(n, c, need)
     if rows is not None:
         c0, c1 = rows
         dk = torch.empty(c1 - c0, d, dtype=torch.float32, device=q_op.device)
@@ -336,17 +359,67 @@ def _triton_backward(grad, query, key, negatives, scale, lse_row, lse_col, symme
             q_op, k_op, lse_row, g, lse_c, g, dk, n, c, d, c0, c1, q_op.stride(0), k_op.stride(0),
             dk.stride(0), s, SYMMETRIC=symmetric, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
             num_warps=warps)
-        dk = (dk * s).to(keys.dtype)
-    if dq is not None:
-        dq = dq.to(q.dtype)
-    return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
+    return dq, parts, dk
+
+
+# ---------------------------------------------------------------------------
+# CUDA C++ backend (csrc/cuda/contrastive.cu through _C_cuda): the Triton kernels'
+# contract, 64 x 64 tiles, fp16/bf16 on tensor cores, fp32 exact on CUDA cores.
+# ---------------------------------------------------------------------------
+
+def _cuda_args(**tensors):
+    """pointer and element count of each tensor, as the _C_cuda functions take them."""
+    out = {}
+    for name, t in tensors.items():
+        out[name] = t.data_ptr()
+        out[f"{name}_numel"] = t.numel()
+    return out
+
+
+def _cuda_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, s, symmetric):
+    mod = _ext.require("_C_cuda")
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    lock = torch.zeros(_cdiv(c, mod.TILE), dtype=torch.int32, device=q_op.device)
+    with torch.cuda.device(q_op.device):
+        mod.contrastive_fwd(dtype=_ext.CUDA_DTYPE_CODE[q_op.dtype],
+                            **_cuda_args(Q=q_op, K=k_op, lse=lse, pos=pos, row_loss=row_loss, col_max=col_max,
+                                         col_sum=col_sum, lock=lock),
+                            N=n, C=c, D=d, ldq=q_op.stride(0), ldk=k_op.stride(0), scale=s, symmetric=symmetric,
+                            stream=torch.cuda.current_stream().cuda_stream)
+
+
+def _cuda_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, want_dq, rows):
+    mod = _ext.require("_C_cuda")
+    n, d = q_op.shape
+    c = k_op.shape[0]
+    dev = q_op.device
+    dq = parts = dk = None
+    common = dict(dtype=_ext.CUDA_DTYPE_CODE[q_op.dtype], N=n, C=c, D=d, ldq=q_op.stride(0), ldk=k_op.stride(0),
+                  scale=s, symmetric=symmetric)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream().cuda_stream
+        if want_dq:
+            dq = torch.empty(n, d, dtype=torch.float32, device=dev)
+            parts = torch.empty(_cdiv(n, mod.TILE), dtype=torch.float32, device=dev)
+            mod.contrastive_bwd(dk=False, **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c,
+                                                       g_col=g, out=dq, ds_part=parts),
+                                col0=0, col1=0, ldo=dq.stride(0), stream=stream, **common)
+        if rows is not None:
+            c0, c1 = rows
+            dk = torch.empty(c1 - c0, d, dtype=torch.float32, device=dev)
+            mod.contrastive_bwd(dk=True, **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c,
+                                                      g_col=g, out=dk, ds_part=lse_row),
+                                col0=c0, col1=c1, ldo=dk.stride(0), stream=stream, **common)
+    return dq, parts, dk
 
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward}
+_BACKWARD = {"cpu": _cpu_backward, "triton": functools.partial(_gpu_backward, "triton"),
+             "cuda": functools.partial(_gpu_backward, "cuda")}
 
 
 def _precomputes(backend: str, precompute: bool) -> bool:
@@ -355,7 +428,7 @@ def _precomputes(backend: str, precompute: bool) -> bool:
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("cpu", "triton"):  # resolve() stops the others before they get here
+    if backend not in ("cpu", "triton", "cuda"):  # resolve() stops the others before they get here
         raise RuntimeError(f"metassl_fast::contrastive has no {backend!r} kernel")
 
 
@@ -374,8 +447,8 @@ def contrastive_fwd(
     (CPU backend only; other backends ignore it), else empty."""
     _check_backend(backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
-    if backend == "triton":  # never precomputes: the backward recomputes S on the GPU
-        return _triton_forward(query, key, negatives, scale, symmetric, normalize, reduction)
+    if backend in ("triton", "cuda"):  # never precompute: the backward recomputes S on the GPU
+        return _gpu_forward(backend, query, key, negatives, scale, symmetric, normalize, reduction)
     return _cpu_forward(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need)
 
 
