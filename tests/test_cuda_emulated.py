@@ -1,9 +1,10 @@
-"""The CUDA C++ contrastive kernels (csrc/cuda/contrastive.cu) run on the CPU.
+"""The CUDA C++ kernels of the contrastive family (csrc/cuda/contrastive.cu) run on the CPU.
 
 No GPU here: tests/cuda_emu/emu.h emulates the CUDA features the kernels use (one
 host thread per CUDA thread, barriers, shuffles, atomics, WMMA by its documented
-load / mma / store semantics, fp16 / bf16 rounding), and run_contrastive.cpp drives
-the real kernel code: forward, then dQ and dK.  Every output is compared with the
+load / mma / store semantics, fp16 / bf16 rounding), and run_kernels.cpp drives
+the real kernel code: forward, then dQ and dK, for InfoNCE / CLIP, SigLIP and the
+labelled rows (SupCon / NT-Xent, pairwise, extra logit).  Every output is compared with the
 float64 formulas written out here, on shapes that cut tiles (64), feature chunks (32)
 and output chunks (64 fp32 / 128 fp16, bf16).  What it cannot check: the hardware's
 fragment layout, the memory model under concurrency, speed (tests/test_contrastive_gpu.py
@@ -28,25 +29,30 @@ def runner(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not on PATH")
-    exe = str(tmp_path_factory.mktemp("cuda_emu") / "run_contrastive")
-    subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-o", exe, os.path.join(HERE, "cuda_emu", "run_contrastive.cpp")],
+    exe = str(tmp_path_factory.mktemp("cuda_emu") / "run_kernels")
+    subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-o", exe, os.path.join(HERE, "cuda_emu", "run_kernels.cpp")],
                    check=True, capture_output=True, text=True)
     return exe
+
+
+def _call(exe, tmp_path, mode, dtype, n, c, d, params, inputs, names, sizes):
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    torch.cat([x.flatten().double() for x in inputs]).float().numpy().tofile(src)
+    params = list(params) + [0.0] * (5 - len(params))
+    subprocess.run([exe, mode, str(CODES[dtype]), str(n), str(c), str(d)] + [repr(float(p)) for p in params]
+                   + [str(src), str(dst)], check=True, timeout=600)
+    out = torch.from_numpy(__import__("numpy").fromfile(dst, dtype="float32")).double()
+    assert sum(sizes) == out.numel()
+    return dict(zip(names, torch.split(out, sizes)))
 
 
 def _run(exe, tmp_path, dtype, q, k, g, scale, symmetric):
     n, d = q.shape
     c = k.shape[0]
-    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
-    torch.cat([q.flatten(), k.flatten(), g]).float().numpy().tofile(src)
-    subprocess.run([exe, str(CODES[dtype]), str(n), str(c), str(d), str(int(symmetric)), repr(scale), str(src),
-                    str(dst)], check=True, timeout=600)
-    out = torch.from_numpy(__import__("numpy").fromfile(dst, dtype="float32")).double()
-    sizes = [n, n, n, n, n * d, 1, c * d]
-    parts = list(torch.split(out, sizes))
-    assert sum(sizes) == out.numel()
-    lse, pos, row_loss, lse_col, dq, ds, dk = parts
-    return dict(lse=lse, pos=pos, row_loss=row_loss, lse_col=lse_col, dq=dq.view(n, d), ds=ds[0], dk=dk.view(c, d))
+    out = _call(exe, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), scale], [q, k, g],
+                ["lse", "pos", "row_loss", "lse_col", "dq", "ds", "dk"], [n, n, n, n, n * d, 1, c * d])
+    out["dq"], out["dk"], out["ds"] = out["dq"].view(n, d), out["dk"].view(c, d), out["ds"][0]
+    return out
 
 
 def _reference(q, k, g, scale, symmetric):
@@ -83,3 +89,98 @@ def test_cuda_kernels_against_float64(runner, tmp_path, dtype, n, m, d):
             assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements ({dtype} {n} {m} {d})"
             err, bound = (a - b).abs().max().item(), atol + rtol * b.abs().max().item()
             assert err <= bound, f"{name}: {err:.3e} > {bound:.3e} ({dtype} n={n} m={m} d={d} sym={symmetric})"
+
+
+def _check(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    for name, b in want.items():
+        a = got[name].reshape(b.shape)
+        assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements ({what})"
+        err, bound = (a - b).abs().max().item(), atol + rtol * b.abs().max().item()
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e} ({what})"
+
+
+def _operands(n, c, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(c, d, generator=g, dtype=torch.float64), dim=1)
+    return q.to(dtype).double(), k.to(dtype).double(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,d,diag", [(1, 1, 3, 0), (65, 70, 40, 0), (40, 130, 33, 64)])
+def test_siglip_kernels_against_float64(runner, tmp_path, dtype, n, c, d, diag):
+    """loss_i = sum_j softplus(-z_ij x_ij), x = s q.k + b, z = +1 at column i + diag; the
+    backward of w * sum_i loss_i against autograd."""
+    q, k, _ = _operands(n, c, d, dtype, seed=n + c + d)
+    ls, bias, w = 4.0, -2.0, 0.37
+    got = _call(runner, tmp_path, "siglip", dtype, n, c, d, [ls, bias, diag, w], [q, k],
+                ["loss", "dq", "ds", "db", "dk"], [n, n * d, 1, 1, c * d])
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    s_t, b_t = torch.tensor(ls, dtype=torch.float64, requires_grad=True), torch.tensor(bias, dtype=torch.float64,
+                                                                                         requires_grad=True)
+    x = s_t * qq @ kk.T + b_t
+    z = -torch.ones(n, c, dtype=torch.float64)
+    rows = torch.arange(n)
+    ok = rows + diag < c
+    z[rows[ok], rows[ok] + diag] = 1.0
+    per_row = torch.nn.functional.softplus(-z * x).sum(1)
+    dq, dk, ds, db = torch.autograd.grad(w * per_row.sum(), (qq, kk, s_t, b_t))
+    _check(got, dict(loss=per_row.detach(), dq=dq / ls, dk=dk / ls, ds=ds.reshape(1), db=db.reshape(1)), dtype,
+           f"siglip {dtype} n={n} c={c} d={d}")
+
+
+def _labeled_reference(q, k, yq, yk, scale, self_col0, pairwise, ext, ext_pos, g):
+    """Per anchor loss (SupCon / NT-Xent mean-positive, or pml's pairwise) with column
+    self_col0 + i excluded for anchor i (self_col0 < 0: none), an optional extra logit
+    per row; and the gradients of sum_i g_i l_i w.r.t. q, k (over s) and s (times s)."""
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    s_t = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    S = s_t * qq @ kk.T
+    n, c = S.shape
+    same = yq[:, None] == yk[None, :]
+    excl = torch.zeros(n, c, dtype=torch.bool)
+    if self_col0 >= 0:
+        rows = torch.arange(n)
+        excl[rows, rows + self_col0] = True
+    pos = same & ~excl
+    if ext is not None:  # one more column, outside S
+        S = torch.cat([S, ext[:, None]], 1)
+        pos = torch.cat([pos, torch.full((n, 1), ext_pos)], 1)
+        same = torch.cat([same, torch.full((n, 1), ext_pos)], 1)
+        excl = torch.cat([excl, torch.zeros(n, 1, dtype=torch.bool)], 1)
+    npos = pos.sum(1)
+    if pairwise:
+        neg = ~same
+        lse = torch.logsumexp(S.masked_fill(~neg, float("-inf")), 1, keepdim=True)
+        per_row = torch.nn.functional.softplus(lse - S).masked_fill(~pos, 0.0).sum(1)
+    else:
+        lse = torch.logsumexp(S.masked_fill(excl, float("-inf")), 1)
+        per_row = torch.where(npos > 0, lse - (S * pos).sum(1) / npos.clamp_min(1), torch.zeros_like(lse))
+    dq, dk, ds = torch.autograd.grad((g * per_row).sum(), (qq, kk, s_t))
+    return dict(loss=per_row.detach(), dq=dq / scale, dk=dk / scale, ds=(ds * scale).reshape(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pairwise", [False, True])
+@pytest.mark.parametrize("n,c,d,self_col0,ext", [(1, 1, 3, 0, 0), (70, 70, 40, 0, 0), (65, 130, 17, 64, 0),
+                                                 (33, 90, 20, -1, 0), (40, 40, 24, 0, 2), (40, 75, 24, -1, 1),
+                                                 (50, 50, 8, 0, 0)])
+def test_labeled_kernels_against_float64(runner, tmp_path, dtype, pairwise, n, c, d, self_col0, ext):
+    if pairwise and ext:
+        pytest.skip("the extra logit goes with the mean-positive loss only (info_nce's paired negatives)")
+    q, k, gen = _operands(n, c, d, dtype, seed=n * 7 + c + d)
+    n_labels = 40 if c == 50 else 4  # 40: anchors with one positive, or none
+    yq = torch.randint(0, n_labels, (n,), generator=gen)
+    yk = torch.randint(0, n_labels, (c,), generator=gen)
+    if self_col0 >= 0:  # anchor i is key column self_col0 + i: same label
+        yk[self_col0:self_col0 + n] = yq
+    e = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    w = 0.5 + torch.rand(n, generator=gen, dtype=torch.float64)
+    scale = 5.0
+    got = _call(runner, tmp_path, "labeled", dtype, n, c, d, [scale, self_col0, int(pairwise), ext],
+                [q, k, yq.double(), yk.double(), e, w],
+                ["loss", "stat_a", "stat_b", "dq", "ds", "dk"], [n, n, n, n * d, 1, c * d])
+    want = _labeled_reference(q, k, yq, yk, scale, self_col0, pairwise, e.float().double() if ext else None,
+                              ext == 2, w.float().double())
+    _check(got, want, dtype, f"labeled {dtype} pairwise={pairwise} n={n} c={c} d={d} self={self_col0} ext={ext}")

@@ -26,6 +26,18 @@ void contrastive_bwd(int dtype, bool dk, const void* Q, const void* K, const flo
                      const float* lse_col, const float* g_col, float* out, float* ds_part, int N, int C, int D,
                      int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, float scale,
                      bool symmetric, cudaStream_t stream);
+void siglip_fwd(int dtype, const void* Q, const void* K, float* loss, int N, int C, int D, int64_t ldq, int64_t ldk,
+                float logit_scale, float bias, int64_t diag_col0, cudaStream_t stream);
+void siglip_bwd(int dtype, bool dk, const void* Q, const void* K, float* out, float* part, int N, int C, int D,
+                int64_t ldq, int64_t ldk, int64_t ldo, float logit_scale, float bias, int64_t diag_col0, float w,
+                cudaStream_t stream);
+void labeled_fwd(int dtype, const void* Q, const void* K, const int64_t* yq, const int64_t* yk, const float* ext,
+                 bool ext_pos, float* loss, float* stat_a, float* stat_b, int N, int C, int D, int64_t ldq,
+                 int64_t ldk, float scale, bool self, int64_t self_col0, bool pairwise, cudaStream_t stream);
+void labeled_bwd(int dtype, bool dk, const void* Q, const void* K, const int64_t* yq, const int64_t* yk,
+                 const float* g, const float* stat_a, const float* stat_b, float* out, float* part, int N, int C,
+                 int D, int64_t ldq, int64_t ldk, int64_t ldo, float scale, bool self, int64_t self_col0,
+                 bool pairwise, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace msf
 
@@ -71,12 +83,22 @@ int64_t span(int64_t rows, int64_t D, int64_t ld) { return rows <= 0 ? 0 : (rows
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void require_shapes(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale) {
+void require_common(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale) {
   require(dtype == 0 || dtype == 2 || dtype == 3, "dtype code must be 0 (float32), 2 (float16) or 3 (bfloat16)");
-  require(N >= 1 && C >= N && D >= 1, "need N >= 1, C >= N (keys are the first N columns) and D >= 1");
+  require(N >= 1 && C >= 1 && D >= 1, "need N >= 1, C >= 1 and D >= 1");
   require(N < (int64_t{1} << 31) && C < (int64_t{1} << 31) && D < (int64_t{1} << 31), "N, C and D must fit in int32");
   require(ldq >= D && ldk >= D, "row strides must be >= D");
   require(std::isfinite(scale), "scale must be finite");
+}
+
+void require_shapes(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale) {
+  require_common(dtype, N, C, D, ldq, ldk, scale);
+  require(C >= N, "need C >= N (keys are the first N columns)");
+}
+
+template <typename P>
+P ptr(uintptr_t p) {
+  return reinterpret_cast<P>(p);
 }
 
 void contrastive_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t lse,
@@ -139,6 +161,96 @@ void contrastive_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t
                              static_cast<float>(scale), symmetric, reinterpret_cast<cudaStream_t>(stream));
 }
 
+void siglip_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t loss,
+                int64_t loss_numel, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double logit_scale,
+                double bias, int64_t diag_col0, uintptr_t stream) {
+  require_common(dtype, N, C, D, ldq, ldk, logit_scale);
+  require(std::isfinite(bias), "bias must be finite");
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(loss, loss_numel, N, "loss");
+  b.require_on_device();
+  msf::cuda::siglip_fwd(dtype, ptr<const void*>(Q), ptr<const void*>(K), ptr<float*>(loss), static_cast<int>(N),
+                        static_cast<int>(C), static_cast<int>(D), ldq, ldk, static_cast<float>(logit_scale),
+                        static_cast<float>(bias), diag_col0, ptr<cudaStream_t>(stream));
+}
+
+void siglip_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t out,
+                int64_t out_numel, uintptr_t part, int64_t part_numel, int64_t N, int64_t C, int64_t D, int64_t ldq,
+                int64_t ldk, int64_t ldo, double logit_scale, double bias, int64_t diag_col0, double w,
+                uintptr_t stream) {
+  require_common(dtype, N, C, D, ldq, ldk, logit_scale);
+  require(std::isfinite(bias) && std::isfinite(w), "bias and w must be finite");
+  require(ldo >= D, "the output row stride must be >= D");
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(out, out_numel, span(dk ? C : N, D, ldo), dk ? "dK" : "dQ");
+  if (!dk) b.add(part, part_numel, 2 * cdiv(N, kTile), "part");
+  b.require_on_device();
+  msf::cuda::siglip_bwd(dtype, dk, ptr<const void*>(Q), ptr<const void*>(K), ptr<float*>(out), ptr<float*>(part),
+                        static_cast<int>(N), static_cast<int>(C), static_cast<int>(D), ldq, ldk, ldo,
+                        static_cast<float>(logit_scale), static_cast<float>(bias), diag_col0, static_cast<float>(w),
+                        ptr<cudaStream_t>(stream));
+}
+
+void require_labeled(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale,
+                     bool self, int64_t self_col0) {
+  require_common(dtype, N, C, D, ldq, ldk, scale);
+  if (self) require(self_col0 >= 0 && self_col0 + N <= C, "the anchors' own columns [self_col0, self_col0 + N) "
+                                                          "must lie inside the C columns");
+}
+
+void labeled_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t yq,
+                 int64_t yq_numel, uintptr_t yk, int64_t yk_numel, uintptr_t ext, int64_t ext_numel, bool has_ext,
+                 bool ext_pos, uintptr_t loss, int64_t loss_numel, uintptr_t stat_a, int64_t stat_a_numel,
+                 uintptr_t stat_b, int64_t stat_b_numel, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk,
+                 double scale, bool self, int64_t self_col0, bool pairwise, uintptr_t stream) {
+  require_labeled(dtype, N, C, D, ldq, ldk, scale, self, self_col0);
+  require(!(has_ext && pairwise), "the extra logit goes with the mean-positive loss only");
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(yq, yq_numel, N, "labels");
+  b.add(yk, yk_numel, C, "key_labels");
+  if (has_ext) b.add(ext, ext_numel, N, "ext");
+  b.add(loss, loss_numel, N, "loss");
+  b.add(stat_a, stat_a_numel, N, "stat_a");
+  b.add(stat_b, stat_b_numel, N, "stat_b");
+  b.require_on_device();
+  msf::cuda::labeled_fwd(dtype, ptr<const void*>(Q), ptr<const void*>(K), ptr<const int64_t*>(yq),
+                         ptr<const int64_t*>(yk), has_ext ? ptr<const float*>(ext) : nullptr, ext_pos,
+                         ptr<float*>(loss), ptr<float*>(stat_a), ptr<float*>(stat_b), static_cast<int>(N),
+                         static_cast<int>(C), static_cast<int>(D), ldq, ldk, static_cast<float>(scale), self,
+                         self_col0, pairwise, ptr<cudaStream_t>(stream));
+}
+
+void labeled_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, uintptr_t yq,
+                 int64_t yq_numel, uintptr_t yk, int64_t yk_numel, uintptr_t g, int64_t g_numel, uintptr_t stat_a,
+                 int64_t stat_a_numel, uintptr_t stat_b, int64_t stat_b_numel, uintptr_t out, int64_t out_numel,
+                 uintptr_t part, int64_t part_numel, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk,
+                 int64_t ldo, double scale, bool self, int64_t self_col0, bool pairwise, uintptr_t stream) {
+  require_labeled(dtype, N, C, D, ldq, ldk, scale, self, self_col0);
+  require(ldo >= D, "the output row stride must be >= D");
+  Buffers b;
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+  b.add(yq, yq_numel, N, "labels");
+  b.add(yk, yk_numel, C, "key_labels");
+  b.add(g, g_numel, N, "g");
+  b.add(stat_a, stat_a_numel, N, "stat_a");
+  b.add(stat_b, stat_b_numel, N, "stat_b");
+  b.add(out, out_numel, span(dk ? C : N, D, ldo), dk ? "dK" : "dQ");
+  if (!dk) b.add(part, part_numel, cdiv(N, kTile), "part");
+  b.require_on_device();
+  msf::cuda::labeled_bwd(dtype, dk, ptr<const void*>(Q), ptr<const void*>(K), ptr<const int64_t*>(yq),
+                         ptr<const int64_t*>(yk), ptr<const float*>(g), ptr<const float*>(stat_a),
+                         ptr<const float*>(stat_b), ptr<float*>(out), ptr<float*>(part), static_cast<int>(N),
+                         static_cast<int>(C), static_cast<int>(D), ldq, ldk, ldo, static_cast<float>(scale), self,
+                         self_col0, pairwise, ptr<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -163,4 +275,27 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("ldo"), py::arg("scale"), py::arg("symmetric"), py::arg("stream"),
         "Backward: dk=False writes G K (dQ / s) and per-block sums of G S; dk=True writes G^T Q "
         "(dK / s) for key rows [col0, col1) (csrc/cuda/contrastive.cu).");
+  m.def("siglip_fwd", &siglip_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
+        py::arg("K_numel"), py::arg("loss"), py::arg("loss_numel"), py::arg("N"), py::arg("C"), py::arg("D"),
+        py::arg("ldq"), py::arg("ldk"), py::arg("logit_scale"), py::arg("bias"), py::arg("diag_col0"),
+        py::arg("stream"), "SigLIP forward: per-row sums of softplus(-z x) (kernels/family.py's contract).");
+  m.def("siglip_bwd", &siglip_bwd, py::arg("dtype"), py::arg("dk"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
+        py::arg("K_numel"), py::arg("out"), py::arg("out_numel"), py::arg("part"), py::arg("part_numel"),
+        py::arg("N"), py::arg("C"), py::arg("D"), py::arg("ldq"), py::arg("ldk"), py::arg("ldo"),
+        py::arg("logit_scale"), py::arg("bias"), py::arg("diag_col0"), py::arg("w"), py::arg("stream"),
+        "SigLIP backward: (dL/dx) K (dk=False, with per-block (sum dL/dx S, sum dL/dx)) or (dL/dx)^T Q.");
+  m.def("labeled_fwd", &labeled_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
+        py::arg("K_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("yk"), py::arg("yk_numel"), py::arg("ext"),
+        py::arg("ext_numel"), py::arg("has_ext"), py::arg("ext_pos"), py::arg("loss"), py::arg("loss_numel"),
+        py::arg("stat_a"), py::arg("stat_a_numel"), py::arg("stat_b"), py::arg("stat_b_numel"), py::arg("N"),
+        py::arg("C"), py::arg("D"), py::arg("ldq"), py::arg("ldk"), py::arg("scale"), py::arg("self"),
+        py::arg("self_col0"), py::arg("pairwise"), py::arg("stream"),
+        "Labelled rows forward (SupCon / NT-Xent / pairwise): loss, stat_a, stat_b per anchor.");
+  m.def("labeled_bwd", &labeled_bwd, py::arg("dtype"), py::arg("dk"), py::arg("Q"), py::arg("Q_numel"),
+        py::arg("K"), py::arg("K_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("yk"), py::arg("yk_numel"),
+        py::arg("g"), py::arg("g_numel"), py::arg("stat_a"), py::arg("stat_a_numel"), py::arg("stat_b"),
+        py::arg("stat_b_numel"), py::arg("out"), py::arg("out_numel"), py::arg("part"), py::arg("part_numel"),
+        py::arg("N"), py::arg("C"), py::arg("D"), py::arg("ldq"), py::arg("ldk"), py::arg("ldo"), py::arg("scale"),
+        py::arg("self"), py::arg("self_col0"), py::arg("pairwise"), py::arg("stream"),
+        "Labelled rows backward: G K (dk=False, with per-block sums of G S) or G^T Q.");
 }

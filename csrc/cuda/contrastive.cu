@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace msf {
 namespace cuda {
@@ -301,11 +302,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------
-// Backward: out (64 outer rows x a chunk of D) = G_outer . Inner[:, chunk] over every
-// inner tile, G recomputed from S.  kDK false: outer = queries (rows [r0, N)), inner =
-// keys (C), out = dQ / s, and the block's sum G S goes to ds_part.  kDK true: outer =
-// keys [col0, col1), inner = queries (N), out row r = key row col0 + r, dK / s.
+// Backward, shared by every loss: out (64 outer rows x a chunk of D) = G_outer .
+// Inner[:, chunk] over every inner tile, G recomputed from S by the loss's policy L.
+// kDK false: outer = queries (rows [r0, N)), inner = keys (C columns), out = dQ / s,
+// and the block's partial sums (L::kParts of them: sum G S, and SigLIP's sum G) go to
+// part[L::kParts * block].  kDK true: outer = keys [col0, col1), inner = queries (N),
+// out row r = key row col0 + r, dK / s.
+//
+// A policy L holds its pointers and scalars and gives
+//   float scale                              the S tile is scale * Q K^T
+//   RowData query(i), key(j)                 per-row data of query i < N, key j < C
+//   float grad(s, i, j, q, k, p)             G_ij, adding its share to the partials p
 // ---------------------------------------------------------------------------------
+struct RowData {
+  float a = 0.f, b = 0.f, c = 0.f;
+  int64_t y = 0;
+};
+
 template <typename T>
 struct GradSmem {
   static constexpr int kOut = Traits<T>::kOutChunk;
@@ -316,17 +329,15 @@ struct GradSmem {
   } u;
   alignas(32) float S[kTile][kLdS];
   alignas(32) T G[Traits<T>::kTensorCores ? kTile : 1][kTile + kPad];  // G as an operand (16-bit types)
-  float lse_o[kTile], g_o[kTile], lse_i[kTile], g_i[kTile];
-  float red[kThreads / 32];
+  RowData outer[kTile], inner_row[kTile];
+  float red[2][kThreads / 32];
 };
 
-template <typename T, bool kSym, bool kDK>
+template <typename T, typename L, bool kDK>
 __global__ void __launch_bounds__(kThreads)
-    grad_kernel(const T* __restrict__ Q, const T* __restrict__ K, const float* __restrict__ lse,
-                const float* __restrict__ g_row, const float* __restrict__ lse_col,
-                const float* __restrict__ g_col, float* __restrict__ out, float* __restrict__ ds_part,
-                int N, int C, int D, int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo,
-                float scale) {
+    grad_kernel(const T* __restrict__ Q, const T* __restrict__ K, const L loss, float* __restrict__ out,
+                float* __restrict__ part, int N, int C, int D, int64_t col0, int64_t col1, int64_t ldq, int64_t ldk,
+                int64_t ldo) {
   constexpr int kOut = Traits<T>::kOutChunk;
   __shared__ GradSmem<T> sm;
   // outer rows [o0, o_end) of matrix A; inner rows [0, i_end) of matrix B
@@ -337,21 +348,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t o_end = kDK ? col1 : N;
   const int64_t i_end = kDK ? N : C;
   const int d_out0 = blockIdx.y * kOut;
-  // per outer row: (lse, g) of its row loss (queries) or column loss (keys < N)
   if (threadIdx.x < kTile) {
     const int64_t o = o0 + threadIdx.x;
-    float l = 0.f, g = 0.f;
-    if (!kDK && o < o_end) {
-      l = lse[o];
-      g = g_row[o];
-    } else if (kDK && kSym && o < o_end && o < N) {
-      l = lse_col[o];
-      g = g_col[o];
-    }
-    sm.lse_o[threadIdx.x] = l;
-    sm.g_o[threadIdx.x] = g;
+    sm.outer[threadIdx.x] = o < o_end ? (kDK ? loss.key(o) : loss.query(o)) : RowData{};
   }
-  float gs = 0.f;
+  float p[2] = {0.f, 0.f};
   // accumulators: tensor cores 4 fragments per warp over (64 x 128); CUDA cores 4 x 4 per thread
   const int warp = threadIdx.x / 32;
   const int fr = warp / 2, fc0 = (warp % 2) * 4;
@@ -362,38 +363,20 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(facc[j], 0.f);
   __syncthreads();
   for (int64_t i0 = 0; i0 < i_end; i0 += kTile) {
-    if (threadIdx.x < kTile) {  // per inner row: the other loss's (lse, g)
+    if (threadIdx.x < kTile) {
       const int64_t i = i0 + threadIdx.x;
-      float l = 0.f, g = 0.f;
-      if (kDK && i < i_end) {
-        l = lse[i];
-        g = g_row[i];
-      } else if (!kDK && kSym && i < i_end && i < N) {
-        l = lse_col[i];
-        g = g_col[i];
-      }
-      sm.lse_i[threadIdx.x] = l;
-      sm.g_i[threadIdx.x] = g;
+      sm.inner_row[threadIdx.x] = i < i_end ? (kDK ? loss.query(i) : loss.key(i)) : RowData{};
     }
-    s_tile<T>(sm.S, sm.u.chunk, A, lda, o0, o_end, B, ldb, i0, i_end, D, scale);
+    s_tile<T>(sm.S, sm.u.chunk, A, lda, o0, o_end, B, ldb, i0, i_end, D, loss.scale);
     // G on the tile: rows = outer, columns = inner
     for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
       const int r = idx / kTile, c = idx % kTile;
       const int64_t o = o0 + r, i = i0 + c;
       float g = 0.f;
       if (o < o_end && i < i_end) {
-        const float s = sm.S[r][c];
-        const int64_t qi = kDK ? i : o, kj = kDK ? o : i;  // query row, key column
-        const float diag = qi == kj ? 1.f : 0.f;
-        const float lse_q = kDK ? sm.lse_i[c] : sm.lse_o[r];
-        const float g_q = kDK ? sm.g_i[c] : sm.g_o[r];
-        g = g_q * (expf(s - lse_q) - diag);
-        if (kSym && kj < N) {
-          const float lse_k = kDK ? sm.lse_o[r] : sm.lse_i[c];
-          const float g_k = kDK ? sm.g_o[r] : sm.g_i[c];
-          g += g_k * (expf(s - lse_k) - diag);
-        }
-        if (!kDK) gs += g * s;
+        float* pp = kDK ? nullptr : p;  // partial sums from the dQ direction only
+        g = kDK ? loss.grad(sm.S[r][c], i, o, sm.inner_row[c], sm.outer[r], pp)
+                : loss.grad(sm.S[r][c], o, i, sm.outer[r], sm.inner_row[c], pp);
       }
       if constexpr (Traits<T>::kTensorCores)
         sm.G[r][c] = from_float<T>(g);
@@ -438,6 +421,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // S, G and the inner rows are rewritten by the next tile
   }
   // results, bounded by the outer rows and D
+  const int64_t out0 = kDK ? col0 : 0;
   if constexpr (Traits<T>::kTensorCores) {
     const int lane = threadIdx.x % 32;
     for (int j = 0; j < 4; ++j) {
@@ -446,7 +430,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = lane; e < 256; e += 32) {
         const int r = 16 * fr + e / 16, k = d_out0 + 16 * (fc0 + j) + e % 16;
         const int64_t row = o0 + r;
-        if (row < o_end && k < D) out[(row - (kDK ? col0 : 0)) * ldo + k] = sm.u.stage[warp][e / 16][e % 16];
+        if (row < o_end && k < D) out[(row - out0) * ldo + k] = sm.u.stage[warp][e / 16][e % 16];
       }
       __syncwarp();
     }
@@ -457,18 +441,228 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int k = d_out0 + tx * 4 + j;
-        if (row < o_end && k < D) out[(row - (kDK ? col0 : 0)) * ldo + k] = acc[i][j];
+        if (row < o_end && k < D) out[(row - out0) * ldo + k] = acc[i][j];
       }
     }
   }
-  if (!kDK) {  // the block's sum of G S (first chunk of D only: the others repeat it)
-    for (int off = 16; off > 0; off /= 2) gs += __shfl_xor_sync(0xffffffffu, gs, off);
-    if (threadIdx.x % 32 == 0) sm.red[warp] = gs;
+  if (!kDK) {  // the block's partial sums (first chunk of D only: the others repeat them)
+    for (int q = 0; q < L::kParts; ++q) {
+      float v = p[q];
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (threadIdx.x % 32 == 0) sm.red[q][warp] = v;
+    }
     __syncthreads();
-    if (threadIdx.x == 0 && blockIdx.y == 0) {
-      float total = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) total += sm.red[w];
-      ds_part[blockIdx.x] = total;
+    if (threadIdx.x == 0 && blockIdx.y == 0)
+      for (int q = 0; q < L::kParts; ++q) {
+        float total = 0.f;
+        for (int w = 0; w < kThreads / 32; ++w) total += sm.red[q][w];
+        part[L::kParts * blockIdx.x + q] = total;
+      }
+  }
+}
+
+__device__ __forceinline__ float sigmoidf(float x) {
+  const float e = expf(-fabsf(x));
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+__device__ __forceinline__ float softplusf(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+
+// InfoNCE / CLIP: G_ij = g_i (exp(S_ij - lse_i) - [i = j]) + [sym, j < N] g'_j (exp(S_ij - lse'_j) - [i = j])
+template <bool kSym>
+struct ContrastiveGrad {
+  static constexpr int kParts = 1;
+  float scale;
+  const float *lse, *g_row, *lse_col, *g_col;
+  int N;
+  __device__ RowData query(int64_t i) const { return RowData{lse[i], g_row[i]}; }
+  __device__ RowData key(int64_t j) const {
+    return (kSym && j < N) ? RowData{lse_col[j], g_col[j]} : RowData{};
+  }
+  __device__ float grad(float s, int64_t i, int64_t j, const RowData& q, const RowData& k, float* p) const {
+    const float diag = i == j ? 1.f : 0.f;
+    float g = q.b * (expf(s - q.a) - diag);
+    if (kSym && j < N) g += k.b * (expf(s - k.a) - diag);
+    if (p) p[0] += g * s;
+    return g;
+  }
+};
+
+// SigLIP (kernels/family.py): x = scale S_raw + bias, z = +1 at column i + diag_col0, -1
+// elsewhere; G = dL/dx = -z w sigmoid(-z x); partials sum G S_raw and sum G.
+struct SiglipGrad {
+  static constexpr int kParts = 2;
+  float scale;  // of the S tile: 1, the raw products
+  float logit_scale, bias, w;
+  int64_t diag_col0;
+  __device__ RowData query(int64_t) const { return RowData{}; }
+  __device__ RowData key(int64_t) const { return RowData{}; }
+  __device__ float grad(float s, int64_t i, int64_t j, const RowData&, const RowData&, float* p) const {
+    const float x = logit_scale * s + bias;
+    const float z = j == i + diag_col0 ? 1.f : -1.f;
+    const float g = -z * w * sigmoidf(-z * x);
+    if (p) {
+      p[0] += g * s;
+      p[1] += g;
+    }
+    return g;
+  }
+};
+
+// Labelled rows (SupCon, NT-Xent, pml's pairwise NT-Xent; kernels/family.py): per
+// anchor i (g, stat_a, stat_b) = (weight, lse or lse over the negatives, npos or the
+// positives' sigmoid sum) and its label; per column its label.
+template <bool kSelf, bool kPairwise>
+struct LabeledGrad {
+  static constexpr int kParts = 1;
+  float scale;
+  const int64_t *yq, *yk;
+  const float *g, *stat_a, *stat_b;
+  int64_t self_col0;
+  __device__ RowData query(int64_t i) const { return RowData{g[i], stat_a[i], stat_b[i], yq[i]}; }
+  __device__ RowData key(int64_t j) const { return RowData{0.f, 0.f, 0.f, yk[j]}; }
+  __device__ float grad(float s, int64_t i, int64_t j, const RowData& q, const RowData& k, float* p) const {
+    const bool valid = !(kSelf && j == i + self_col0);
+    const bool same = q.y == k.y;
+    const bool pos = valid && same, neg = !same;
+    // an anchor whose LSE ran over nothing (stat_a = -inf) has no column that uses this exp
+    const float e = expf(q.b == -INFINITY ? 0.f : s - q.b);
+    float gv;
+    if (kPairwise)
+      gv = pos ? -q.a * sigmoidf(q.b - s) : (neg ? q.a * q.c * e : 0.f);
+    else
+      gv = (valid && q.c > 0.f) ? q.a * e - (pos ? q.a / fmaxf(q.c, 1.f) : 0.f) : 0.f;
+    if (p) p[0] += gv * s;
+    return gv;
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Forwards of SigLIP and the labelled rows: 4 consecutive lanes share a query row,
+// 16 columns of each tile apiece.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// loss_i = sum_j softplus(-z_ij x_ij)
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    siglip_fwd_kernel(const T* __restrict__ Q, const T* __restrict__ K, float* __restrict__ loss, int N, int C, int D,
+                      int64_t ldq, int64_t ldk, float logit_scale, float bias, int64_t diag_col0) {
+  __shared__ ChunkSmem<T> sm;
+  __shared__ __align__(32) float S[kTile][kLdS];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+  float total = 0.f;
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    s_tile<T>(S, sm, Q, ldq, r0, N, K, ldk, c0, C, D, 1.f);
+    for (int c = part * 16; c < part * 16 + 16; ++c)
+      if (c0 + c < C) {
+        const float x = logit_scale * S[r][c] + bias;
+        const float z = c0 + c == r0 + r + diag_col0 ? 1.f : -1.f;
+        total += softplusf(-z * x);
+      }
+    __syncthreads();
+  }
+  total = quad_sum(total);
+  if (part == 0 && r0 + r < N) loss[r0 + r] = total;
+}
+
+// Per anchor: loss, stat_a = lse (pairwise: lse over the negatives), stat_b = npos
+// (pairwise: the positives' sigmoid sum); ext: one more logit per row outside S.
+template <typename T, bool kSelf, bool kPairwise>
+__global__ void __launch_bounds__(kThreads)
+    labeled_fwd_kernel(const T* __restrict__ Q, const T* __restrict__ K, const int64_t* __restrict__ yq,
+                       const int64_t* __restrict__ yk, const float* __restrict__ ext, bool ext_pos,
+                       float* __restrict__ loss, float* __restrict__ stat_a, float* __restrict__ stat_b, int N, int C,
+                       int D, int64_t ldq, int64_t ldk, float scale, int64_t self_col0) {
+  __shared__ ChunkSmem<T> sm;
+  __shared__ __align__(32) float S[kTile][kLdS];
+  __shared__ int64_t ycol[kTile];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+  const int64_t i = r0 + r;
+  const int64_t y = i < N ? yq[i] : 0;
+  float m = -INFINITY, l = 0.f, pos_sum = 0.f, npos = 0.f;
+  {
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+      if (threadIdx.x < kTile) ycol[threadIdx.x] = c0 + threadIdx.x < C ? yk[c0 + threadIdx.x] : 0;
+      s_tile<T>(S, sm, Q, ldq, r0, N, K, ldk, c0, C, D, scale);
+      float mx = -INFINITY;
+      for (int c = part * 16; c < part * 16 + 16; ++c) {
+        const int64_t j = c0 + c;
+        if (j >= C) continue;
+        const bool valid = !(kSelf && j == i + self_col0), same = ycol[c] == y;
+        if (valid && same) {
+          npos += 1.f;
+          if (!kPairwise) pos_sum += S[r][c];
+        }
+        if (kPairwise ? !same : valid) mx = fmaxf(mx, S[r][c]);
+      }
+      mx = quad_max(mx);
+      const float m_new = fmaxf(m, mx);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing in this row's LSE yet
+      float sum = 0.f;
+      for (int c = part * 16; c < part * 16 + 16; ++c) {
+        const int64_t j = c0 + c;
+        if (j >= C) continue;
+        const bool valid = !(kSelf && j == i + self_col0), same = ycol[c] == y;
+        if (kPairwise ? !same : valid) sum += expf(S[r][c] - m_safe);
+      }
+      l = l * expf(m - m_safe) + quad_sum(sum);
+      m = m_new;
+      __syncthreads();
+    }
+  }
+  npos = quad_sum(npos);
+  pos_sum = quad_sum(pos_sum);
+  const bool has = l > 0.f;  // padded rows, and anchors with nothing in their LSE, have l = 0
+  float log_l = has ? logf(l) : -INFINITY;
+  if constexpr (kPairwise) {
+    const float lse = m + log_l;
+    float total = 0.f, sig = 0.f;
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+      if (threadIdx.x < kTile) ycol[threadIdx.x] = c0 + threadIdx.x < C ? yk[c0 + threadIdx.x] : 0;
+      s_tile<T>(S, sm, Q, ldq, r0, N, K, ldk, c0, C, D, scale);
+      for (int c = part * 16; c < part * 16 + 16; ++c) {
+        const int64_t j = c0 + c;
+        if (j >= C || (kSelf && j == i + self_col0) || ycol[c] != y) continue;
+        const float t = lse - S[r][c];
+        total += softplusf(t);
+        sig += sigmoidf(t);
+      }
+      __syncthreads();
+    }
+    total = quad_sum(total);
+    sig = quad_sum(sig);
+    if (part == 0 && i < N) {
+      loss[i] = npos > 0.f ? total : 0.f;
+      stat_a[i] = lse;
+      stat_b[i] = sig;
+    }
+  } else {
+    if (ext != nullptr && i < N) {
+      const float e = ext[i];
+      const float m_new = fmaxf(m, e);
+      l = l * expf(m - m_new) + expf(e - m_new);
+      m = m_new;
+      if (ext_pos) {
+        pos_sum += e;
+        npos += 1.f;
+      }
+      log_l = logf(l);
+    }
+    if (part == 0 && i < N) {
+      const float li = (m - pos_sum / fmaxf(npos, 1.f)) + log_l;
+      loss[i] = npos > 0.f ? li : 0.f;
+      stat_a[i] = m + log_l;
+      stat_b[i] = npos;
     }
   }
 }
@@ -476,46 +670,21 @@ __global__ void __launch_bounds__(kThreads)
 #ifndef MSF_CPU_EMULATION
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename T>
-void launch_fwd(const void* Q, const void* K, float* lse, float* pos, float* row_loss, float* col_max,
-                float* col_sum, int* lock, int N, int C, int D, int64_t ldq, int64_t ldk, float scale,
-                bool symmetric, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(cdiv(N, kTile)));
-  const T* q = static_cast<const T*>(Q);
-  const T* k = static_cast<const T*>(K);
-  if (symmetric)
-    fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(q, k, lse, pos, row_loss, col_max, col_sum, lock, N, C,
-                                                        D, ldq, ldk, scale);
-  else
-    fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, k, lse, pos, row_loss, col_max, col_sum, lock, N,
-                                                         C, D, ldq, ldk, scale);
-  check(cudaGetLastError(), "fwd_kernel launch");
-}
-
-template <typename T, bool kDK>
-void launch_grad(const void* Q, const void* K, const float* lse, const float* g_row, const float* lse_col,
-                 const float* g_col, float* out, float* ds_part, int N, int C, int D, int64_t col0,
-                 int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, float scale, bool symmetric,
-                 cudaStream_t stream) {
-  const int64_t outer = kDK ? col1 - col0 : N;
+template <typename T, typename L>
+void launch_grad(bool dk, const void* Q, const void* K, const L& loss, float* out, float* part, int N, int C, int D,
+                 int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, cudaStream_t stream) {
+  const int64_t outer = dk ? col1 - col0 : N;
   if (outer <= 0) return;
-  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)),
-                  static_cast<unsigned>(cdiv(D, Traits<T>::kOutChunk)));
+  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, Traits<T>::kOutChunk)));
   const T* q = static_cast<const T*>(Q);
   const T* k = static_cast<const T*>(K);
-  if (symmetric)
-    grad_kernel<T, true, kDK><<<grid, kThreads, 0, stream>>>(q, k, lse, g_row, lse_col, g_col, out, ds_part, N,
-                                                              C, D, col0, col1, ldq, ldk, ldo, scale);
+  if (dk)
+    grad_kernel<T, L, true><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
   else
-    grad_kernel<T, false, kDK><<<grid, kThreads, 0, stream>>>(q, k, lse, g_row, lse_col, g_col, out, ds_part,
-                                                               N, C, D, col0, col1, ldq, ldk, ldo, scale);
-  check(cudaGetLastError(), kDK ? "grad_kernel (dK) launch" : "grad_kernel (dQ) launch");
+    grad_kernel<T, L, false><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
+  check(cudaGetLastError(), dk ? "grad_kernel (dK) launch" : "grad_kernel (dQ) launch");
 }
 
-#endif  // MSF_CPU_EMULATION
-}  // namespace
-
-#ifndef MSF_CPU_EMULATION
 // dtype codes (csrc/cuda/bindings.cpp): 0 float32, 2 float16, 3 bfloat16.
 template <typename F>
 void by_dtype(int dtype, F&& f) {
@@ -527,12 +696,32 @@ void by_dtype(int dtype, F&& f) {
   }
 }
 
+// Run f(std::bool_constant<a>{}, std::bool_constant<b>{}) for runtime flags a, b.
+template <typename F>
+void by_flags(bool a, bool b, F&& f) {
+  if (a && b) f(std::true_type{}, std::true_type{});
+  else if (a) f(std::true_type{}, std::false_type{});
+  else if (b) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
+}  // namespace
+
 void contrastive_fwd(int dtype, const void* Q, const void* K, float* lse, float* pos, float* row_loss,
                      float* col_max, float* col_sum, int* lock, int N, int C, int D, int64_t ldq, int64_t ldk,
                      float scale, bool symmetric, cudaStream_t stream) {
   by_dtype(dtype, [&](auto tag) {
-    launch_fwd<decltype(tag)>(Q, K, lse, pos, row_loss, col_max, col_sum, lock, N, C, D, ldq, ldk, scale,
-                              symmetric, stream);
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(cdiv(N, kTile)));
+    const T* q = static_cast<const T*>(Q);
+    const T* k = static_cast<const T*>(K);
+    if (symmetric)
+      fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(q, k, lse, pos, row_loss, col_max, col_sum, lock, N, C, D,
+                                                          ldq, ldk, scale);
+    else
+      fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, k, lse, pos, row_loss, col_max, col_sum, lock, N, C,
+                                                           D, ldq, ldk, scale);
+    check(cudaGetLastError(), "fwd_kernel launch");
   });
 }
 
@@ -542,15 +731,63 @@ void contrastive_bwd(int dtype, bool dk, const void* Q, const void* K, const flo
                      bool symmetric, cudaStream_t stream) {
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (dk)
-      launch_grad<T, true>(Q, K, lse, g_row, lse_col, g_col, out, ds_part, N, C, D, col0, col1, ldq, ldk, ldo,
-                           scale, symmetric, stream);
+    if (symmetric)
+      launch_grad<T>(dk, Q, K, ContrastiveGrad<true>{scale, lse, g_row, lse_col, g_col, N}, out, ds_part, N, C, D,
+                     col0, col1, ldq, ldk, ldo, stream);
     else
-      launch_grad<T, false>(Q, K, lse, g_row, lse_col, g_col, out, ds_part, N, C, D, col0, col1, ldq, ldk,
-                            ldo, scale, symmetric, stream);
+      launch_grad<T>(dk, Q, K, ContrastiveGrad<false>{scale, lse, g_row, lse_col, g_col, N}, out, ds_part, N, C, D,
+                     col0, col1, ldq, ldk, ldo, stream);
   });
 }
 
+void siglip_fwd(int dtype, const void* Q, const void* K, float* loss, int N, int C, int D, int64_t ldq, int64_t ldk,
+                float logit_scale, float bias, int64_t diag_col0, cudaStream_t stream) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    siglip_fwd_kernel<T><<<dim3(static_cast<unsigned>(cdiv(N, kTile))), kThreads, 0, stream>>>(
+        static_cast<const T*>(Q), static_cast<const T*>(K), loss, N, C, D, ldq, ldk, logit_scale, bias, diag_col0);
+    check(cudaGetLastError(), "siglip_fwd_kernel launch");
+  });
+}
+
+void siglip_bwd(int dtype, bool dk, const void* Q, const void* K, float* out, float* part, int N, int C, int D,
+                int64_t ldq, int64_t ldk, int64_t ldo, float logit_scale, float bias, int64_t diag_col0, float w,
+                cudaStream_t stream) {
+  by_dtype(dtype, [&](auto tag) {
+    launch_grad<decltype(tag)>(dk, Q, K, SiglipGrad{1.f, logit_scale, bias, w, diag_col0}, out, part, N, C, D, 0, C,
+                               ldq, ldk, ldo, stream);
+  });
+}
+
+void labeled_fwd(int dtype, const void* Q, const void* K, const int64_t* yq, const int64_t* yk, const float* ext,
+                 bool ext_pos, float* loss, float* stat_a, float* stat_b, int N, int C, int D, int64_t ldq,
+                 int64_t ldk, float scale, bool self, int64_t self_col0, bool pairwise, cudaStream_t stream) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    by_flags(self, pairwise, [&](auto s, auto pw) {
+      labeled_fwd_kernel<T, decltype(s)::value, decltype(pw)::value>
+          <<<dim3(static_cast<unsigned>(cdiv(N, kTile))), kThreads, 0, stream>>>(
+              static_cast<const T*>(Q), static_cast<const T*>(K), yq, yk, ext, ext_pos, loss, stat_a, stat_b, N, C,
+              D, ldq, ldk, scale, self_col0);
+    });
+    check(cudaGetLastError(), "labeled_fwd_kernel launch");
+  });
+}
+
+void labeled_bwd(int dtype, bool dk, const void* Q, const void* K, const int64_t* yq, const int64_t* yk,
+                 const float* g, const float* stat_a, const float* stat_b, float* out, float* part, int N, int C,
+                 int D, int64_t ldq, int64_t ldk, int64_t ldo, float scale, bool self, int64_t self_col0,
+                 bool pairwise, cudaStream_t stream) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    by_flags(self, pairwise, [&](auto s, auto pw) {
+      const LabeledGrad<decltype(s)::value, decltype(pw)::value> loss{scale, yq, yk, g, stat_a, stat_b, self_col0};
+      launch_grad<T>(dk, Q, K, loss, out, part, N, C, D, 0, C, ldq, ldk, ldo, stream);
+    });
+  });
+}
+#else
+}  // namespace
 #endif  // MSF_CPU_EMULATION
 
 }  // namespace cuda

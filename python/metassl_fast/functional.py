@@ -215,11 +215,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
 
 def _family_backend(backend, device, op: str, dtype=None) -> str:
     which = _backend.resolve(backend, device)
-    if which == "cuda":  # only info_nce / clip_loss have CUDA C++ kernels so far
-        raise RuntimeError(f"backend='cuda': {op} has no CUDA C++ kernel in this version; "
-                           "use backend='triton' or 'torch'")
-    if which == "triton" and dtype == torch.float64:
-        raise TypeError(f"{op}: backend='triton' takes float32, float16 or bfloat16, got float64")
+    if which in ("triton", "cuda") and dtype == torch.float64:
+        raise TypeError(f"{op}: backend={which!r} takes float32, float16 or bfloat16, got float64")
     return which
 
 

@@ -24,7 +24,7 @@ _WHAT = "the contrastive family losses"
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("cpu", "triton"):  # the functional layer stops the others before this
+    if backend not in ("cpu", "triton", "cuda"):  # the functional layer stops the others before this
         raise RuntimeError(f"metassl_fast: {_WHAT} have no {backend!r} kernel in this version "
                            "(CPU and Triton kernels, and the torch reference)")
 
@@ -177,9 +177,9 @@ def _checked_labels(labels, key_labels, n, c):
 def _labeled_run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
                  pairwise, grad_out, with_grad, need, backend="cpu"):
     """Loss (reduced) and, with_grad, (dq, dk, dpos, ds) for upstream gradient grad_out (None = 1)."""
-    if backend == "triton":
-        return _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
-                                   normalize, reduction, pairwise, grad_out, with_grad, need)
+    if backend in ("triton", "cuda"):
+        return _labeled_run_gpu(backend, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
+                                normalize, reduction, pairwise, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     q, k, q_norm, k_norm, y, yk = _labeled_inputs(query, key, labels, key_labels, normalize)
     self_mode = key is None
@@ -354,8 +354,8 @@ def labeled(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tenso
 # ---------------------------------------------------------------------------
 
 def _siglip_run(query, key, scale, bias, diag_offset, grad_out, with_grad, need, backend="cpu"):
-    if backend == "triton":
-        return _siglip_run_triton(query, key, scale, bias, diag_offset, grad_out, with_grad, need)
+    if backend in ("triton", "cuda"):
+        return _siglip_run_gpu(backend, query, key, scale, bias, diag_offset, grad_out, with_grad, need)
     C_ext = _ext.require("_C")
     acc = _c._acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
@@ -482,10 +482,10 @@ def _triton_operands(x, normalize):
     return xa, norm, xa.to(op_dtype).contiguous()
 
 
-def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
-                        reduction, pairwise, grad_out, with_grad, need):
-    from ..kernels import family as tf
-
+def _labeled_run_gpu(backend, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
+                     reduction, pairwise, grad_out, with_grad, need):
+    """The Triton kernels (kernels/family.py) or the CUDA C++ ones (csrc/cuda/contrastive.cu):
+    the same buffers and statistics."""
     q, q_norm, q_op = _triton_operands(query, normalize)
     self_mode = key is None
     k, k_norm, k_op = (q, q_norm, q_op) if self_mode else _triton_operands(key, normalize)
@@ -495,37 +495,26 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive,
     y, yk = _checked_labels(labels, None if self_mode else key_labels, n, c)
     dev, f32 = q_op.device, torch.float32
     s = float(scale)
-    bm, bn, bd, warps = _c._triton_config(d)
-    prec = _c._precision(q_op.dtype)
     ext = None
     if pos_logit is not None:
         ext = pos_logit.to(f32).contiguous()
     row_loss = torch.empty(n, dtype=f32, device=dev)
     stat_a = torch.empty(n, dtype=f32, device=dev)
     stat_b = torch.empty(n, dtype=f32, device=dev)
-    meta = dict(SELF=col0 is not None, PAIRWISE=pairwise, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                num_warps=warps)
-    tf.labeled_fwd_kernel[(_c._cdiv(n, bm),)](
-        q_op, k_op, y, yk, ext if ext is not None else row_loss, row_loss, stat_a, stat_b, n, c, d,
-        q_op.stride(0), k_op.stride(0), s, col0 or 0, HAS_EXT=ext is not None, EXT_POS=ext_positive, **meta)
+    launch = _LabeledLaunch(backend, q_op, k_op, y, yk, s, col0, pairwise)
+    launch.forward(ext, ext_positive, row_loss, stat_a, stat_b)
     npos = positives_per_row(y, yk, col0) + (1 if ext is not None and ext_positive else 0)
     g, count = _labeled_weights(reduction, pairwise, npos, grad_out, f32)
     loss = _reduce_rows(row_loss, reduction, count, query.dtype)
     if not with_grad:
         return loss, None
     need_dq, need_dk, need_dpos, need_ds = need
-    grid_q = _c._cdiv(n, bm)
     dq = torch.empty(n, d, dtype=f32, device=dev)
-    parts = torch.empty(grid_q, dtype=f32, device=dev)
-    tf.labeled_bwd_dq_kernel[(grid_q,)](
-        q_op, k_op, y, yk, g, stat_a, stat_b, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0), dq.stride(0),
-        s, col0 or 0, **meta)
+    parts = launch.backward(False, g, stat_a, stat_b, dq)
     dk = None
     if self_mode or need_dk:
         dk = torch.empty(c, d, dtype=f32, device=dev)
-        tf.labeled_bwd_dk_kernel[(_c._cdiv(c, bn),)](
-            q_op, k_op, y, yk, g, stat_a, stat_b, dk, n, c, d, q_op.stride(0), k_op.stride(0), dk.stride(0),
-            s, col0 or 0, **meta)
+        launch.backward(True, g, stat_a, stat_b, dk)
     out_q = query.new_empty(0)
     if need_dq:
         gq = s * (dq + dk) if self_mode else s * dq
@@ -545,37 +534,141 @@ def _labeled_run_triton(query, key, labels, key_labels, pos_logit, ext_positive,
     return loss, (out_q, out_k, out_p, out_s)
 
 
-def _siglip_run_triton(query, key, scale, bias, diag_offset, grad_out, with_grad, need):
-    from ..kernels import family as tf
-
+def _siglip_run_gpu(backend, query, key, scale, bias, diag_offset, grad_out, with_grad, need):
     _, _, q_op = _triton_operands(query, False)
     _, _, k_op = _triton_operands(key, False)
     n, d = q_op.shape
     c = k_op.shape[0]
     dev, f32 = q_op.device, torch.float32
     s, b = float(scale), float(bias)
-    bm, bn, bd, warps = _c._triton_config(d)
-    meta = dict(PRECISION=_c._precision(q_op.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    launch = _SiglipLaunch(backend, q_op, k_op, s, b, diag_offset)
     row_loss = torch.empty(n, dtype=f32, device=dev)
-    tf.siglip_fwd_kernel[(_c._cdiv(n, bm),)](q_op, k_op, row_loss, n, c, d, q_op.stride(0), k_op.stride(0), s, b,
-                                             diag_offset, **meta)
+    launch.forward(row_loss)
     loss = (row_loss.double().sum() / n).to(query.dtype)
     if not with_grad:
         return loss, None
     need_dq, need_dk, need_ds, need_db = need
     w = (1.0 if grad_out is None else float(grad_out)) / n
-    grid_q = _c._cdiv(n, bm)
     dq = torch.empty(n, d, dtype=f32, device=dev)
-    parts = torch.empty(grid_q, 2, dtype=f32, device=dev)
-    tf.siglip_bwd_dq_kernel[(grid_q,)](q_op, k_op, dq, parts, n, c, d, q_op.stride(0), k_op.stride(0),
-                                       dq.stride(0), s, b, diag_offset, w, **meta)
+    parts = launch.backward(False, w, dq)
     out_k = key.new_empty(0)
     if need_dk:
         dk = torch.empty(c, d, dtype=f32, device=dev)
-        tf.siglip_bwd_dk_kernel[(_c._cdiv(c, bn),)](q_op, k_op, dk, n, c, d, q_op.stride(0), k_op.stride(0),
-                                                    dk.stride(0), s, b, diag_offset, w, **meta)
+        launch.backward(True, w, dk)
         out_k = (s * dk).to(key.dtype)
     tot = parts.double().sum(0)
     return loss, ((s * dq).to(query.dtype) if need_dq else query.new_empty(0), out_k,
                   tot[0].to(scale.dtype) if need_ds else scale.new_empty(0),
                   tot[1].to(bias.dtype) if need_db else bias.new_empty(0))
+
+
+def _gpu_blocks(backend, d, dtype, meta):
+    """(rows per program / block, columns per tile, Triton launch meta): the Triton
+    configuration for D, or the CUDA kernels' fixed 64 x 64 tiles (no D limit)."""
+    if backend == "cuda":
+        tile = _ext.require("_C_cuda").TILE
+        return tile, tile, {}
+    bm, bn, bd, warps = _c._triton_config(d)
+    return bm, bn, dict(meta, PRECISION=_c._precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+
+
+class _LabeledLaunch:
+    """The labelled-row kernels of one backend on one (Q, K, labels) problem."""
+
+    def __init__(self, backend, q_op, k_op, y, yk, s, col0, pairwise):
+        self.backend, self.q, self.k, self.y, self.yk, self.s = backend, q_op, k_op, y, yk, s
+        self.col0, self.pairwise = col0, pairwise
+        self.n, self.d = q_op.shape
+        self.c = k_op.shape[0]
+        self.bm, self.bn, self.meta = _gpu_blocks(backend, self.d, q_op.dtype,
+                                                  dict(SELF=col0 is not None, PAIRWISE=pairwise))
+
+    def _cuda(self, name, **kw):
+        mod = _ext.require("_C_cuda")
+        with torch.cuda.device(self.q.device):
+            getattr(mod, name)(dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype],
+                               **_c._cuda_args(Q=self.q, K=self.k, yq=self.y, yk=self.yk), N=self.n, C=self.c,
+                               D=self.d, ldq=self.q.stride(0), ldk=self.k.stride(0), scale=self.s,
+                               self=self.col0 is not None, self_col0=self.col0 or 0, pairwise=self.pairwise,
+                               stream=torch.cuda.current_stream().cuda_stream, **kw)
+
+    def forward(self, ext, ext_positive, row_loss, stat_a, stat_b):
+        if self.backend == "cuda":
+            self._cuda("labeled_fwd", **_c._cuda_args(ext=ext if ext is not None else row_loss, loss=row_loss,
+                                                      stat_a=stat_a, stat_b=stat_b),
+                       has_ext=ext is not None, ext_pos=ext_positive)
+            return
+        from ..kernels import family as tf
+
+        tf.labeled_fwd_kernel[(_c._cdiv(self.n, self.bm),)](
+            self.q, self.k, self.y, self.yk, ext if ext is not None else row_loss, row_loss, stat_a, stat_b, self.n,
+            self.c, self.d, self.q.stride(0), self.k.stride(0), self.s, self.col0 or 0, HAS_EXT=ext is not None,
+            EXT_POS=ext_positive, **self.meta)
+
+    def backward(self, dk, g, stat_a, stat_b, out):
+        """G K into out (dk False; returns the per-block sums of G S) or G^T Q (dk True)."""
+        grid = _c._cdiv(self.n, self.bm)
+        parts = torch.empty(grid, dtype=torch.float32, device=self.q.device) if not dk else None
+        if self.backend == "cuda":
+            self._cuda("labeled_bwd", dk=dk, **_c._cuda_args(g=g, stat_a=stat_a, stat_b=stat_b, out=out,
+                                                             part=parts if parts is not None else g),
+                       ldo=out.stride(0))
+            return parts
+        from ..kernels import family as tf
+
+        args = (self.q, self.k, self.y, self.yk, g, stat_a, stat_b, out)
+        if dk:
+            tf.labeled_bwd_dk_kernel[(_c._cdiv(self.c, self.bn),)](
+                *args, self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), out.stride(0), self.s,
+                self.col0 or 0, **self.meta)
+        else:
+            tf.labeled_bwd_dq_kernel[(grid,)](
+                *args, parts, self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), out.stride(0), self.s,
+                self.col0 or 0, **self.meta)
+        return parts
+
+
+class _SiglipLaunch:
+    """The SigLIP kernels of one backend on one (Q, K) problem."""
+
+    def __init__(self, backend, q_op, k_op, s, b, diag_offset):
+        self.backend, self.q, self.k, self.s, self.b, self.diag = backend, q_op, k_op, s, b, diag_offset
+        self.n, self.d = q_op.shape
+        self.c = k_op.shape[0]
+        self.bm, self.bn, self.meta = _gpu_blocks(backend, self.d, q_op.dtype, {})
+
+    def _cuda(self, name, **kw):
+        mod = _ext.require("_C_cuda")
+        with torch.cuda.device(self.q.device):
+            getattr(mod, name)(dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype], **_c._cuda_args(Q=self.q, K=self.k),
+                               N=self.n, C=self.c, D=self.d, ldq=self.q.stride(0), ldk=self.k.stride(0),
+                               logit_scale=self.s, bias=self.b, diag_col0=self.diag,
+                               stream=torch.cuda.current_stream().cuda_stream, **kw)
+
+    def forward(self, row_loss):
+        if self.backend == "cuda":
+            self._cuda("siglip_fwd", **_c._cuda_args(loss=row_loss))
+            return
+        from ..kernels import family as tf
+
+        tf.siglip_fwd_kernel[(_c._cdiv(self.n, self.bm),)](
+            self.q, self.k, row_loss, self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), self.s, self.b,
+            self.diag, **self.meta)
+
+    def backward(self, dk, w, out):
+        """(dL/dx) K into out (dk False; returns the per-block (sum dL/dx S, sum dL/dx)) or (dL/dx)^T Q."""
+        grid = _c._cdiv(self.n, self.bm)
+        parts = torch.empty(grid, 2, dtype=torch.float32, device=self.q.device) if not dk else None
+        if self.backend == "cuda":
+            self._cuda("siglip_bwd", dk=dk, w=w, ldo=out.stride(0),
+                       **_c._cuda_args(out=out, part=parts if parts is not None else out))
+            return parts
+        from ..kernels import family as tf
+
+        common = (self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), out.stride(0), self.s, self.b,
+                  self.diag, w)
+        if dk:
+            tf.siglip_bwd_dk_kernel[(_c._cdiv(self.c, self.bn),)](self.q, self.k, out, *common, **self.meta)
+        else:
+            tf.siglip_bwd_dq_kernel[(grid,)](self.q, self.k, out, parts, *common, **self.meta)
+        return parts

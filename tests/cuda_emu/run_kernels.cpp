@@ -1,0 +1,165 @@
+// Runs csrc/cuda/contrastive.cu's kernels under the host emulation (emu.h) on the
+// inputs of a file and writes every output: the driver of tests/test_cuda_emulated.py.
+//   run_kernels MODE DTYPE N C D P0 P1 P2 P3 P4 IN OUT
+// DTYPE 0 float32, 2 float16, 3 bfloat16; all files float32.
+// MODE contrastive: P0 symmetric, P1 scale.  IN: Q (N D), K (C D), g (N).
+//   OUT: lse, pos, row_loss, lse_col (N each; lse_col 0 one-sided), dq (N D), ds, dk (C D).
+// MODE siglip: P0 logit scale, P1 bias, P2 diag_col0, P3 w.  IN: Q, K.
+//   OUT: loss (N), dq (N D), sum G S_raw, sum G, dk (C D).
+// MODE labeled: P0 scale, P1 self (-1: no; else self_col0), P2 pairwise, P3 ext (0 none,
+//   1 extra logit not positive, 2 positive).  IN: Q, K, yq (N), yk (C), ext (N), g (N).
+//   OUT: loss, stat_a, stat_b (N each), dq (N D), ds, dk (C D).
+#define MSF_CPU_EMULATION
+#include "emu.h"
+// the kernels themselves
+#include "../../csrc/cuda/contrastive.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+using namespace msf::cuda;
+
+template <typename T>
+std::vector<T> operand(const float* x, size_t n) {
+  std::vector<T> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = from_float<T>(x[i]);
+  return out;
+}
+
+// dQ over the query blocks and dK in two calls, [0, c1) and [c1, C), as Python may ask
+// for keys and negatives apart; part: kParts per query block, summed.
+template <typename T, typename L>
+void backward(const L& loss, const T* Q, const T* K, int N, int C, int D, bool split_dk, std::vector<float>& out) {
+  constexpr int kOut = Traits<T>::kOutChunk;
+  const unsigned rb = static_cast<unsigned>((N + kTile - 1) / kTile);
+  const unsigned dchunks = static_cast<unsigned>((D + kOut - 1) / kOut);
+  std::vector<float> dq(static_cast<size_t>(N) * D, NAN), parts(L::kParts * rb, NAN),
+      dk(static_cast<size_t>(C) * D, NAN);
+  emu::launch(dim3(rb, dchunks), kThreads,
+              [&] { grad_kernel<T, L, false>(Q, K, loss, dq.data(), parts.data(), N, C, D, 0, 0, D, D, D); });
+  const int c1 = split_dk && C > 1 ? C / 2 + 1 : C;
+  for (auto [a, b] : {std::pair<int, int>{0, c1}, std::pair<int, int>{c1, C}}) {
+    if (b <= a) continue;
+    emu::launch(dim3(static_cast<unsigned>((b - a + kTile - 1) / kTile), dchunks), kThreads, [&, a = a, b = b] {
+      grad_kernel<T, L, true>(Q, K, loss, dk.data() + static_cast<size_t>(a) * D, nullptr, N, C, D, a, b, D, D, D);
+    });
+  }
+  out.insert(out.end(), dq.begin(), dq.end());
+  for (int q = 0; q < L::kParts; ++q) {
+    float total = 0.f;
+    for (unsigned blk = 0; blk < rb; ++blk) total += parts[L::kParts * blk + q];
+    out.push_back(total);
+  }
+  out.insert(out.end(), dk.begin(), dk.end());
+}
+
+template <typename T>
+void run_siglip(int N, int C, int D, const float* p, const std::vector<float>& in, std::vector<float>& out) {
+  const auto Q = operand<T>(in.data(), static_cast<size_t>(N) * D);
+  const auto K = operand<T>(in.data() + Q.size(), static_cast<size_t>(C) * D);
+  const int64_t diag = static_cast<int64_t>(p[2]);
+  std::vector<float> loss(N, NAN);
+  emu::launch(dim3(static_cast<unsigned>((N + kTile - 1) / kTile)), kThreads,
+              [&] { siglip_fwd_kernel<T>(Q.data(), K.data(), loss.data(), N, C, D, D, D, p[0], p[1], diag); });
+  out.insert(out.end(), loss.begin(), loss.end());
+  backward<T>(SiglipGrad{1.f, p[0], p[1], p[3], diag}, Q.data(), K.data(), N, C, D, false, out);
+}
+
+template <typename T, bool kSelf, bool kPairwise>
+void run_labeled(int N, int C, int D, const float* p, const std::vector<float>& in, std::vector<float>& out) {
+  const auto Q = operand<T>(in.data(), static_cast<size_t>(N) * D);
+  const auto K = operand<T>(in.data() + Q.size(), static_cast<size_t>(C) * D);
+  const float* rest = in.data() + Q.size() + K.size();
+  std::vector<int64_t> yq(N), yk(C);
+  for (int i = 0; i < N; ++i) yq[i] = static_cast<int64_t>(rest[i]);
+  for (int j = 0; j < C; ++j) yk[j] = static_cast<int64_t>(rest[N + j]);
+  const float* ext = rest + N + C;
+  const float* g = ext + N;
+  const int ext_mode = static_cast<int>(p[3]);
+  const int64_t col0 = kSelf ? static_cast<int64_t>(p[1]) : 0;
+  std::vector<float> loss(N, NAN), sa(N, NAN), sb(N, NAN);
+  emu::launch(dim3(static_cast<unsigned>((N + kTile - 1) / kTile)), kThreads, [&] {
+    labeled_fwd_kernel<T, kSelf, kPairwise>(Q.data(), K.data(), yq.data(), yk.data(), ext_mode ? ext : nullptr,
+                                            ext_mode == 2, loss.data(), sa.data(), sb.data(), N, C, D, D, D, p[0],
+                                            col0);
+  });
+  for (auto* v : {&loss, &sa, &sb}) out.insert(out.end(), v->begin(), v->end());
+  backward<T>(LabeledGrad<kSelf, kPairwise>{p[0], yq.data(), yk.data(), g, sa.data(), sb.data(), col0}, Q.data(),
+              K.data(), N, C, D, false, out);
+}
+
+template <typename T>
+int run(int N, int C, int D, bool sym, float scale, const std::vector<float>& in, std::vector<float>& out) {
+  constexpr int kOut = Traits<T>::kOutChunk;
+  std::vector<T> Q(static_cast<size_t>(N) * D), K(static_cast<size_t>(C) * D);
+  for (size_t i = 0; i < Q.size(); ++i) Q[i] = from_float<T>(in[i]);
+  for (size_t i = 0; i < K.size(); ++i) K[i] = from_float<T>(in[Q.size() + i]);
+  const float* g = in.data() + Q.size() + K.size();
+  std::vector<float> lse(N), pos(N), row_loss(N), col_max(N, -INFINITY), col_sum(N, 0.f), lse_col(N, 0.f);
+  std::vector<int> lock((C + kTile - 1) / kTile, 0);
+  const unsigned rb = static_cast<unsigned>((N + kTile - 1) / kTile);
+  auto fwd = [&] {
+    if (sym)
+      fwd_kernel<T, true>(Q.data(), K.data(), lse.data(), pos.data(), row_loss.data(), col_max.data(),
+                          col_sum.data(), lock.data(), N, C, D, D, D, scale);
+    else
+      fwd_kernel<T, false>(Q.data(), K.data(), lse.data(), pos.data(), row_loss.data(), col_max.data(),
+                           col_sum.data(), lock.data(), N, C, D, D, D, scale);
+  };
+  emu::launch(dim3(rb), kThreads, fwd);
+  if (sym)
+    for (int i = 0; i < N; ++i) lse_col[i] = col_max[i] + std::log(col_sum[i]);
+  for (auto* v : {&lse, &pos, &row_loss, &lse_col}) out.insert(out.end(), v->begin(), v->end());
+  if (sym)
+    backward<T>(ContrastiveGrad<true>{scale, lse.data(), g, lse_col.data(), g, N}, Q.data(), K.data(), N, C, D,
+                true, out);
+  else
+    backward<T>(ContrastiveGrad<false>{scale, lse.data(), g, lse_col.data(), g, N}, Q.data(), K.data(), N, C, D,
+                true, out);
+  return 0;
+}
+
+template <typename T>
+void dispatch(const std::string& mode, int N, int C, int D, const float* p, const std::vector<float>& in,
+              std::vector<float>& out) {
+  if (mode == "contrastive") {
+    run<T>(N, C, D, p[0] != 0.f, p[1], in, out);
+  } else if (mode == "siglip") {
+    run_siglip<T>(N, C, D, p, in, out);
+  } else {
+    const bool self = p[1] >= 0.f, pairwise = p[2] != 0.f;
+    if (self && pairwise) run_labeled<T, true, true>(N, C, D, p, in, out);
+    else if (self) run_labeled<T, true, false>(N, C, D, p, in, out);
+    else if (pairwise) run_labeled<T, false, true>(N, C, D, p, in, out);
+    else run_labeled<T, false, false>(N, C, D, p, in, out);
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc != 13) {
+    std::fprintf(stderr, "usage: run_kernels MODE DTYPE N C D P0 P1 P2 P3 P4 IN OUT\n");
+    return 2;
+  }
+  const std::string mode = argv[1];
+  const int dtype = std::atoi(argv[2]), N = std::atoi(argv[3]), C = std::atoi(argv[4]), D = std::atoi(argv[5]);
+  float p[5];
+  for (int i = 0; i < 5; ++i) p[i] = std::strtof(argv[6 + i], nullptr);
+  size_t n_in = static_cast<size_t>(N) * D + static_cast<size_t>(C) * D;
+  if (mode == "contrastive") n_in += N;
+  else if (mode == "labeled") n_in += static_cast<size_t>(3) * N + C;
+  std::vector<float> in(n_in), out;
+  FILE* f = std::fopen(argv[11], "rb");
+  if (!f || std::fread(in.data(), sizeof(float), n_in, f) != n_in) return 3;
+  std::fclose(f);
+  if (dtype == 0)
+    dispatch<float>(mode, N, C, D, p, in, out);
+  else if (dtype == 2)
+    dispatch<__half>(mode, N, C, D, p, in, out);
+  else
+    dispatch<__nv_bfloat16>(mode, N, C, D, p, in, out);
+  f = std::fopen(argv[12], "wb");
+  if (!f || std::fwrite(out.data(), sizeof(float), out.size(), f) != out.size()) return 4;
+  std::fclose(f);
+  return 0;
+}
