@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU host (no network; torch, triton, nvcc,
-# pybind11 and scikit-build-core are installed there): build, GPU tests, GPU benchmark.
+# pybind11 and scikit-build-core are installed there): build (the CUDA C++ module
+# included), GPU tests of the Triton and CUDA C++ backends, GPU benchmarks of both.
 # Everything it prints also lands under $OUT (8 files: the device tool brings back 8).
 # Budget: each step has its own timeout (build, 240 s tests, 150 s + 90 s benchmarks): at most
 # about 10 minutes, typically well under.  Run from the repository root:  bash bench/gpu_check.sh
@@ -27,6 +28,6 @@ timeout 240 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastiv
 echo "== GPU benchmark"
 timeout 150 metassl-fast bench --section contrastive --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
 
-echo "== GPU benchmark: ANIL meta-loss (Triton kernel vs vmap and the autograd loop)"
+echo "== GPU benchmark: ANIL meta-loss (Triton and CUDA C++ kernels vs vmap and the autograd loop)"
 # its table file goes to /tmp: $OUT may hold 8 files and the log has the table
 timeout 90 python -m metassl_fast.benchmarks.inner_loop --gpu --out /tmp/msf_inner 2>&1 | tee "$OUT/bench_inner_loop.log" | tail -12

@@ -271,13 +271,19 @@ def test_cuda_backend_on_cpu_tensors_says_so():
         msf.info_nce(torch.randn(2, 3), torch.randn(2, 3), backend="cuda")
 
 
-def test_ops_without_a_cuda_kernel_say_so(monkeypatch):
-    """The inner loop has no CUDA C++ kernel yet: asking for one names the backend."""
-    monkeypatch.setattr(msf._backend, "resolve", lambda backend, device: backend)
+def test_every_op_refuses_cuda_backend_on_cpu_tensors():
+    """backend='cuda' is checked before any op runs: CPU tensors are refused, naming cuda."""
     from metassl_fast import meta
-    with pytest.raises(RuntimeError, match="cuda"):
-        meta.anil_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.randn(1, 2, 3),
-                       torch.zeros(1, 2, dtype=torch.long), torch.randn(2, 3), torch.zeros(2), backend="cuda")
+    exc = ValueError if msf._ext.available("_C_cuda") else RuntimeError
+    x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    calls = [lambda: msf.nt_xent(x, x, backend="cuda"), lambda: msf.supcon_loss(x, y, backend="cuda"),
+             lambda: msf.siglip_loss(x, x, 2.0, -1.0, backend="cuda"),
+             lambda: meta.anil_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.randn(1, 2, 3),
+                                    torch.zeros(1, 2, dtype=torch.long), torch.randn(2, 3), torch.zeros(2),
+                                    backend="cuda")]
+    for call in calls:
+        with pytest.raises(exc, match="cuda"):
+            call()
 
 
 @pytest.mark.skipif(not msf._ext.available("_C_cuda"), reason="_C_cuda not built (no nvcc at install time)")
@@ -322,6 +328,17 @@ def test_cuda_module_imports_and_checks_arguments_before_any_cuda_call():
                           (dict(has_ext=True, ext=buf.data_ptr(), ext_numel=8, pairwise=True), "mean-positive")]:
         with pytest.raises(ValueError, match=match):
             mod.labeled_fwd(**{**lab, **change})
+    inner = {name: 0 for name in ("X", "y", "Xq", "yq", "W0", "b0", "aW", "ab", "task_weight", "dWK", "dbK", "loss",
+                                  "dX", "dXq", "dW0", "db0", "daW", "dab", "W_traj", "b_traj")}
+    inner.update({f"{name}_numel": 0 for name in list(inner)})
+    inner.update(X=x.data_ptr(), X_numel=32, y=y.data_ptr(), y_numel=8, aW=x.data_ptr(), aW_numel=32,
+                 ab=buf.data_ptr(), ab_numel=8, W0=x.data_ptr(), W0_numel=32, b0=buf.data_ptr(), b0_numel=8,
+                 W_traj=x.data_ptr(), W_traj_numel=32, b_traj=buf.data_ptr(), b_traj_numel=8)
+    base = dict(mode=1, T=1, S=8, Q=0, D=4, C=1, K=0, grad=False, first_order=False, need_dlr=False, stream=0)
+    for change, match in [(dict(mode=3), "mode"), (dict(S=4000, C=4), "shared memory"),
+                          (dict(y_numel=7), "labels holds 7"), (dict(K=8), "W_traj holds 32")]:
+        with pytest.raises(ValueError, match=match):
+            mod.inner_loop(**{**inner, **base, **change})
     with pytest.raises(ValueError, match="part holds 1"):
         mod.siglip_bwd(dtype=0, dk=False, Q=x.data_ptr(), Q_numel=32, K=x.data_ptr(), K_numel=32, out=x.data_ptr(),
                        out_numel=32, part=buf.data_ptr(), part_numel=1, N=8, C=8, D=4, ldq=4, ldk=4, ldo=4,

@@ -184,3 +184,78 @@ def test_labeled_kernels_against_float64(runner, tmp_path, dtype, pairwise, n, c
     want = _labeled_reference(q, k, yq, yk, scale, self_col0, pairwise, e.float().double() if ext else None,
                               ext == 2, w.float().double())
     _check(got, want, dtype, f"labeled {dtype} pairwise={pairwise} n={n} c={c} d={d} self={self_col0} ext={ext}")
+
+
+INNER_CONFIGS = [  # (T, S, Q, D, C, K)
+    (1, 1, 1, 1, 2, 0), (2, 5, 7, 17, 5, 1), (3, 25, 7, 40, 5, 3), (2, 5, 3, 9, 20, 2), (1, 7, 4, 300, 3, 4)]
+
+
+def _inner_inputs(T, S, Q, D, C, seed, meta_sgd):
+    g = torch.Generator().manual_seed(seed)
+    f = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).float().double()  # noqa: E731
+    X, Xq = f(T, S, D), f(T, Q, D)
+    y, yq = torch.randint(0, C, (T, S), generator=g), torch.randint(0, C, (T, Q), generator=g)
+    W0, b0 = 0.3 * f(C, D), 0.1 * f(C)
+    if meta_sgd:
+        aW, ab = 0.2 + torch.rand(C, D, generator=g, dtype=torch.float64), 0.2 + torch.rand(C, generator=g,
+                                                                                          dtype=torch.float64)
+    else:
+        aW, ab = torch.full((C, D), 0.6, dtype=torch.float64), torch.full((C,), 0.6, dtype=torch.float64)
+    aW, ab = aW.float().double(), ab.float().double()
+    tw = (0.5 + torch.rand(T, generator=g, dtype=torch.float64)).float().double()
+    dWK, dbK = f(T, C, D), f(T, C)
+    return X, y, Xq, yq, W0, b0, aW, ab, tw, dWK, dbK
+
+
+def _inner_call(exe, tmp_path, cfg, inputs, mode, grad, first_order, need_dlr):
+    T, S, Q, D, C, K = cfg
+    flags = int(grad) + 2 * int(first_order) + 4 * int(need_dlr)
+    sizes = [T, T * S * D, T * Q * D, T * C * D, T * C, T * C * D, T * C, T * (K + 1) * C * D, T * (K + 1) * C]
+    names = ["loss", "dX", "dXq", "dW0", "db0", "daW", "dab", "W_traj", "b_traj"]
+    return _call(exe, tmp_path, "inner", torch.float32, T, C, D, [S, Q, K, mode, flags], inputs, names, sizes)
+
+
+@pytest.mark.parametrize("cfg", INNER_CONFIGS)
+@pytest.mark.parametrize("meta_sgd", [False, True])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_inner_loop_kernel_against_autograd(runner, tmp_path, cfg, meta_sgd, first_order):
+    """csrc/cuda/inner_loop.cu in its three modes against the per-task autograd loop in
+    float64 (adapt_reference): the trajectory's end, the ANIL loss with task weights and
+    every gradient (step sizes included), and the reverse pass from a given dL/dW_K."""
+    from metassl_fast.reference.inner_loop import adapt_reference
+
+    T, S, Q, D, C, K = cfg
+    inputs = _inner_inputs(T, S, Q, D, C, seed=sum(cfg) + 7 * meta_sgd, meta_sgd=meta_sgd)
+    X, y, Xq, yq, W0, b0, aW, ab, tw, dWK, dbK = inputs
+    flat = [X, y.double(), Xq, yq.double(), W0, b0, aW, ab, tw, dWK, dbK]
+    leaves = [t.clone().requires_grad_() for t in (X, Xq, W0, b0, aW, ab)]
+    Xl, Xql, Wl, bl, aWl, abl = leaves
+    W_t, b_t = adapt_reference(Xl, y, Wl, bl, aWl, abl, K, first_order)
+    logits = torch.baddbmm(b_t.unsqueeze(1), Xql, W_t.transpose(1, 2))
+    per_task = torch.nn.functional.cross_entropy(logits.reshape(-1, C), yq.reshape(-1), reduction="none")
+    per_task = per_task.view(T, Q).mean(1)
+    what = f"cfg={cfg} meta_sgd={meta_sgd} first_order={first_order}"
+    # mode 0: the ANIL loss and its gradient
+    got = _inner_call(runner, tmp_path, cfg, flat, 0, True, first_order, True)
+    grads = torch.autograd.grad((tw * per_task).sum(), leaves, allow_unused=True, retain_graph=True)
+    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)]
+    sums = {k: got[k].view(T, -1).sum(0) for k in ("dW0", "db0", "daW", "dab")}
+    _check(dict(loss=got["loss"], dX=got["dX"], dXq=got["dXq"], **sums),
+           dict(loss=per_task.detach(), dX=grads[0].flatten(), dXq=grads[1].flatten(), dW0=grads[2].flatten(),
+                db0=grads[3].flatten(), daW=grads[4].flatten(), dab=grads[5].flatten()), torch.float32, "anil " + what)
+    # without the step sizes' gradient: the same gradients, daW / dab untouched (NaN)
+    got2 = _inner_call(runner, tmp_path, cfg, flat, 0, True, first_order, False)
+    _check({k: got2[k] for k in ("loss", "dX", "dXq", "dW0", "db0")},
+           {k: got[k] for k in ("loss", "dX", "dXq", "dW0", "db0")}, torch.float32, "no dlr " + what)
+    assert torch.isnan(got2["daW"]).all()
+    # mode 1: the trajectory; mode 2: the reverse pass from dW_K, db_K
+    fwd = _inner_call(runner, tmp_path, cfg, flat, 1, False, first_order, False)
+    _check(dict(WK=fwd["W_traj"].view(T, K + 1, C, D)[:, K], bK=fwd["b_traj"].view(T, K + 1, C)[:, K]),
+           dict(WK=W_t.detach(), bK=b_t.detach()), torch.float32, "adapt forward " + what)
+    back = _inner_call(runner, tmp_path, cfg, flat, 2, True, first_order, True)
+    g2 = torch.autograd.grad((W_t * dWK).sum() + (b_t * dbK).sum(), [Xl, Wl, bl, aWl, abl], allow_unused=True)
+    g2 = [torch.zeros_like(v) if g is None else g for g, v in zip(g2, [Xl, Wl, bl, aWl, abl])]
+    _check(dict(dX=back["dX"], dW0=back["dW0"].view(T, -1).sum(0), db0=back["db0"].view(T, -1).sum(0),
+                daW=back["daW"].view(T, -1).sum(0), dab=back["dab"].view(T, -1).sum(0)),
+           dict(dX=g2[0].flatten(), dW0=g2[1].flatten(), db0=g2[2].flatten(), daW=g2[3].flatten(),
+                dab=g2[4].flatten()), torch.float32, "adapt backward " + what)

@@ -1,8 +1,10 @@
-"""The Triton kernel of the fused ANIL meta-loss (kernels/inner_loop.py) against the
-per-task autograd loop in float64: loss and every gradient, second and first order.
+"""The GPU kernels of the fused ANIL meta-loss (Triton, kernels/inner_loop.py; on a GPU
+also CUDA C++, csrc/cuda/inner_loop.cu) against the per-task autograd loop in float64:
+loss and every gradient, second and first order.
 
-Without a GPU it runs under TRITON_INTERPRET=1 (conftest.py) on small shapes; the
-kernel computes in float32, so the tolerance is float32's.
+Without a GPU the Triton kernel runs under TRITON_INTERPRET=1 (conftest.py) on small
+shapes (the CUDA kernel's CPU check is tests/test_cuda_emulated.py); the kernels
+compute in float32, so the tolerance is float32's.
 """
 from __future__ import annotations
 
@@ -11,11 +13,18 @@ import itertools
 import pytest
 import torch
 
-from metassl_fast import meta
+from metassl_fast import _ext, meta
 
 from helpers import DEVICE, needs_triton
 
 pytestmark = needs_triton
+
+GPU_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and _ext.available("_C_cuda") else [])
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request):
+    return request.param
 
 
 def _task(T, S, Q, D, C, lr_kind, seed):
@@ -63,9 +72,9 @@ CONFIGS = [  # (T, S, Q, D, C, K): the issue's grid values, spread over the edge
 
 @pytest.mark.parametrize("T,S,Q,D,C,K", CONFIGS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_against_autograd_loop(T, S, Q, D, C, K, first_order):
+def test_against_autograd_loop(T, S, Q, D, C, K, first_order, backend):
     task = _task(T, S, Q, D, C, "tensor", seed=T + S + D + C + K)
-    ours = _run("triton", torch.float32, DEVICE, task, K, first_order, "mean")
+    ours = _run(backend, torch.float32, DEVICE, task, K, first_order, "mean")
     ref = _run("torch", torch.float64, "cpu", task, K, first_order, "mean")
     for i, (a, r) in enumerate(zip(ours, ref)):
         err, bound = (a - r).abs().max().item(), 2e-5 + 2e-4 * r.abs().max().item()
@@ -73,16 +82,16 @@ def test_against_autograd_loop(T, S, Q, D, C, K, first_order):
 
 
 @pytest.mark.parametrize("lr_kind,reduction", list(itertools.product(["float", "meta_sgd"], ["mean", "none"])))
-def test_lr_forms_and_reductions(lr_kind, reduction):
+def test_lr_forms_and_reductions(lr_kind, reduction, backend):
     task = _task(3, 5, 7, 17, 5, lr_kind, seed=11)
-    ours = _run("triton", torch.float32, DEVICE, task, 3, False, reduction)
+    ours = _run(backend, torch.float32, DEVICE, task, 3, False, reduction)
     ref = _run("torch", torch.float64, "cpu", task, 3, False, reduction)
     for i, (a, r) in enumerate(zip(ours, ref)):
         err, bound = (a - r).abs().max().item(), 2e-5 + 2e-4 * r.abs().max().item()
         assert err <= bound, f"output {i}: {err:.3e} > {bound:.3e}"
 
 
-def test_opcheck_and_compile():
+def test_opcheck_and_compile(backend):
     x, y, xq, yq, W, b, _ = _task(2, 5, 3, 17, 3, "float", seed=1)
     f32 = [t.float().to(DEVICE) for t in (x, xq, W, b)]
     lr_w, lr_b = torch.full((3, 17), 0.5, device=DEVICE), torch.full((3,), 0.5, device=DEVICE)
@@ -90,13 +99,13 @@ def test_opcheck_and_compile():
         t.requires_grad_()
     torch.library.opcheck(torch.ops.metassl_fast.anil_loss_fwd.default,
                           (f32[0], y.to(DEVICE), f32[1], yq.to(DEVICE), f32[2], f32[3], lr_w, lr_b, 2, False,
-                           "mean", "triton"))
+                           "mean", backend))
     torch.library.opcheck(torch.ops.metassl_fast.inner_loop_fwd.default,
-                          (f32[0], y.to(DEVICE), f32[2], f32[3], lr_w, lr_b, 2, False, "triton"))
+                          (f32[0], y.to(DEVICE), f32[2], f32[3], lr_w, lr_b, 2, False, backend))
     torch._dynamo.reset()
 
     def step(x, xq, W, b):
-        return meta.anil_loss(x, y.to(DEVICE), xq, yq.to(DEVICE), W, b, lr=0.5, steps=2, backend="triton")
+        return meta.anil_loss(x, y.to(DEVICE), xq, yq.to(DEVICE), W, b, lr=0.5, steps=2, backend=backend)
 
     got = torch.compile(step, fullgraph=True)(*f32)
     torch.testing.assert_close(got, step(*f32))
@@ -105,7 +114,7 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("lr_kind", ["tensor", "meta_sgd"])
 @pytest.mark.parametrize("T,S,D,C,K", [(1, 1, 1, 2, 0), (3, 5, 17, 5, 3), (2, 25, 64, 20, 1)])
-def test_adapt_linear_head(T, S, D, C, K, lr_kind, first_order):
+def test_adapt_linear_head(T, S, D, C, K, lr_kind, first_order, backend):
     """adapt_linear_head on Triton (adapt_fwd_kernel / adapt_bwd_kernel): W_t, b_t and the
     gradients of a non-uniform function of them, against the autograd loop."""
     x, y, _, _, W, b, lr = _task(T, S, 1, D, C, lr_kind, seed=T * S + D + K)
@@ -126,7 +135,7 @@ def test_adapt_linear_head(T, S, D, C, K, lr_kind, first_order):
         grads = [torch.zeros_like(v) if gr is None else gr for gr, v in zip(grads, inputs)]
         return [t.detach().double().cpu() for t in [W_t, b_t, *grads]]
 
-    ours = run("triton", torch.float32, DEVICE)
+    ours = run(backend, torch.float32, DEVICE)
     ref = run("torch", torch.float64, "cpu")
     for i, (a, r) in enumerate(zip(ours, ref)):
         err, bound = (a - r).abs().max().item(), 2e-5 + 2e-4 * r.abs().max().item()

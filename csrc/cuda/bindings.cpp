@@ -38,6 +38,12 @@ void labeled_bwd(int dtype, bool dk, const void* Q, const void* K, const int64_t
                  const float* g, const float* stat_a, const float* stat_b, float* out, float* part, int N, int C,
                  int D, int64_t ldq, int64_t ldk, int64_t ldo, float scale, bool self, int64_t self_col0,
                  bool pairwise, cudaStream_t stream);
+int64_t inner_loop_smem_bytes(int S, int Q, int C);
+void inner_loop(int mode, const float* X, const int64_t* y, const float* Xq, const int64_t* yq, const float* W0,
+                const float* b0, const float* aW, const float* ab, const float* task_weight, const float* dWK,
+                const float* dbK, float* loss, float* dX, float* dXq, float* dW0, float* db0, float* daW, float* dab,
+                float* W_traj, float* b_traj, int T, int S, int Q, int D, int C, int K, bool grad, bool first_order,
+                bool need_dlr, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace msf
 
@@ -251,6 +257,74 @@ void labeled_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, 
                          self_col0, pairwise, ptr<cudaStream_t>(stream));
 }
 
+// The inner loop (csrc/cuda/inner_loop.cu), float32.  mode 0: ANIL meta-loss (loss,
+// and with grad every gradient); 1: the adapted heads' trajectory; 2: its reverse pass
+// from dW_K, db_K.  Buffers a mode does not touch may be null.
+void inner_loop(int mode, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
+                int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t W0, int64_t W0_numel, uintptr_t b0,
+                int64_t b0_numel, uintptr_t aW, int64_t aW_numel, uintptr_t ab, int64_t ab_numel,
+                uintptr_t task_weight, int64_t task_weight_numel, uintptr_t dWK, int64_t dWK_numel, uintptr_t dbK,
+                int64_t dbK_numel, uintptr_t loss, int64_t loss_numel, uintptr_t dX, int64_t dX_numel,
+                uintptr_t dXq, int64_t dXq_numel, uintptr_t dW0, int64_t dW0_numel, uintptr_t db0,
+                int64_t db0_numel, uintptr_t daW, int64_t daW_numel, uintptr_t dab, int64_t dab_numel,
+                uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj, int64_t b_traj_numel, int64_t T,
+                int64_t S, int64_t Q, int64_t D, int64_t C, int64_t K, bool grad, bool first_order, bool need_dlr,
+                uintptr_t stream) {
+  require(mode >= 0 && mode <= 2, "mode must be 0 (ANIL loss), 1 (adapt forward) or 2 (adapt backward)");
+  require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0 && (mode != 0 || Q >= 1),
+          "need T, S, D, C >= 1, K >= 0 and (ANIL) Q >= 1");
+  require(T < (int64_t{1} << 31) && S < (1 << 20) && Q < (1 << 20) && D < (int64_t{1} << 31) && C < (1 << 20) &&
+              K < (1 << 20),
+          "sizes out of range");
+  const int64_t qq = mode == 0 ? Q : 0;
+  require(msf::cuda::inner_loop_smem_bytes(static_cast<int>(S), static_cast<int>(qq), static_cast<int>(C)) <=
+              48 * 1024,
+          "(3 S + Q) C is too large for the kernel's shared memory; use backend='cpu' or 'torch'");
+  const bool backward = mode == 2 || (mode == 0 && grad);
+  Buffers b;
+  b.add(X, X_numel, T * S * D, "X");
+  b.add(y, y_numel, T * S, "labels");
+  b.add(aW, aW_numel, C * D, "lr_w");
+  b.add(ab, ab_numel, C, "lr_b");
+  b.add(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
+  b.add(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  if (mode != 2) {
+    b.add(W0, W0_numel, C * D, "weight");
+    b.add(b0, b0_numel, C, "bias");
+  }
+  if (mode == 0) {
+    b.add(Xq, Xq_numel, T * Q * D, "query");
+    b.add(yq, yq_numel, T * Q, "query_labels");
+    b.add(loss, loss_numel, T, "loss");
+    if (grad) {
+      b.add(task_weight, task_weight_numel, T, "task_weight");
+      b.add(dXq, dXq_numel, T * Q * D, "dXq");
+    }
+  }
+  if (mode == 2) {
+    b.add(dWK, dWK_numel, T * C * D, "dW_K");
+    b.add(dbK, dbK_numel, T * C, "db_K");
+  }
+  if (backward) {
+    b.add(dX, dX_numel, T * S * D, "dX");
+    b.add(dW0, dW0_numel, T * C * D, "dW0");
+    b.add(db0, db0_numel, T * C, "db0");
+    if (need_dlr) {
+      b.add(daW, daW_numel, T * C * D, "daW");
+      b.add(dab, dab_numel, T * C, "dab");
+    }
+  }
+  b.require_on_device();
+  msf::cuda::inner_loop(static_cast<int>(mode), ptr<const float*>(X), ptr<const int64_t*>(y), ptr<const float*>(Xq),
+                        ptr<const int64_t*>(yq), ptr<const float*>(W0), ptr<const float*>(b0), ptr<const float*>(aW),
+                        ptr<const float*>(ab), ptr<const float*>(task_weight), ptr<const float*>(dWK),
+                        ptr<const float*>(dbK), ptr<float*>(loss), ptr<float*>(dX), ptr<float*>(dXq),
+                        ptr<float*>(dW0), ptr<float*>(db0), ptr<float*>(daW), ptr<float*>(dab), ptr<float*>(W_traj),
+                        ptr<float*>(b_traj), static_cast<int>(T), static_cast<int>(S), static_cast<int>(qq),
+                        static_cast<int>(D), static_cast<int>(C), static_cast<int>(K), grad, first_order,
+                        need_dlr && backward, ptr<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -275,6 +349,17 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("ldo"), py::arg("scale"), py::arg("symmetric"), py::arg("stream"),
         "Backward: dk=False writes G K (dQ / s) and per-block sums of G S; dk=True writes G^T Q "
         "(dK / s) for key rows [col0, col1) (csrc/cuda/contrastive.cu).");
+  m.def("inner_loop", &inner_loop, py::arg("mode"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
+        py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("W0"),
+        py::arg("W0_numel"), py::arg("b0"), py::arg("b0_numel"), py::arg("aW"), py::arg("aW_numel"), py::arg("ab"),
+        py::arg("ab_numel"), py::arg("task_weight"), py::arg("task_weight_numel"), py::arg("dWK"),
+        py::arg("dWK_numel"), py::arg("dbK"), py::arg("dbK_numel"), py::arg("loss"), py::arg("loss_numel"),
+        py::arg("dX"), py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("dW0"),
+        py::arg("dW0_numel"), py::arg("db0"), py::arg("db0_numel"), py::arg("daW"), py::arg("daW_numel"),
+        py::arg("dab"), py::arg("dab_numel"), py::arg("W_traj"), py::arg("W_traj_numel"), py::arg("b_traj"),
+        py::arg("b_traj_numel"), py::arg("T"), py::arg("S"), py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("K"),
+        py::arg("grad"), py::arg("first_order"), py::arg("need_dlr"), py::arg("stream"),
+        "Batched linear-head inner loop, float32, one block per task (csrc/cuda/inner_loop.cu).");
   m.def("siglip_fwd", &siglip_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
         py::arg("K_numel"), py::arg("loss"), py::arg("loss_numel"), py::arg("N"), py::arg("C"), py::arg("D"),
         py::arg("ldq"), py::arg("ldk"), py::arg("logit_scale"), py::arg("bias"), py::arg("diag_col0"),

@@ -36,6 +36,7 @@ inline thread_local dim3 tidx, bidx;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::barrier<>* warp_barrier[32] = {};
 inline float exchange[1024];
+inline float dynamic_smem[1 << 16];  // extern __shared__ of the kernels that size it at launch
 }  // namespace emu
 
 #define threadIdx emu::tidx

@@ -9,10 +9,16 @@
 // MODE labeled: P0 scale, P1 self (-1: no; else self_col0), P2 pairwise, P3 ext (0 none,
 //   1 extra logit not positive, 2 positive).  IN: Q, K, yq (N), yk (C), ext (N), g (N).
 //   OUT: loss, stat_a, stat_b (N each), dq (N D), ds, dk (C D).
+// MODE inner (DTYPE 0): N = T tasks, C classes, D; P0 S, P1 Q, P2 K, P3 kernel mode (0 ANIL
+//   loss, 1 adapt forward, 2 adapt backward), P4 flags (1 grad, 2 first order, 4 need_dlr).
+//   IN: X (T S D), y (T S), Xq (T Q D), yq (T Q), W0 (C D), b0 (C), aW (C D), ab (C),
+//   task_weight (T), dW_K (T C D), db_K (T C).  OUT: loss (T), dX (T S D), dXq (T Q D),
+//   dW0 (T C D), db0 (T C), daW (T C D), dab (T C), W_traj (T (K+1) C D), b_traj (T (K+1) C).
 #define MSF_CPU_EMULATION
 #include "emu.h"
 // the kernels themselves
 #include "../../csrc/cuda/contrastive.cu"
+#include "../../csrc/cuda/inner_loop.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -120,6 +126,48 @@ int run(int N, int C, int D, bool sym, float scale, const std::vector<float>& in
   return 0;
 }
 
+void run_inner(int T, int C, int D, const float* p, const std::vector<float>& in, std::vector<float>& out) {
+  const int S = static_cast<int>(p[0]), Q = static_cast<int>(p[1]), K = static_cast<int>(p[2]);
+  const int mode = static_cast<int>(p[3]), flags = static_cast<int>(p[4]);
+  const float* at = in.data();
+  auto take = [&](size_t n) {
+    const float* r = at;
+    at += n;
+    return r;
+  };
+  const float* X = take(static_cast<size_t>(T) * S * D);
+  const float* yf = take(static_cast<size_t>(T) * S);
+  const float* Xq = take(static_cast<size_t>(T) * Q * D);
+  const float* yqf = take(static_cast<size_t>(T) * Q);
+  const float* W0 = take(static_cast<size_t>(C) * D);
+  const float* b0 = take(C);
+  const float* aW = take(static_cast<size_t>(C) * D);
+  const float* ab = take(C);
+  const float* tw = take(T);
+  const float* dWK = take(static_cast<size_t>(T) * C * D);
+  const float* dbK = take(static_cast<size_t>(T) * C);
+  std::vector<int64_t> y(static_cast<size_t>(T) * S), yq(static_cast<size_t>(T) * Q);
+  for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<int64_t>(yf[i]);
+  for (size_t i = 0; i < yq.size(); ++i) yq[i] = static_cast<int64_t>(yqf[i]);
+  const size_t TCD = static_cast<size_t>(T) * C * D;
+  std::vector<float> loss(T, NAN), dX(static_cast<size_t>(T) * S * D, NAN), dXq(static_cast<size_t>(T) * Q * D, NAN),
+      dW0(TCD, NAN), db0(static_cast<size_t>(T) * C, NAN), daW(TCD, NAN), dab(static_cast<size_t>(T) * C, NAN),
+      Wt(TCD * (K + 1), NAN), bt(static_cast<size_t>(T) * C * (K + 1), NAN);
+  if (mode == 2) {  // the adapt backward reads a trajectory: run the forward first
+    emu::launch(dim3(T), kInnerThreads, [&] {
+      inner_loop_kernel(1, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(), dX.data(),
+                        dXq.data(), dW0.data(), db0.data(), daW.data(), dab.data(), Wt.data(), bt.data(), S, Q, D, C,
+                        K, false, false, false);
+    });
+  }
+  emu::launch(dim3(T), kInnerThreads, [&] {
+    inner_loop_kernel(mode, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(), dX.data(),
+                      dXq.data(), dW0.data(), db0.data(), daW.data(), dab.data(), Wt.data(), bt.data(), S, Q, D, C, K,
+                      flags & 1, flags & 2, flags & 4);
+  });
+  for (auto* v : {&loss, &dX, &dXq, &dW0, &db0, &daW, &dab, &Wt, &bt}) out.insert(out.end(), v->begin(), v->end());
+}
+
 template <typename T>
 void dispatch(const std::string& mode, int N, int C, int D, const float* p, const std::vector<float>& in,
               std::vector<float>& out) {
@@ -146,13 +194,18 @@ int main(int argc, char** argv) {
   float p[5];
   for (int i = 0; i < 5; ++i) p[i] = std::strtof(argv[6 + i], nullptr);
   size_t n_in = static_cast<size_t>(N) * D + static_cast<size_t>(C) * D;
-  if (mode == "contrastive") n_in += N;
+  if (mode == "inner") {
+    const size_t S = static_cast<size_t>(p[0]), Q = static_cast<size_t>(p[1]), T = static_cast<size_t>(N);
+    n_in = T * S * D + T * S + T * Q * D + T * Q + 2 * (static_cast<size_t>(C) * D + C) + T + T * C * D + T * C;
+  } else if (mode == "contrastive") n_in += N;
   else if (mode == "labeled") n_in += static_cast<size_t>(3) * N + C;
   std::vector<float> in(n_in), out;
   FILE* f = std::fopen(argv[11], "rb");
   if (!f || std::fread(in.data(), sizeof(float), n_in, f) != n_in) return 3;
   std::fclose(f);
-  if (dtype == 0)
+  if (mode == "inner")
+    run_inner(N, C, D, p, in, out);
+  else if (dtype == 0)
     dispatch<float>(mode, N, C, D, p, in, out);
   else if (dtype == 2)
     dispatch<__half>(mode, N, C, D, p, in, out);

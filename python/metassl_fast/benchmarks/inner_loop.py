@@ -233,7 +233,7 @@ def format_table(rows, meta):
 
 
 def run_gpu(out_dir="bench/out", stream=sys.stdout, Ts=(32, 128)):
-    """On a CUDA device: the Triton kernel of anil_loss against torch.func vmap(grad) and the
+    """On a CUDA device: the Triton and CUDA C++ kernels of anil_loss against torch.func vmap(grad) and the
     per-task autograd loop, forward+backward, float32, the main shape at each T; median
     of triton.testing.do_bench, peak memory from torch.cuda.max_memory_allocated."""
     import metassl_fast
@@ -243,9 +243,16 @@ def run_gpu(out_dir="bench/out", stream=sys.stdout, Ts=(32, 128)):
         raise RuntimeError("run_gpu needs a CUDA device")
     from metassl_fast import meta
 
-    impls = {"ours-triton": lambda K: (lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K,
-                                                                                   backend="triton")),
-             "vmap": _vmap, "loop": _loop}
+    from metassl_fast import _ext
+
+    def ours(backend):
+        return lambda K: (lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K,
+                                                                  backend=backend))
+
+    impls = {"ours-triton": ours("triton")}
+    if _ext.available("_C_cuda"):
+        impls["ours-cuda"] = ours("cuda")
+    impls.update(vmap=_vmap, loop=_loop)
     rows = []
     for T in Ts:
         cfg = {**MAIN, "T": T}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import _backend, _validate
 from ..reference.inner_loop import adapt_reference
 
-_KERNEL_BACKENDS = ("cpu", "triton")  # the C++ kernel, or kernels/inner_loop.py
+_KERNEL_BACKENDS = ("cpu", "triton", "cuda")  # csrc/cpu, kernels/inner_loop.py, csrc/cuda/inner_loop.cu
 
 
 def _int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,

@@ -44,6 +44,8 @@ def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
     -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
     if backend == "triton":
         return _adapt_fwd_triton(support, labels, weight, bias, lr_w, lr_b, steps)
+    if backend == "cuda":
+        return _adapt_fwd_cuda(support, labels, weight, bias, lr_w, lr_b, steps)
     C_ext = _ext.require("_C")
     _check((labels,), support=support, weight=weight, bias=bias, lr_w=lr_w, lr_b=lr_b)
     T, S, D = support.shape
@@ -76,6 +78,8 @@ def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, 
     the head and lr gradients summed over tasks."""
     if backend == "triton":
         return _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order)
+    if backend == "cuda":
+        return _adapt_bwd_cuda(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order)
     C_ext = _ext.require("_C")
     dW_K, db_K = dW_K.to(support.dtype).contiguous(), db_K.to(support.dtype).contiguous()
     _check((labels,), support=support, lr_w=lr_w, lr_b=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K,
@@ -188,7 +192,8 @@ def _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, f
     return dX.to(dt), dW0.sum(0).to(dt), db0.sum(0).to(dt), daW.sum(0).to(dt), dab.sum(0).to(dt)
 
 
-def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight):
+def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
+                       triton_caps=True):
     """The C++ kernel checks every buffer's size itself; the Triton kernel cannot, so a
     direct call of the op is checked here: shapes, one device, float features, int64
     labels in [0, C)."""
@@ -209,9 +214,10 @@ def _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w,
     if min(T, S, D, C, query.shape[1]) < 1:
         raise ValueError(f"every dimension must be >= 1, got T={T} S={S} D={D} C={C} Q={query.shape[1]}")
     # the (S x C) and (Q x C) blocks live in registers and shared memory: beyond these the
-    # backward kernel does not fit an A100's shared memory
-    for name, n, cap in (("support", S, MAX_TRITON_ROWS), ("query", query.shape[1], MAX_TRITON_ROWS),
-                         ("weight", C, MAX_TRITON_CLASSES)):
+    # backward kernel does not fit an A100's shared memory (the CUDA kernel checks its own)
+    caps = (("support", S, MAX_TRITON_ROWS), ("query", query.shape[1], MAX_TRITON_ROWS),
+            ("weight", C, MAX_TRITON_CLASSES)) if triton_caps else ()
+    for name, n, cap in caps:
         if n > cap:
             raise ValueError(f"{name}: backend='triton' takes at most {cap} {'classes' if name == 'weight' else 'rows'}"
                              f" per task, got {n}; use backend='cpu' or 'torch'")
@@ -258,6 +264,90 @@ def _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, 
                   daW.sum(0).to(dtype), dab.sum(0).to(dtype))
 
 
+# ---------------------------------------------------------------------------
+# CUDA C++ backend (csrc/cuda/inner_loop.cu): one block per task, float32 inside, the
+# same weight-space recursion as the CPU kernel; the trajectory in a global buffer.
+# ---------------------------------------------------------------------------
+
+def _cuda_inner(mode, X, y, W_traj, b_traj, T, S, D, C, K, *, Xq=None, yq=None, W0=None, b0=None, aW, ab,
+                tw=None, dWK=None, dbK=None, loss=None, dX=None, dXq=None, dW0=None, db0=None, daW=None, dab=None,
+                grad=False, first_order=False, need_dlr=False):
+    from . import contrastive as _c
+
+    mod = _ext.require("_C_cuda")
+    none = X.new_empty(0)
+    bufs = dict(X=X, y=y, Xq=Xq, yq=yq, W0=W0, b0=b0, aW=aW, ab=ab, task_weight=tw, dWK=dWK, dbK=dbK, loss=loss,
+                dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, W_traj=W_traj, b_traj=b_traj)
+    args = _c._cuda_args(**{k: (none if v is None else v) for k, v in bufs.items()})
+    with torch.cuda.device(X.device):
+        mod.inner_loop(mode=mode, **args, T=T, S=S, Q=0 if Xq is None else Xq.shape[1], D=D, C=C, K=K, grad=grad,
+                       first_order=first_order, need_dlr=need_dlr, stream=torch.cuda.current_stream().cuda_stream)
+
+
+def _f32(*xs):
+    return tuple(x.to(torch.float32).contiguous() for x in xs)
+
+
+def _anil_call_cuda(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
+                    first_order, compute_grad, need_dlr):
+    _check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
+                       triton_caps=False)
+    dtype = support.dtype
+    X, Xq, W, b, aW, ab = _f32(support, query, weight, bias, lr_w, lr_b)
+    T, S, D = X.shape
+    Q, C = Xq.shape[1], W.shape[0]
+    new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
+    loss = new(T)
+    traj, btraj = new(T, steps + 1, C, D), new(T, steps + 1, C)
+    grads = {}
+    if compute_grad:
+        grads = dict(tw=_f32(task_weight)[0], dX=torch.empty_like(X), dXq=torch.empty_like(Xq), dW0=new(T, C, D),
+                     db0=new(T, C))
+        if need_dlr:
+            grads.update(daW=new(T, C, D), dab=new(T, C))
+    _cuda_inner(0, X, labels.contiguous(), traj, btraj, T, S, D, C, steps, Xq=Xq, yq=query_labels.contiguous(),
+                W0=W, b0=b, aW=aW, ab=ab, loss=loss, grad=compute_grad, first_order=first_order, need_dlr=need_dlr,
+                **grads)
+    if not compute_grad:
+        return loss.to(dtype), None
+    dlw = grads["daW"].sum(0) if need_dlr else W.new_zeros(C, D)
+    dlb = grads["dab"].sum(0) if need_dlr else W.new_zeros(C)
+    out = (grads["dX"], grads["dXq"], grads["dW0"].sum(0), grads["db0"].sum(0), dlw, dlb)
+    return loss.to(dtype), tuple(g.to(dtype) for g in out)
+
+
+def _adapt_fwd_cuda(support, labels, weight, bias, lr_w, lr_b, steps):
+    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], weight, bias, lr_w, lr_b, None,
+                       triton_caps=False)
+    X, W, b, aW, ab = _f32(support, weight, bias, lr_w, lr_b)
+    T, S, D = X.shape
+    C = W.shape[0]
+    traj = torch.empty(T, steps + 1, C, D, dtype=torch.float32, device=X.device)
+    btraj = torch.empty(T, steps + 1, C, dtype=torch.float32, device=X.device)
+    _cuda_inner(1, X, labels.contiguous(), traj, btraj, T, S, D, C, steps, W0=W, b0=b, aW=aW, ab=ab)
+    dt = support.dtype
+    return traj[:, steps].to(dt, copy=True), btraj[:, steps].to(dt, copy=True), traj.to(dt), btraj.to(dt)
+
+
+def _adapt_bwd_cuda(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
+    T, S, D = support.shape
+    C = lr_w.shape[0]
+    steps = W_traj.shape[1] - 1
+    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None,
+                       triton_caps=False)
+    for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
+                           ("b_traj", b_traj, (T, steps + 1, C))):
+        if tuple(t.shape) != shape or t.device != support.device:
+            raise ValueError(f"{name} must have shape {shape} on {support.device}, got {tuple(t.shape)} on {t.device}")
+    X, aW, ab, Wt, bt, dWK, dbK = _f32(support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K)
+    new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
+    dX, dW0, db0, daW, dab = torch.empty_like(X), new(T, C, D), new(T, C), new(T, C, D), new(T, C)
+    _cuda_inner(2, X, labels.contiguous(), Wt, bt, T, S, D, C, steps, aW=aW, ab=ab, dWK=dWK, dbK=dbK, dX=dX,
+                dW0=dW0, db0=db0, daW=daW, dab=dab, grad=True, first_order=first_order, need_dlr=True)
+    dt = support.dtype
+    return dX.to(dt), dW0.sum(0).to(dt), db0.sum(0).to(dt), daW.sum(0).to(dt), dab.sum(0).to(dt)
+
+
 def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
                first_order, compute_grad, backend="cpu", need_dlr=True, defer=None):
     """-> (loss (T,), None or the gradients (dX, dXq, dW, db, d lr_w, d lr_b)); without
@@ -266,6 +356,9 @@ def _anil_call(support, labels, query, query_labels, weight, bias, lr_w, lr_b, t
     if backend == "triton":
         return _anil_call_triton(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
                                  steps, first_order, compute_grad)
+    if backend == "cuda":
+        return _anil_call_cuda(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
+                               first_order, compute_grad, need_dlr)
     C_ext = _ext.require("_C")
     _check((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
            lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
