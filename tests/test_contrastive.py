@@ -263,6 +263,18 @@ def test_env_var_selects_backend(monkeypatch):
         msf.info_nce(torch.randn(2, 3), torch.randn(2, 3))
 
 
+def test_operand_scale_is_a_power_of_two_into_one_to_two():
+    """The GPU backwards scale G's weights before rounding G to fp16/bf16 (ops/contrastive.py)."""
+    from metassl_fast.ops.contrastive import operand_scale
+    for m in (3e-5, 1 / 16384, 0.37, 1.0, 65536.0 * 2):
+        for dtype in (torch.float16, torch.bfloat16):
+            f = operand_scale(dtype, torch.tensor([m, -m / 3]))
+            assert math.frexp(f)[0] == 0.5 and 1.0 <= m * f < 2.0
+    assert operand_scale(torch.float32, torch.tensor([3e-5])) == 1.0
+    assert operand_scale(torch.float16, torch.zeros(3)) == 1.0
+    assert operand_scale(torch.float16, 0.25) == 4.0
+
+
 def test_cuda_backend_on_cpu_tensors_says_so():
     """backend='cuda' on CPU tensors: ValueError where _C_cuda is built, else RuntimeError
     saying how to build it; either names cuda."""

@@ -248,6 +248,20 @@ def test_opcheck_fused_anil_loss(reduction):
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+def test_one_pass_first_order_gradient_under_create_graph():
+    """create_graph=True on the one-pass path: the gradient itself is right (as on the
+    recomputing path); only differentiating it again raises."""
+    x, y, xq, yq, W, b, _ = _task(2, 5, 4, 6, 3)
+    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=2, backend="cpu")
+    assert _one_pass_taken(loss)
+    (g_graph,) = torch.autograd.grad(loss, W, create_graph=True)
+    (g_plain,) = torch.autograd.grad(meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=2, backend="cpu"), W)
+    torch.testing.assert_close(g_graph.detach(), g_plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g_graph.sum().backward()
+
+
+@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
 def test_opcheck_one_pass_training_ops():
     x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3, dtype=torch.float32)
     lr_w, lr_b = torch.full((3, 5), 0.5), torch.full((3,), 0.4)

@@ -84,8 +84,22 @@ struct Buffers {
   }
 };
 
+// Products of sizes, refused (not wrapped) when they overflow int64.
+int64_t mul(int64_t a, int64_t b) {
+  int64_t r = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) require(false, "buffer sizes overflow int64");
+  return r;
+}
+int64_t mul(int64_t a, int64_t b, int64_t c) { return mul(mul(a, b), c); }
+int64_t mul(int64_t a, int64_t b, int64_t c, int64_t d) { return mul(mul(a, b, c), d); }
+
 // Rows of `rows` x D elements with stride ld: the last element read is (rows - 1) ld + D - 1.
-int64_t span(int64_t rows, int64_t D, int64_t ld) { return rows <= 0 ? 0 : (rows - 1) * ld + D; }
+int64_t span(int64_t rows, int64_t D, int64_t ld) {
+  if (rows <= 0) return 0;
+  int64_t r = 0;
+  if (__builtin_add_overflow(mul(rows - 1, ld), D, &r)) require(false, "buffer sizes overflow int64");
+  return r;
+}
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -94,6 +108,7 @@ void require_common(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int
   require(N >= 1 && C >= 1 && D >= 1, "need N >= 1, C >= 1 and D >= 1");
   require(N < (int64_t{1} << 31) && C < (int64_t{1} << 31) && D < (int64_t{1} << 31), "N, C and D must fit in int32");
   require(ldq >= D && ldk >= D, "row strides must be >= D");
+  require(D <= 65535 * kTile, "D is too large for the kernels' grid (at most 65535 x 64)");
   require(std::isfinite(scale), "scale must be finite");
 }
 
@@ -273,45 +288,45 @@ void inner_loop(int mode, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
   require(mode >= 0 && mode <= 2, "mode must be 0 (ANIL loss), 1 (adapt forward) or 2 (adapt backward)");
   require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0 && (mode != 0 || Q >= 1),
           "need T, S, D, C >= 1, K >= 0 and (ANIL) Q >= 1");
-  require(T < (int64_t{1} << 31) && S < (1 << 20) && Q < (1 << 20) && D < (int64_t{1} << 31) && C < (1 << 20) &&
+  require(T < (int64_t{1} << 31) && S < (1 << 20) && Q < (1 << 20) && D <= (int64_t{1} << 30) && C < (1 << 20) &&
               K < (1 << 20),
-          "sizes out of range");
+          "sizes out of range (T < 2^31, D <= 2^30, S, Q, C, K < 2^20)");
   const int64_t qq = mode == 0 ? Q : 0;
   require(msf::cuda::inner_loop_smem_bytes(static_cast<int>(S), static_cast<int>(qq), static_cast<int>(C)) <=
               48 * 1024,
           "(3 S + Q) C is too large for the kernel's shared memory; use backend='cpu' or 'torch'");
   const bool backward = mode == 2 || (mode == 0 && grad);
   Buffers b;
-  b.add(X, X_numel, T * S * D, "X");
-  b.add(y, y_numel, T * S, "labels");
-  b.add(aW, aW_numel, C * D, "lr_w");
+  b.add(X, X_numel, mul(T, S, D), "X");
+  b.add(y, y_numel, mul(T, S), "labels");
+  b.add(aW, aW_numel, mul(C, D), "lr_w");
   b.add(ab, ab_numel, C, "lr_b");
-  b.add(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
-  b.add(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  b.add(W_traj, W_traj_numel, mul(T, K + 1, C, D), "W_traj");
+  b.add(b_traj, b_traj_numel, mul(T, K + 1, C), "b_traj");
   if (mode != 2) {
-    b.add(W0, W0_numel, C * D, "weight");
+    b.add(W0, W0_numel, mul(C, D), "weight");
     b.add(b0, b0_numel, C, "bias");
   }
   if (mode == 0) {
-    b.add(Xq, Xq_numel, T * Q * D, "query");
-    b.add(yq, yq_numel, T * Q, "query_labels");
+    b.add(Xq, Xq_numel, mul(T, Q, D), "query");
+    b.add(yq, yq_numel, mul(T, Q), "query_labels");
     b.add(loss, loss_numel, T, "loss");
     if (grad) {
       b.add(task_weight, task_weight_numel, T, "task_weight");
-      b.add(dXq, dXq_numel, T * Q * D, "dXq");
+      b.add(dXq, dXq_numel, mul(T, Q, D), "dXq");
     }
   }
   if (mode == 2) {
-    b.add(dWK, dWK_numel, T * C * D, "dW_K");
-    b.add(dbK, dbK_numel, T * C, "db_K");
+    b.add(dWK, dWK_numel, mul(T, C, D), "dW_K");
+    b.add(dbK, dbK_numel, mul(T, C), "db_K");
   }
   if (backward) {
-    b.add(dX, dX_numel, T * S * D, "dX");
-    b.add(dW0, dW0_numel, T * C * D, "dW0");
-    b.add(db0, db0_numel, T * C, "db0");
+    b.add(dX, dX_numel, mul(T, S, D), "dX");
+    b.add(dW0, dW0_numel, mul(T, C, D), "dW0");
+    b.add(db0, db0_numel, mul(T, C), "db0");
     if (need_dlr) {
-      b.add(daW, daW_numel, T * C * D, "daW");
-      b.add(dab, dab_numel, T * C, "dab");
+      b.add(daW, daW_numel, mul(T, C, D), "daW");
+      b.add(dab, dab_numel, mul(T, C), "dab");
     }
   }
   b.require_on_device();

@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kInnerThreads)
   }
   if (mode == kAdaptForward) return;
 
-  float* Lam = dW0 + t * CD;  // dL/dW_K, then dL/dW_0
+  float* Lam = nullptr;  // dL/dW_K, then dL/dW_0 (the dW0 output; null without a gradient)
   if (mode == kAnil) {
     const float* WK = Wt + K * CD;
     const float* bK = bt + K * C;
@@ -176,6 +176,7 @@ __global__ void __launch_bounds__(kInnerThreads)
       loss[t] = total / static_cast<float>(Q);
     }
     if (!grad) return;
+    Lam = dW0 + t * CD;
     float* dxq = dXq + t * Q * D;
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(Q) * D; i += kInnerThreads) {
       const int q = static_cast<int>(i / D), d = static_cast<int>(i % D);
@@ -193,6 +194,7 @@ __global__ void __launch_bounds__(kInnerThreads)
       lam[c] = g;
     }
   } else {  // kAdaptBackward: the upstream gradient of W_K, b_K
+    Lam = dW0 + t * CD;
     for (int64_t i = threadIdx.x; i < CD; i += kInnerThreads) Lam[i] = dWK[t * CD + i];
     for (int c = threadIdx.x; c < C; c += kInnerThreads) lam[c] = dbK[t * C + c];
   }

@@ -34,8 +34,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
     elif backend == "triton":
         _require_triton(source, device)
     elif backend == "cuda":
-        # CUDA C++ kernels exist for info_nce / clip_loss (csrc/cuda/contrastive.cu); the
-        # other ops refuse "cuda" themselves, naming the op.
+        # CUDA C++ kernels of every contrastive loss and of the inner loop (csrc/cuda)
         _ext.require("_C_cuda")
         if device.type != "cuda":
             raise ValueError(f"{source}='cuda' runs on CUDA tensors, but the inputs are on {device}")
@@ -77,7 +76,7 @@ def available_backends() -> dict[str, str]:
     out = {}
     out["cpu"] = "usable" if _ext.available("_C") else f"not built: {_ext.load_error('_C')}"
     if _ext.available("_C_cuda"):
-        out["cuda"] = ("built: info_nce / clip_loss kernels (opt-in, backend='cuda'; "
+        out["cuda"] = ("built: every contrastive loss and the inner loop (opt-in, backend='cuda'; "
                        "not yet the default: no GPU has verified them)")
     else:
         out["cuda"] = f"not built: {_ext.load_error('_C_cuda')}"

@@ -212,7 +212,9 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
 def _one_pass(which: str, reduction: str, lr: object, inputs: tuple) -> bool:
     """Training with a step size that is one number and needs no gradient: the CPU
     kernel forms the gradient during the forward (ops/inner_loop.py, anil_loss_train)
-    instead of re-running the inner loop in the backward."""
+    instead of re-running the inner loop in the backward.  Taken whenever grad mode is
+    on and an input requires grad, so a forward that is never backpropagated (an
+    evaluation loop without torch.no_grad) pays for the gradient too."""
     scalar_lr = isinstance(lr, (int, float)) or (isinstance(lr, Tensor) and not lr.requires_grad)
     return (which == "cpu" and reduction == "mean" and scalar_lr and torch.is_grad_enabled()
             and any(t.requires_grad for t in inputs))

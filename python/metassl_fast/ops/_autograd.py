@@ -16,6 +16,31 @@ def refuse_double_backward(what: str):
     return backward
 
 
+class _RefuseBackward(torch.autograd.Function):
+    """Identity (a view of x) whose backward raises: the result of a backward computed in
+    closed form, handed out under create_graph=True, so that the first-order gradient
+    is usable and only differentiating it again is refused.  `anchor` (an input of the
+    op that requires grad) ties the result into the graph."""
+
+    @staticmethod
+    def forward(ctx, what, x, anchor):
+        ctx.what = what
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.what)
+
+
+def refuse_later(what: str, anchors, *grads):
+    """The gradients as they are, or (under create_graph=True) wrapped so that their own
+    backward raises the double-backward error; anchors: the op's saved inputs."""
+    anchor = next((a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return grads
+    return tuple(None if g is None else _RefuseBackward.apply(what, g, anchor) for g in grads)
+
+
 def refuse_create_graph(what: str) -> None:
     """A gradient precomputed in the forward is a constant to autograd: differentiating it
     again (create_graph=True) would silently drop terms, so refuse instead."""

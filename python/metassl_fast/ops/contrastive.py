@@ -317,21 +317,36 @@ def _gpu_backward(backend, grad, query, key, negatives, scale, lse_row, lse_col,
     c = k_op.shape[0]
     s = float(scale)
     g = _row_weights(reduction, n, symmetric, grad, torch.float32, q_op.device)
+    # |G| <= 2 max|g| (row and column terms): G goes into the products in q_op's dtype
+    gscale = operand_scale(q_op.dtype, g)
     lse_row = lse_row.float().contiguous()
     lse_c = lse_col.float().contiguous() if symmetric else lse_row  # any length-N buffer
     dq = gs = dk = None
     rows = _key_rows(n, c, need)
-    if backend == "cuda":
-        dq, parts, dk = _cuda_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, need[0] or need[3], rows)
-    else:
-        dq, parts, dk = _triton_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, need[0] or need[3], rows)
+    launch = _cuda_bwd if backend == "cuda" else _triton_bwd
+    dq, parts, dk = launch(q_op, k_op, lse_row, g * gscale if gscale != 1.0 else g, lse_c, s, symmetric,
+                           need[0] or need[3], rows)
     if parts is not None:
-        gs = parts.double().sum()
+        gs = parts.double().sum() / gscale
     if dk is not None:
-        dk = (dk * s).to(keys.dtype)
+        dk = (dk * (s / gscale)).to(keys.dtype)
     if dq is not None:
-        dq = dq.to(q.dtype)
+        dq = (dq / gscale if gscale != 1.0 else dq).to(q.dtype)
     return _finish_grads(query, key, negatives, scale, s, q, keys, q_norm, k_norm, dq, dk, gs, need)
+
+
+def operand_scale(dtype, weights) -> float:
+    """fp16 / bf16 operands: the power of two that brings max|weights| into [1, 2).  The
+    backward kernels round G (proportional to these weights) to the operand dtype before
+    G K; with weights ~ 1/N, G underflows fp16 at large N, and a large loss scale would
+    overflow it.  Scaling the weights by a power of two and the results back is exact.
+    1.0 for fp32 operands (and for weights all zero or not finite)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 1.0
+    m = float(weights.abs().max()) if isinstance(weights, Tensor) else abs(float(weights))
+    if not (0.0 < m < math.inf):
+        return 1.0
+    return math.ldexp(1.0, 1 - math.frexp(m)[1])
 
 
 def _triton_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, want_dq, rows):

@@ -509,12 +509,16 @@ def _labeled_run_gpu(backend, query, key, labels, key_labels, pos_logit, ext_pos
     if not with_grad:
         return loss, None
     need_dq, need_dk, need_dpos, need_ds = need
+    gscale = _c.operand_scale(q_op.dtype, g)  # exact: see operand_scale
+    gk = g * gscale if gscale != 1.0 else g
     dq = torch.empty(n, d, dtype=f32, device=dev)
-    parts = launch.backward(False, g, stat_a, stat_b, dq)
+    parts = launch.backward(False, gk, stat_a, stat_b, dq) / gscale
+    dq = dq / gscale if gscale != 1.0 else dq
     dk = None
     if self_mode or need_dk:
         dk = torch.empty(c, d, dtype=f32, device=dev)
-        launch.backward(True, g, stat_a, stat_b, dk)
+        launch.backward(True, gk, stat_a, stat_b, dk)
+        dk = dk / gscale if gscale != 1.0 else dk
     out_q = query.new_empty(0)
     if need_dq:
         gq = s * (dq + dk) if self_mode else s * dq
@@ -549,14 +553,16 @@ def _siglip_run_gpu(backend, query, key, scale, bias, diag_offset, grad_out, wit
         return loss, None
     need_dq, need_dk, need_ds, need_db = need
     w = (1.0 if grad_out is None else float(grad_out)) / n
+    gscale = _c.operand_scale(q_op.dtype, w)  # |dL/dx| <= |w|; exact: see operand_scale
     dq = torch.empty(n, d, dtype=f32, device=dev)
-    parts = launch.backward(False, w, dq)
+    parts = launch.backward(False, w * gscale, dq)
+    dq = dq / gscale if gscale != 1.0 else dq
     out_k = key.new_empty(0)
     if need_dk:
         dk = torch.empty(c, d, dtype=f32, device=dev)
-        launch.backward(True, w, dk)
-        out_k = (s * dk).to(key.dtype)
-    tot = parts.double().sum(0)
+        launch.backward(True, w * gscale, dk)
+        out_k = (s / gscale * dk).to(key.dtype)
+    tot = parts.double().sum(0) / gscale
     return loss, ((s * dq).to(query.dtype) if need_dq else query.new_empty(0), out_k,
                   tot[0].to(scale.dtype) if need_ds else scale.new_empty(0),
                   tot[1].to(bias.dtype) if need_db else bias.new_empty(0))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._autograd import refuse_create_graph, refuse_double_backward, scale_precomputed
+from ._autograd import refuse_double_backward, refuse_later, scale_precomputed
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 MAX_TRITON_ROWS = 128  # support / query rows per task on the Triton backend
@@ -167,17 +167,24 @@ def _adapt_fwd_triton(support, labels, weight, bias, lr_w, lr_b, steps):
     return traj[:, steps].to(dt, copy=True), btraj[:, steps].to(dt, copy=True), traj.to(dt), btraj.to(dt)
 
 
-def _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
-    from ..kernels import inner_loop as tk
-
+def _check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=True):
+    """The GPU kernels read these raw: -> (T, S, D, C, steps) once every shape is checked."""
     T, S, D = support.shape
     C = lr_w.shape[0]
     steps = W_traj.shape[1] - 1
-    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None)
+    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None,
+                       triton_caps=triton_caps)
     for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
                            ("b_traj", b_traj, (T, steps + 1, C))):
         if tuple(t.shape) != shape or t.device != support.device:
             raise ValueError(f"{name} must have shape {shape} on {support.device}, got {tuple(t.shape)} on {t.device}")
+    return T, S, D, C, steps
+
+
+def _adapt_bwd_triton(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
+    from ..kernels import inner_loop as tk
+
+    T, S, D, C, steps = _check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj)
     f32 = torch.float32
     X, aW, ab, Wt, bt, dWK, dbK = (x.to(f32).contiguous() for x in (support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K))
     dev = X.device
@@ -330,15 +337,7 @@ def _adapt_fwd_cuda(support, labels, weight, bias, lr_w, lr_b, steps):
 
 
 def _adapt_bwd_cuda(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
-    T, S, D = support.shape
-    C = lr_w.shape[0]
-    steps = W_traj.shape[1] - 1
-    _check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None,
-                       triton_caps=False)
-    for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
-                           ("b_traj", b_traj, (T, steps + 1, C))):
-        if tuple(t.shape) != shape or t.device != support.device:
-            raise ValueError(f"{name} must have shape {shape} on {support.device}, got {tuple(t.shape)} on {t.device}")
+    T, S, D, C, steps = _check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=False)
     X, aW, ab, Wt, bt, dWK, dbK = _f32(support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K)
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
     dX, dW0, db0, daW, dab = torch.empty_like(X), new(T, C, D), new(T, C), new(T, C, D), new(T, C)
@@ -533,14 +532,16 @@ def _train_setup(ctx, inputs, output):
 
 
 def _train_backward(ctx, grad, *_unused, apply=anil_apply):
-    refuse_create_graph(_WHAT)
     support, query, weight, dW, db, coef, lamK, dzqT, WK = ctx.saved_tensors
     need = ctx.needs_input_grad
     dX = dXq = None
     if need[0] or need[2]:
         dX, dXq = apply(grad, support, query, weight, coef, lamK, dzqT, WK)
     dW, db = scale_precomputed((dW, db), grad, (need[4], need[5]))
-    return (dX if need[0] else None, None, dXq if need[2] else None, None, dW, db, None, None, None, None)
+    # create_graph=True: these first-order gradients are usable, differentiating them raises
+    dX, dXq, dW, db = refuse_later(_WHAT, (support, query, weight), dX if need[0] else None,
+                                   dXq if need[2] else None, dW, db)
+    return (dX, None, dXq, None, dW, db, None, None, None, None)
 
 
 torch.library.register_autograd("metassl_fast::anil_loss_train", _train_backward, setup_context=_train_setup)
