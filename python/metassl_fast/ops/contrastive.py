@@ -391,41 +391,41 @@ def _cuda_args(**tensors):
     return out
 
 
-def _cuda_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, s, symmetric):
+def cuda_call(name: str, device: torch.device, **kwargs) -> None:
+    """_C_cuda.<name>(**kwargs) with `device` current and torch's current stream on it."""
     mod = _ext.require("_C_cuda")
+    with torch.cuda.device(device):
+        getattr(mod, name)(stream=torch.cuda.current_stream().cuda_stream, **kwargs)
+
+
+def _cuda_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, s, symmetric):
     n, d = q_op.shape
     c = k_op.shape[0]
-    lock = torch.zeros(_cdiv(c, mod.TILE), dtype=torch.int32, device=q_op.device)
-    with torch.cuda.device(q_op.device):
-        mod.contrastive_fwd(dtype=_ext.CUDA_DTYPE_CODE[q_op.dtype],
-                            **_cuda_args(Q=q_op, K=k_op, lse=lse, pos=pos, row_loss=row_loss, col_max=col_max,
-                                         col_sum=col_sum, lock=lock),
-                            N=n, C=c, D=d, ldq=q_op.stride(0), ldk=k_op.stride(0), scale=s, symmetric=symmetric,
-                            stream=torch.cuda.current_stream().cuda_stream)
+    lock = torch.zeros(_cdiv(c, _ext.require("_C_cuda").TILE), dtype=torch.int32, device=q_op.device)
+    cuda_call("contrastive_fwd", q_op.device, dtype=_ext.CUDA_DTYPE_CODE[q_op.dtype],
+              **_cuda_args(Q=q_op, K=k_op, lse=lse, pos=pos, row_loss=row_loss, col_max=col_max, col_sum=col_sum,
+                           lock=lock),
+              N=n, C=c, D=d, ldq=q_op.stride(0), ldk=k_op.stride(0), scale=s, symmetric=symmetric)
 
 
 def _cuda_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, want_dq, rows):
-    mod = _ext.require("_C_cuda")
     n, d = q_op.shape
     c = k_op.shape[0]
     dev = q_op.device
     dq = parts = dk = None
     common = dict(dtype=_ext.CUDA_DTYPE_CODE[q_op.dtype], N=n, C=c, D=d, ldq=q_op.stride(0), ldk=k_op.stride(0),
                   scale=s, symmetric=symmetric)
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream().cuda_stream
-        if want_dq:
-            dq = torch.empty(n, d, dtype=torch.float32, device=dev)
-            parts = torch.empty(_cdiv(n, mod.TILE), dtype=torch.float32, device=dev)
-            mod.contrastive_bwd(dk=False, **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c,
-                                                       g_col=g, out=dq, ds_part=parts),
-                                col0=0, col1=0, ldo=dq.stride(0), stream=stream, **common)
-        if rows is not None:
-            c0, c1 = rows
-            dk = torch.empty(c1 - c0, d, dtype=torch.float32, device=dev)
-            mod.contrastive_bwd(dk=True, **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c,
-                                                      g_col=g, out=dk, ds_part=lse_row),
-                                col0=c0, col1=c1, ldo=dk.stride(0), stream=stream, **common)
+    if want_dq:
+        dq = torch.empty(n, d, dtype=torch.float32, device=dev)
+        parts = torch.empty(_cdiv(n, _ext.require("_C_cuda").TILE), dtype=torch.float32, device=dev)
+        cuda_call("contrastive_bwd", dev, dk=False, col0=0, col1=0, ldo=dq.stride(0), **common,
+                  **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c, g_col=g, out=dq, ds_part=parts))
+    if rows is not None:
+        c0, c1 = rows
+        dk = torch.empty(c1 - c0, d, dtype=torch.float32, device=dev)
+        cuda_call("contrastive_bwd", dev, dk=True, col0=c0, col1=c1, ldo=dk.stride(0), **common,
+                  **_cuda_args(Q=q_op, K=k_op, lse=lse_row, g_row=g, lse_col=lse_c, g_col=g, out=dk,
+                               ds_part=lse_row))
     return dq, parts, dk
 
 

@@ -590,13 +590,10 @@ class _LabeledLaunch:
                                                   dict(SELF=col0 is not None, PAIRWISE=pairwise))
 
     def _cuda(self, name, **kw):
-        mod = _ext.require("_C_cuda")
-        with torch.cuda.device(self.q.device):
-            getattr(mod, name)(dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype],
-                               **_c._cuda_args(Q=self.q, K=self.k, yq=self.y, yk=self.yk), N=self.n, C=self.c,
-                               D=self.d, ldq=self.q.stride(0), ldk=self.k.stride(0), scale=self.s,
-                               self=self.col0 is not None, self_col0=self.col0 or 0, pairwise=self.pairwise,
-                               stream=torch.cuda.current_stream().cuda_stream, **kw)
+        _c.cuda_call(name, self.q.device, dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype],
+                     **_c._cuda_args(Q=self.q, K=self.k, yq=self.y, yk=self.yk), N=self.n, C=self.c, D=self.d,
+                     ldq=self.q.stride(0), ldk=self.k.stride(0), scale=self.s, self=self.col0 is not None,
+                     self_col0=self.col0 or 0, pairwise=self.pairwise, **kw)
 
     def forward(self, ext, ext_positive, row_loss, stat_a, stat_b):
         if self.backend == "cuda":
@@ -644,12 +641,9 @@ class _SiglipLaunch:
         self.bm, self.bn, self.meta = _gpu_blocks(backend, self.d, q_op.dtype, {})
 
     def _cuda(self, name, **kw):
-        mod = _ext.require("_C_cuda")
-        with torch.cuda.device(self.q.device):
-            getattr(mod, name)(dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype], **_c._cuda_args(Q=self.q, K=self.k),
-                               N=self.n, C=self.c, D=self.d, ldq=self.q.stride(0), ldk=self.k.stride(0),
-                               logit_scale=self.s, bias=self.b, diag_col0=self.diag,
-                               stream=torch.cuda.current_stream().cuda_stream, **kw)
+        _c.cuda_call(name, self.q.device, dtype=_ext.CUDA_DTYPE_CODE[self.q.dtype],
+                     **_c._cuda_args(Q=self.q, K=self.k), N=self.n, C=self.c, D=self.d, ldq=self.q.stride(0),
+                     ldk=self.k.stride(0), logit_scale=self.s, bias=self.b, diag_col0=self.diag, **kw)
 
     def forward(self, row_loss):
         if self.backend == "cuda":

@@ -281,14 +281,13 @@ def _cuda_inner(mode, X, y, W_traj, b_traj, T, S, D, C, K, *, Xq=None, yq=None, 
                 grad=False, first_order=False, need_dlr=False):
     from . import contrastive as _c
 
-    mod = _ext.require("_C_cuda")
     none = X.new_empty(0)
     bufs = dict(X=X, y=y, Xq=Xq, yq=yq, W0=W0, b0=b0, aW=aW, ab=ab, task_weight=tw, dWK=dWK, dbK=dbK, loss=loss,
                 dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, W_traj=W_traj, b_traj=b_traj)
-    args = _c._cuda_args(**{k: (none if v is None else v) for k, v in bufs.items()})
-    with torch.cuda.device(X.device):
-        mod.inner_loop(mode=mode, **args, T=T, S=S, Q=0 if Xq is None else Xq.shape[1], D=D, C=C, K=K, grad=grad,
-                       first_order=first_order, need_dlr=need_dlr, stream=torch.cuda.current_stream().cuda_stream)
+    _c.cuda_call("inner_loop", X.device, mode=mode, **_c._cuda_args(**{k: (none if v is None else v)
+                                                                      for k, v in bufs.items()}),
+                 T=T, S=S, Q=0 if Xq is None else Xq.shape[1], D=D, C=C, K=K, grad=grad, first_order=first_order,
+                 need_dlr=need_dlr)
 
 
 def _f32(*xs):
@@ -302,7 +301,7 @@ def _anil_call_cuda(support, labels, query, query_labels, weight, bias, lr_w, lr
     dtype = support.dtype
     X, Xq, W, b, aW, ab = _f32(support, query, weight, bias, lr_w, lr_b)
     T, S, D = X.shape
-    Q, C = Xq.shape[1], W.shape[0]
+    C = W.shape[0]
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
     loss = new(T)
     traj, btraj = new(T, steps + 1, C, D), new(T, steps + 1, C)
