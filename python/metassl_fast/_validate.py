@@ -106,3 +106,202 @@ def scalar(name: str, value: object, device: torch.device) -> Tensor:
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def autocast_common(*xs):
+    """Under torch.autocast, features from layers of different precision (a bf16 linear
+    and an fp32 queue, say) meet here: compute in float32, as autocast does for losses.
+    Outside autocast mixed dtypes stay an error (same_dtype_device)."""
+    dtype, mixed = None, False
+    for x in xs:
+        if isinstance(x, Tensor):
+            mixed = mixed or (dtype is not None and x.dtype != dtype)
+            dtype = x.dtype
+    if not mixed:
+        return xs
+    ts = [x for x in xs if isinstance(x, Tensor)]
+    dev = ts[0].device.type
+    if not (torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False):
+        return xs
+    if any(t.dtype not in FLOAT_DTYPES for t in ts):
+        return xs
+    return tuple(x.float() if isinstance(x, Tensor) else x for x in xs)
+
+
+def pair(name_a: str, a: object, name_b: str, b: object, what: str, *more):
+    """Two (N, D) feature tensors of one dtype, device and shape (`what` says why), cast
+    together with `more` (e.g. the negatives) under autocast: -> (a, b, *more)."""
+    features(name_a, a)
+    features(name_b, b)
+    a, b, *more = autocast_common(a, b, *more)
+    same_dtype_device(name_a, a, name_b, b)
+    if b.shape != a.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)} ({what}), got {tuple(b.shape)}")
+    return (a, b, *more)
+
+
+def key_like(name: str, x: object, query_name: str, query: Tensor) -> Tensor:
+    """(M, D) keys with the query's dtype, device and D."""
+    features(name, x)
+    same_dtype_device(query_name, query, name, x)
+    if x.shape[1] != query.shape[1]:
+        raise ValueError(f"{name} must have D = {query.shape[1]} columns like {query_name}, got shape {tuple(x.shape)}")
+    return x
+
+
+def negatives(x: object, query_name: str, query: Tensor) -> Tensor | None:
+    """None, (M, D) extra negatives shared by every query, or (N, M, D) paired ones."""
+    if x is None:
+        return None
+    if isinstance(x, Tensor) and x.dim() == 3:
+        features("negatives", x, rank=3)
+        same_dtype_device(query_name, query, "negatives", x)
+        if x.shape[0] != query.shape[0] or x.shape[2] != query.shape[1] or x.shape[1] == 0:
+            raise ValueError(f"paired negatives must have shape (N, M, D) = ({query.shape[0]}, M >= 1, "
+                             f"{query.shape[1]}), got {tuple(x.shape)}")
+        return x
+    return key_like("negatives", x, query_name, query)
+
+
+def world(gather_distributed: object, process_group) -> tuple[int, int, object]:
+    """(rank, world size, group) when the op gathers across ranks, else (0, 1, None)."""
+    flag("gather_distributed", gather_distributed)
+    if not gather_distributed:
+        if process_group is not None:
+            raise ValueError("process_group was given but gather_distributed=False")
+        return 0, 1, None
+    from . import distributed
+
+    return (*distributed.world(process_group), process_group)
+
+
+def backend(value: object, device: torch.device, dtype: torch.dtype | None = None, what: str = "") -> str:
+    """The backend that runs this call, resolved once (backend=, METASSL_FAST_BACKEND, the
+    device; see _backend.resolve).  With a dtype: the GPU contrastive kernels take no
+    float64 (the inner-loop ones round it, so meta passes none)."""
+    from . import _backend
+
+    which = _backend.resolve(value, device)
+    if which in ("triton", "cuda") and dtype == torch.float64:
+        raise TypeError(f"{what}: backend={which!r} takes float32, float16 or bfloat16, got float64")
+    return which
+
+
+def self_offset(value: object, n: int, key_name: str, key: Tensor | None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"self_offset must be an int, got {type(value).__name__}")
+    if key is not None and value >= 0 and value + n > key.shape[0]:
+        raise ValueError(f"self_offset={value}: {key_name} has {key.shape[0]} rows, fewer than the anchors' own "
+                         f"columns [{value}, {value + n}) need")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# meta-learning (metassl_fast.meta)
+# ---------------------------------------------------------------------------
+
+def int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
+               device: torch.device | None = None) -> Tensor:
+    """Integer labels of the given shape, in [0, n_classes) when that is given, as int64."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+    if n_classes is not None and labels.numel() and not _compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(f"{name} must lie in [0, {n_classes}), got values in [{lo}, {hi}]")
+    return labels.long()
+
+
+def tasks(name: str, x: object) -> Tensor:
+    """(T, n, D) per-task features."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (T, n, D), got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    return x
+
+
+def head(support: Tensor, weight: object, bias: object) -> tuple[int, int]:
+    """A linear head (C, D) and (C,) for D-dimensional support features: -> (C, D)."""
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+        raise TypeError("weight and bias must be torch.Tensors")
+    D = support.shape[2]
+    if weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (C, D={D}), got {tuple(weight.shape)}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape (C={weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, x in (("weight", weight), ("bias", bias)):
+        same_dtype_device("support", support, name, x)
+    return weight.shape[0], D
+
+
+def step_sizes(lr: object, C: int, D: int, like: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """lr as per-parameter step sizes (C, D) and (C,), differentiable where lr is, and
+    whether it is one number that needs no gradient."""
+    if isinstance(lr, (tuple, list)):
+        if len(lr) != 2 or not all(isinstance(x, Tensor) for x in lr):
+            raise TypeError("lr as a pair must be (lr_weight (C, D) tensor, lr_bias (C,) tensor)")
+        lr_w, lr_b = lr
+        if lr_w.shape != (C, D):
+            raise ValueError(f"lr_weight must have shape (C, D) = ({C}, {D}), got {tuple(lr_w.shape)}")
+        if lr_b.shape != (C,):
+            raise ValueError(f"lr_bias must have shape (C,) = ({C},), got {tuple(lr_b.shape)}")
+        for name, x in (("lr_weight", lr_w), ("lr_bias", lr_b)):
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+            if x.device != like.device:
+                raise ValueError(f"{name} is on {x.device} but the features are on {like.device}")
+            if not _compiling() and not bool(torch.isfinite(x.detach()).all()):
+                raise ValueError(f"{name} must be finite")
+        return lr_w.to(like), lr_b.to(like), False
+    if isinstance(lr, Tensor):
+        if lr.dim() != 0:
+            raise ValueError(f"lr must be a float, a 0-dim tensor or a (lr_weight, lr_bias) pair; "
+                             f"got a tensor of shape {tuple(lr.shape)}")
+        if not lr.dtype.is_floating_point:
+            raise TypeError(f"lr must be a floating tensor, got {lr.dtype}")
+        if not _compiling() and not math.isfinite(float(lr.detach())):
+            raise ValueError(f"lr must be finite, got {float(lr.detach())}")
+        constant = not lr.requires_grad
+        lr = lr.to(like)
+        return lr.expand(C, D), lr.expand(C), constant
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float, a 0-dim tensor or a pair of tensors, got {type(lr).__name__}")
+    if not math.isfinite(lr):
+        raise ValueError(f"lr must be finite, got {lr}")
+    full = torch.full((), float(lr), dtype=like.dtype, device=like.device)
+    return full.expand(C, D), full.expand(C), True
+
+
+def steps(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"steps must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"steps must be >= 0, got {value}")
+    return value
+
+
+def task_reduction(value: object) -> str:
+    if value not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def query_set(support: Tensor, query: object, query_labels: object, C: int | None) -> Tensor:
+    """Query features (T, Q, D) like the support's; returns their int64 labels (T, Q)."""
+    tasks("query", query)
+    if query.shape[0] != support.shape[0] or query.shape[2] != support.shape[2]:
+        raise ValueError(f"query must have shape (T={support.shape[0]}, Q, D={support.shape[2]}), "
+                         f"got {tuple(query.shape)}")
+    same_dtype_device("support", support, "query", query)
+    return int_labels("query_labels", query_labels, query.shape[:2], C, support.device)

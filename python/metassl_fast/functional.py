@@ -1,149 +1,16 @@
-"""Public functional API."""
+"""Public functional API of the contrastive losses.  Each function: signature, docstring,
+argument checks (_validate.py), the backend resolved once, one call of its op's entry
+(ops/<op>/__init__.py), which routes the call (paired negatives, keys gathered across
+ranks, backend="torch") and runs the kernel."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
-from . import distributed as _dist
-from .ops import family as _family_ops
-from .ops.contrastive import contrastive
-from .reference import family as _reference_family
-from .reference.contrastive import contrastive_loss as _reference
-
-
-def _autocast_common(*xs):
-    """Under torch.autocast, features from layers of different precision (a bf16 linear
-    and an fp32 queue, say) meet here: compute in float32, as autocast does for losses.
-    Outside autocast mixed dtypes stay an error (same_dtype_device)."""
-    ts = [x for x in xs if isinstance(x, Tensor)]
-    if len(ts) < 2 or len({t.dtype for t in ts}) == 1:
-        return xs
-    dev = ts[0].device.type
-    if not (torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False):
-        return xs
-    if any(t.dtype not in _validate.FLOAT_DTYPES for t in ts):
-        return xs
-    return tuple(x.float() if isinstance(x, Tensor) else x for x in xs)
-
-
-def _pair(name_a, a, name_b, b, what):
-    """Two (N, D) feature tensors of one dtype, device and shape (`what` says why)."""
-    _validate.features(name_a, a)
-    _validate.features(name_b, b)
-    a, b = _autocast_common(a, b)
-    _validate.same_dtype_device(name_a, a, name_b, b)
-    if b.shape != a.shape:
-        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)} ({what}), got {tuple(b.shape)}")
-    return a, b
-
-
-def _world(gather_distributed, process_group) -> tuple[int, int]:
-    """(rank, world size) when the op gathers across ranks, else (0, 1)."""
-    _validate.flag("gather_distributed", gather_distributed)
-    if not gather_distributed:
-        if process_group is not None:
-            raise ValueError("process_group was given but gather_distributed=False")
-        return 0, 1
-    return _dist.world(process_group)
-
-
-def _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise, self_offset=-1):
-    if which == "torch":
-        return _reference_family.labeled_contrastive_loss(query, key, y, yk, scale, normalize, reduction, pairwise,
-                                                          self_offset)
-    return _family_ops.labeled(query, key, y, yk, scale, normalize, reduction, pairwise, which,
-                               self_offset=self_offset)
-
-
-def _paired_lse(query, negatives, scale, normalize):
-    """LSE_m s q_i . negatives[i, m] per row, differentiable: the (N, M) logits are
-    smaller than the (N, M, D) negatives themselves."""
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    with torch.autocast(query.device.type, enabled=False):  # accumulate in acc, as the fused row does
-        q, n = query.to(acc), negatives.to(acc)
-        if normalize:
-            q, n = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(n, dim=-1)
-        return torch.logsumexp(scale.to(acc) * torch.bmm(n, q.unsqueeze(2)).squeeze(2), 1)
-
-
-def _rows_against(which, query, key, keys, queries, ids, all_ids, negatives, scale, symmetric, normalize,
-                  reduction):
-    """InfoNCE of these rows (labels ids) against `keys` (labels all_ids: every rank's keys,
-    or just `key`), plus the negatives: an (M, D) queue as more key rows that are no row's
-    positive, or (N, M, D) paired negatives as one extra logit per row, the LSE of its
-    paired logits, which is exact: LSE(S_i, P_i) = LSE(S_i, LSE(P_i)).  Symmetric: also
-    `key`'s rows against `queries`, and the mean of the two."""
-    y_keys, ext = all_ids, None
-    if negatives is not None and negatives.dim() == 3:
-        ext = _paired_lse(query, negatives, scale, normalize)
-    elif negatives is not None:
-        keys = torch.cat([keys, negatives])
-        y_keys = torch.cat([all_ids, torch.full((negatives.shape[0],), -1, dtype=torch.long, device=ids.device)])
-    if ext is None:
-        row = _labeled_any(which, query, keys, ids, y_keys, scale, normalize, reduction, False)
-    elif which == "torch":
-        raise ValueError("gather_distributed with paired negatives runs on the cpu or triton backend")
-    else:
-        row = _family_ops.labeled(query, keys, ids, y_keys, scale, normalize, reduction, False, which,
-                                  pos_logit=ext, ext_positive=False)
-    if not symmetric:
-        return row
-    col = _labeled_any(which, key, queries, ids, all_ids, scale, normalize, reduction, False)
-    return 0.5 * (row + col)
-
-
-def _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction, backend,
-                          rank, ws, group):
-    """Local rows against the columns of every rank (see metassl_fast.distributed)."""
-    which = _family_backend(backend, query.device, "gather_distributed", query.dtype)
-    n, dev = query.shape[0], query.device
-    ids = rank * n + torch.arange(n, device=dev)
-    keys = _dist.gather(key, name_k, group)
-    queries = _dist.gather(query, name_q, group) if symmetric else None
-    return _rows_against(which, query, key, keys, queries, ids, torch.arange(ws * n, device=dev), negatives, scale,
-                         symmetric, normalize, reduction)
-
-
-def _contrastive(name_q, query, name_k, key, negatives, scale_name, scale_value, *, scale_is_temperature,
-                 symmetric, normalize, reduction, backend, gather_distributed=False, process_group=None):
-    query, key = _pair(name_q, query, name_k, key, f"row i of {name_k} is the positive of row i of {name_q}")
-    query, key, negatives = _autocast_common(query, key, negatives)
-    paired = isinstance(negatives, Tensor) and negatives.dim() == 3
-    if paired:
-        _validate.features("negatives", negatives, rank=3)
-        _validate.same_dtype_device(name_q, query, "negatives", negatives)
-        if negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1] or negatives.shape[1] == 0:
-            raise ValueError(f"paired negatives must have shape (N, M, D) = ({query.shape[0]}, M >= 1, "
-                             f"{query.shape[1]}), got {tuple(negatives.shape)}")
-    elif negatives is not None:
-        _validate.features("negatives", negatives)
-        _validate.same_dtype_device(name_q, query, "negatives", negatives)
-        if negatives.shape[1] != query.shape[1]:
-            raise ValueError(f"negatives must have D = {query.shape[1]} columns like {name_q}, "
-                             f"got shape {tuple(negatives.shape)}")
-    _validate.flag("symmetric", symmetric)
-    _validate.flag("normalize", normalize)
-    _validate.reduction(reduction)
-    value = _validate.positive_scalar(scale_name, scale_value, query.device)
-    scale = 1.0 / value if scale_is_temperature else value
-    rank, ws = _world(gather_distributed, process_group)
-    if ws > 1:
-        return _contrastive_gathered(name_q, query, name_k, key, negatives, scale, symmetric, normalize, reduction,
-                                     backend, rank, ws, process_group)
-    if paired:
-        which = _family_backend(backend, query.device, "info_nce with paired negatives", query.dtype)
-        if which == "torch":
-            return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
-        ids = torch.arange(query.shape[0], device=query.device)
-        return _rows_against(which, query, key, key, query, ids, ids, negatives, scale, symmetric, normalize,
-                             reduction)
-    which = _backend.resolve(backend, query.device)
-    if which in ("triton", "cuda") and query.dtype == torch.float64:
-        raise TypeError(f"{name_q}: backend={which!r} takes float32, float16 or bfloat16, got float64")
-    if which == "torch":
-        return _reference(query, key, negatives, scale, symmetric, normalize, reduction)
-    return contrastive(query, key, negatives, scale, symmetric, normalize, reduction, which)
+from . import _validate
+from .ops import contrastive as _contrastive
+from .ops import labeled as _labeled
+from .ops import siglip as _siglip
 
 
 def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
@@ -179,10 +46,18 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
         is in float32 (float64 for float64 inputs); gradients come back in each
         input's dtype.
     """
-    return _contrastive("query", query, "key", key, negatives, "temperature", temperature,
-                        scale_is_temperature=True, symmetric=symmetric, normalize=normalize,
-                        reduction=reduction, backend=backend, gather_distributed=gather_distributed,
-                        process_group=process_group)
+    query, key, negatives = _validate.pair("query", query, "key", key,
+                                           "row i of key is the positive of row i of query", negatives)
+    if negatives is not None:
+        _validate.negatives(negatives, "query", query)
+    _validate.flag("symmetric", symmetric)
+    _validate.flag("normalize", normalize)
+    _validate.reduction(reduction)
+    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    world = _validate.world(gather_distributed, process_group)
+    which = _validate.backend(backend, query.device, query.dtype, "query")
+    return _contrastive.loss(query, key, negatives, scale, symmetric=symmetric, normalize=normalize,
+                             reduction=reduction, backend=which, world=world)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float | Tensor, *,
@@ -203,21 +78,13 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: float 
     Returns:
         A scalar in the input dtype.
     """
-    return _contrastive("image_features", image_features, "text_features", text_features, None,
-                        "logit_scale", logit_scale, scale_is_temperature=False, symmetric=True,
-                        normalize=False, reduction="mean", backend=backend,
-                        gather_distributed=gather_distributed, process_group=process_group)
-
-
-# ---------------------------------------------------------------------------
-# the rest of the family: NT-Xent, SupCon, SigLIP
-# ---------------------------------------------------------------------------
-
-def _family_backend(backend, device, op: str, dtype=None) -> str:
-    which = _backend.resolve(backend, device)
-    if which in ("triton", "cuda") and dtype == torch.float64:
-        raise TypeError(f"{op}: backend={which!r} takes float32, float16 or bfloat16, got float64")
-    return which
+    img, txt = _validate.pair("image_features", image_features, "text_features", text_features,
+                              "row i of text_features is the positive of row i of image_features")
+    scale = _validate.positive_scalar("logit_scale", logit_scale, img.device)
+    world = _validate.world(gather_distributed, process_group)
+    which = _validate.backend(backend, img.device, img.dtype, "image_features")
+    return _contrastive.loss(img, txt, None, scale, symmetric=True, normalize=False, reduction="mean",
+                             backend=which, world=world, key_name="text_features", query_name="image_features")
 
 
 def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None,
@@ -225,7 +92,7 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
                         normalize: bool = True, reduction: str = "mean", pairwise: bool = False,
                         backend: str | None = None, gather_distributed: bool = False, process_group=None,
                         self_offset: int = -1, names=("query", "labels", "key", "key_labels")) -> Tensor:
-    """The labelled-row loss behind nt_xent and supcon_loss (math: reference/family.py).
+    """The labelled-row loss behind nt_xent and supcon_loss (math: reference/labeled.py).
 
     query (N, D) with labels (N,); key (M, D) with key_labels (M,), or None: the keys
     are the queries and each anchor's own column is left out.  pairwise=True is
@@ -235,17 +102,16 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     add 0 and are left out of the mean.  gather_distributed (key=None only): the anchors
     of every rank are the columns; each rank's loss covers its own anchors.  self_offset
     >= 0 (with a key): anchor i is key row self_offset + i and is left out of every set
-    (pytorch-metric-learning's rule when ref_labels is labels)."""
+    (pytorch-metric-learning's rule when ref_labels is labels).  names: the argument
+    names the errors use (the callers' own)."""
     nq, nl, nk, nkl = names
     _validate.features(nq, query)
     y = _validate.labels(nl, labels, query.shape[0], query.device, f"row of {nq}")
     yk = None
     if key is not None:
         _validate.features(nk, key)
-        query, key = _autocast_common(query, key)
-        _validate.same_dtype_device(nq, query, nk, key)
-        if key.shape[1] != query.shape[1]:
-            raise ValueError(f"{nk} must have D = {query.shape[1]} columns like {nq}, got shape {tuple(key.shape)}")
+        query, key = _validate.autocast_common(query, key)
+        _validate.key_like(nk, key, nq, query)
         if key_labels is None:
             raise ValueError(f"{nkl} is required with {nk}")
         yk = _validate.labels(nkl, key_labels, key.shape[0], key.device, f"row of {nk}")
@@ -255,23 +121,15 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     _validate.flag("pairwise", pairwise)
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
-    which = _family_backend(backend, query.device, "this loss", query.dtype)
-    rank, ws = _world(gather_distributed, process_group)
+    which = _validate.backend(backend, query.device, query.dtype, "this loss")
+    rank, ws, group = _validate.world(gather_distributed, process_group)
     if ws > 1:
         if key is not None:
             raise ValueError("gather_distributed gathers the anchors themselves: pass key=None")
-        n = query.shape[0]
-        z_all = _dist.gather(query, nq, process_group)
-        y_all = _dist.gather(y, nl, process_group, with_grad=False)
-        return _labeled_any(which, query, z_all, y, y_all, scale, normalize, reduction, pairwise,
-                            self_offset=rank * n)
-    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
-        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
-    if key is not None and self_offset >= 0 and self_offset + query.shape[0] > key.shape[0]:
-        raise ValueError(f"self_offset={self_offset}: {nk} has {key.shape[0]} rows, fewer than the anchors' own "
-                         f"columns [{self_offset}, {self_offset + query.shape[0]}) need")
-    return _labeled_any(which, query, key, y, yk, scale, normalize, reduction, pairwise,
-                        self_offset=self_offset if key is not None else -1)
+        return _labeled.gathered(query, y, scale, normalize, reduction, pairwise, which, (rank, ws, group), nq, nl)
+    offset = _validate.self_offset(self_offset, query.shape[0], nk, key)
+    return _labeled.loss(query, key, y, yk, scale, normalize, reduction, pairwise, which,
+                         self_offset=offset if key is not None else -1)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normalize: bool = True,
@@ -289,7 +147,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
         temperature: float or 0-dim tensor > 0 (may require grad).
         normalize: L2-normalise the embeddings inside the op (SimCLR and lightly do).
         reduction: "mean", "sum" or "none" ((2N,), the z1 rows then the z2 rows).
-        backend: as in info_nce; "cpu" or "torch" for this op.
+        backend: as in info_nce.
         gather_distributed: all-gather both views of every rank (with gradient); this
             rank's 2N rows are scored against all 2 W N views (lightly's
             gather_distributed).  process_group: the group (default: the world).
@@ -297,9 +155,9 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5, normal
     Returns:
         A scalar, or (2N,), in the input dtype.
     """
-    z1, z2 = _pair("z1", z1, "z2", z2, "row i of each is a view of sample i")
+    z1, z2 = _validate.pair("z1", z1, "z2", z2, "row i of each is a view of sample i")
     n = z1.shape[0]
-    rank, _ = _world(gather_distributed, process_group)
+    rank, _, _ = _validate.world(gather_distributed, process_group)
     labels = (rank * n + torch.arange(n, device=z1.device)).repeat(2)  # sample ids, unique across ranks
     return labeled_contrastive(torch.cat([z1, z2]), labels, temperature=temperature, normalize=normalize,
                                reduction=reduction, backend=backend, gather_distributed=gather_distributed,
@@ -324,7 +182,7 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float | Tensor
         normalize: L2-normalise the features inside the op.
         reduction: "mean", "sum" or "none" ((N,) or (N, V); 0 for anchors without
             positives).
-        backend: as in info_nce; "cpu" or "torch" for this op.
+        backend: as in info_nce.
         gather_distributed: all-gather features and labels of every rank; this rank's
             anchors are scored against all of them (the mean is over this rank's anchors
             with positives).  process_group: the group (default: the world).
@@ -359,7 +217,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
         image_features, text_features: (N, D), used as given (open_clip normalises).
         logit_scale: already exponentiated, a float or 0-dim tensor > 0.
         logit_bias: a float or 0-dim tensor.  Both may require grad.
-        backend: as in info_nce; "cpu" or "torch" for this op.
+        backend: as in info_nce.
         gather_distributed: all-gather the text features (with gradient); this rank's N
             images are scored against all W N texts and the sum is divided by the local N
             (open_clip's SigLipLoss with world_size > 1, any dist_impl).
@@ -368,19 +226,13 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: floa
     Returns:
         A scalar in the input dtype.  The N x N logits are never in memory.
     """
-    image_features, text_features = _pair("image_features", image_features, "text_features", text_features,
-                                          "text j is the caption of image j")
-    scale = _validate.positive_scalar("logit_scale", logit_scale, image_features.device)
-    bias = _validate.scalar("logit_bias", logit_bias, image_features.device)
-    which = _family_backend(backend, image_features.device, "siglip_loss", image_features.dtype)
-    rank, ws = _world(gather_distributed, process_group)
-    offset = 0
-    if ws > 1:
-        text_features = _dist.gather(text_features, "text_features", process_group)
-        offset = rank * image_features.shape[0]
-    if which == "torch":
-        return _reference_family.siglip_loss(image_features, text_features, scale, bias, offset)
-    return _family_ops.siglip(image_features, text_features, scale, bias, which, diag_offset=offset)
+    img, txt = _validate.pair("image_features", image_features, "text_features", text_features,
+                              "text j is the caption of image j")
+    scale = _validate.positive_scalar("logit_scale", logit_scale, img.device)
+    bias = _validate.scalar("logit_bias", logit_bias, img.device)
+    which = _validate.backend(backend, img.device, img.dtype, "siglip_loss")
+    world = _validate.world(gather_distributed, process_group)
+    return _siglip.loss(img, txt, scale, bias, backend=which, world=world)
 
 
 def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
@@ -403,32 +255,14 @@ def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
     _validate.features("query", query)
     _validate.features("positive_key", positive_key)
     _validate.features("negatives", negatives)
-    query, positive_key, negatives = _autocast_common(query, positive_key, negatives)
+    query, positive_key, negatives = _validate.autocast_common(query, positive_key, negatives)
     _validate.same_dtype_device("query", query, "positive_key", positive_key)
-    _validate.same_dtype_device("query", query, "negatives", negatives)
     if positive_key.shape != query.shape:
         raise ValueError(f"positive_key must have the shape of query {tuple(query.shape)}, "
                          f"got {tuple(positive_key.shape)}")
-    if negatives.shape[1] != query.shape[1]:
-        raise ValueError(f"negatives must have D = {query.shape[1]} columns like query, "
-                         f"got shape {tuple(negatives.shape)}")
+    _validate.key_like("negatives", negatives, "query", query)
     _validate.flag("normalize", normalize)
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
-    which = _family_backend(backend, query.device, "info_nce_explicit", query.dtype)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, p = query.to(acc), positive_key.to(acc)
-    if normalize:
-        q, p = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(p, dim=-1)
-    pos = scale.to(acc) * (q * p).sum(1)
-    if which == "torch":
-        n = negatives.to(acc)
-        if normalize:
-            n = torch.nn.functional.normalize(n, dim=-1)
-        logits = torch.cat([pos[:, None], scale.to(acc) * (q @ n.T)], 1)
-        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction).to(query.dtype)
-    # no column of the negatives is a positive: labels that never match
-    y = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    yk = torch.ones(negatives.shape[0], dtype=torch.long, device=query.device)
-    return _family_ops.labeled(query, negatives, y, yk, scale, normalize, reduction, False, which, pos_logit=pos)
+    which = _validate.backend(backend, query.device, query.dtype, "info_nce_explicit")
+    return _labeled.explicit(query, positive_key, negatives, scale, normalize, reduction, which)

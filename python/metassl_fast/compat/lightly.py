@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as _dist
+from .. import _validate
 from .. import functional as _f
 
 __all__ = ["NTXentLoss"]
@@ -33,9 +34,9 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False, backend: str | None = None):
         super().__init__()
-        _f._validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
         self.temperature = temperature
-        self.gather_distributed = _f._validate.flag("gather_distributed", gather_distributed)
+        self.gather_distributed = _validate.flag("gather_distributed", gather_distributed)
         self.backend = backend
         size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
         if any((not isinstance(x, int)) or x < 0 for x in size):
@@ -61,8 +62,8 @@ class NTXentLoss(nn.Module):
         if not self.uses_bank:
             return _f.nt_xent(out0, out1, temperature=self.temperature, backend=self.backend,
                               gather_distributed=self.gather_distributed)
-        _f._validate.features("out0", out0)
-        _f._validate.features("out1", out1)
+        _validate.features("out0", out0)
+        _validate.features("out1", out1)
         if out0.shape[1] != self.size[1]:
             raise ValueError(f"the memory bank holds vectors of width {self.size[1]} "
                              f"(memory_bank_size={self.size}), but out0 has width {out0.shape[1]}")

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as _dist
+from .. import _validate
 from .. import functional as _f
+from ..ops import labeled
 
 __all__ = ["ClipLoss", "SigLipLoss"]
 
@@ -82,18 +84,18 @@ class ClipLoss(nn.Module):
 
 def _local_loss_no_grad_gather(img, txt, scale, backend):
     """Local rows against every rank's columns, the gathered columns without gradient."""
-    _f._validate.features("image_features", img)
-    _f._validate.features("text_features", txt)
-    s = _f._validate.positive_scalar("logit_scale", scale, img.device)
-    which = _f._family_backend(backend, img.device, "ClipLoss(world_size > 1)")
+    _validate.features("image_features", img)
+    _validate.features("text_features", txt)
+    s = _validate.positive_scalar("logit_scale", scale, img.device)
+    which = _validate.backend(backend, img.device, img.dtype, "ClipLoss(world_size > 1)")
     rank, ws = _dist.world()
     n, dev = img.shape[0], img.device
     ids = rank * n + torch.arange(n, device=dev)
     all_ids = torch.arange(ws * n, device=dev)
     all_txt = _dist.gather(txt, "text_features", with_grad=False)
     all_img = _dist.gather(img, "image_features", with_grad=False)
-    row = _f._labeled_any(which, img, all_txt, ids, all_ids, s, False, "mean", False)
-    col = _f._labeled_any(which, txt, all_img, ids, all_ids, s, False, "mean", False)
+    row = labeled.loss(img, all_txt, ids, all_ids, s, False, "mean", False, which)
+    col = labeled.loss(txt, all_img, ids, all_ids, s, False, "mean", False, which)
     return 0.5 * (row + col)
 
 

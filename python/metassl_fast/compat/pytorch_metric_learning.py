@@ -28,7 +28,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from .. import functional as _f
+from ..ops.labeled import positives_per_row
 
 __all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
 
@@ -41,7 +43,7 @@ class _PMLLoss(nn.Module):
 
     def __init__(self, temperature: float, backend: str | None = None, **kwargs):
         super().__init__()
-        _f._validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
         self.temperature = temperature
         self.backend = backend
         self.kwargs = kwargs
@@ -68,7 +70,7 @@ class _PMLLoss(nn.Module):
             self._original = self._original_loss("indices_tuple (a miner's output)")
         if self._original is not None:
             return self._original(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        _f._validate.features("embeddings", embeddings)
+        _validate.features("embeddings", embeddings)
         if labels is None:
             raise ValueError(f"{self._name}: labels is required (or an indices_tuple)")
         if not isinstance(labels, Tensor):
@@ -83,8 +85,8 @@ class _PMLLoss(nn.Module):
         else:
             key = ref_emb
             key_labels = labels if ref_labels is None else ref_labels.to(embeddings.device)
-        y = _f._validate.labels("labels", labels, embeddings.shape[0], embeddings.device, "row of embeddings")
-        yk = y if key is None else _f._validate.labels("ref_labels", key_labels, key.shape[0], key.device,
+        y = _validate.labels("labels", labels, embeddings.shape[0], embeddings.device, "row of embeddings")
+        yk = y if key is None else _validate.labels("ref_labels", key_labels, key.shape[0], key.device,
                                                           "row of ref_emb")
         if _no_pairs(y, yk, exclude_self):
             return (embeddings * 0).sum()
@@ -107,7 +109,6 @@ def _no_pairs(y: Tensor, yk: Tensor, exclude_self: bool) -> bool:
     has_neg = bool((yk.min() != y.max()) | (yk.max() != y.min())) if y.numel() and yk.numel() else False
     if not has_neg:  # every label equal to every other
         return True
-    from ..ops.family import positives_per_row
     npos = positives_per_row(y, yk, 0 if exclude_self else None)
     return int(npos.sum()) == 0
 

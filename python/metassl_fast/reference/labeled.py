@@ -1,5 +1,5 @@
-"""Reference losses of the rest of the contrastive family: they materialise the N x M
-logits and use autograd (the float64 ground truth of the tests).
+"""Reference labelled-row loss: it materialises the N x M logits and uses autograd (the
+float64 ground truth of the tests, and backend="torch").
 
 Labelled rows (SupCon, NT-Xent, pytorch-metric-learning's pairwise NT-Xent), anchor i
 with label y_i, column j with label c_j; with self-exclusion (query is key) column i is
@@ -9,9 +9,6 @@ in no set:
     pairwise:       l_i = sum_{p in P(i)} softplus(LSE_{n in Neg(i)} S_in - S_ip)
 An anchor without positives has l_i = 0.  reduction "mean" divides the sum by the number
 of anchors with positives (mean-positive) or of positive pairs (pairwise); 0 if none.
-
-SigLIP: l = -(1/N) sum_ij log sigmoid(z_ij (s q_i.k_j + b)), z = +1 on the diagonal,
--1 elsewhere (open_clip's SigLipLoss).
 """
 from __future__ import annotations
 
@@ -72,15 +69,3 @@ def labeled_contrastive_loss(query: Tensor, key: Tensor | None, labels: Tensor, 
     else:
         out = per_row
     return out.to(query.dtype)
-
-
-def siglip_loss(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset: int = 0) -> Tensor:
-    """query (N, D), key (M, D) with query i's positive at key diag_offset + i; scale,
-    bias 0-dim.  The sum over all N x M pairs divided by N, in the input dtype."""
-    acc = _acc(query)
-    logits = scale.to(acc) * (query.to(acc) @ key.to(acc).T) + bias.to(acc)
-    n = query.shape[0]
-    z = -torch.ones(n, key.shape[0], dtype=acc, device=query.device)
-    rows = torch.arange(n, device=query.device)
-    z[rows, rows + diag_offset] = 1.0
-    return (-F.logsigmoid(z * logits).sum() / n).to(query.dtype)

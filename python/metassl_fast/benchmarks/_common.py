@@ -1,0 +1,177 @@
+"""What every benchmark shares: the eager baselines of the CPU and GPU tables, peak-memory
+measurement, worker processes, quantiles, the CSV record and the table formatting.
+
+Imports torch and the standard library only, so that each benchmark module imports this
+one and the public metassl_fast API, and no benchmark imports another.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 0.07
+
+CSV_FIELDS = ["date", "version", "torch", "device", "threads", "op", "impl", "dtype", "N", "D",
+              "median_ms", "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_err", "repeats"]
+
+
+# ----------------------------------------------------------------------------- eager baselines
+
+def eager_info_nce(q, k, logit_scale):
+    """lightly / info-nce-pytorch style: normalise, materialise the logits, cross-entropy."""
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = qn @ kn.T / TEMPERATURE
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+def eager_clip_loss(image, text, logit_scale):
+    """open_clip ClipLoss.forward for one process, as written there."""
+    logits_per_image = logit_scale * image @ text.T
+    logits_per_text = logit_scale * text @ image.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def eager_siglip(image, text, logit_scale):
+    """open_clip SigLipLoss.forward for one process (bias -10)."""
+    logits = logit_scale * image @ text.T - 10.0
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def eager_nt_xent(z1, z2, logit_scale):
+    """lightly NTXentLoss without a memory bank (SimCLR), as its single-process code does."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = (z @ z.T) * (1 / 0.5)
+    logits = logits.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), float("-inf"))
+    n = z1.shape[0]
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def cuda_built() -> bool:
+    """The CUDA C++ backend is built (it runs only where a CUDA device is present)."""
+    import metassl_fast
+
+    return metassl_fast.available_backends()["cuda"].startswith("built")
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mb(call):
+    """Peak RSS of call() over the RSS before it, in MiB (None where the kernel does
+    not let us reset the peak)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    call()
+    return (_status_kb("VmHWM") - before) / 1024.0
+
+
+def quantiles(times):
+    """{median_ms, p20_ms, p80_ms} of a list of times in ms."""
+    ts = sorted(times)
+    return {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+            "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))]}
+
+
+def max_rel_err(got, want):
+    """max over pairs of max|a - b| / max|b| (pairs with a None skipped), in float64."""
+    err = 0.0
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            continue
+        err = max(err, ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+def pinned_malloc_env():
+    """os.environ with glibc's mmap threshold fixed: freed big buffers leave the RSS at once
+    instead of hiding in the heap, so that peak RSS measures what a call allocates."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def worker_result(module, args, env):
+    """Run `python -m module --worker args` and return the JSON of its RESULT line."""
+    cmd = [sys.executable, "-m", module, "--worker", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def progress(i, total, label):
+    width = 30
+    done = int(width * i / total)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label:<40}")
+    sys.stderr.flush()
+    if i == total:
+        sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------- the record
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def run_meta(device, threads):
+    """The header of a table and the constant columns of its CSV rows."""
+    import metassl_fast
+
+    return {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
+            "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def append_csv(path, rows, meta, fields=CSV_FIELDS):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**{k: meta[k] for k in ("date", "version", "torch", "device", "threads")},
+                        **{k: r[k] for k in fields if k in r}})
+
+
+def write_outputs(out_dir, table, md_name, csv_name, rows, meta, fields=CSV_FIELDS):
+    """Append rows to out_dir/csv_name and write the table to out_dir/md_name."""
+    os.makedirs(out_dir, exist_ok=True)
+    append_csv(os.path.join(out_dir, csv_name), rows, meta, fields)
+    with open(os.path.join(out_dir, md_name), "w") as f:
+        f.write(table + "\n")

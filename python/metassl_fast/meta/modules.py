@@ -1,0 +1,40 @@
+"""nn.Module of the meta-learning heads."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _validate
+from ..ops import inner_loop as _op
+from .anil import adapt_linear_head
+
+
+class ANILHead(nn.Module):
+    """A linear head adapted per task in the inner loop (ANIL; Meta-SGD with
+    per_param_lr=True).  forward(support (T, S, D), support_labels (T, S),
+    query (T, Q, D), query_labels (T, Q)) -> (loss, accuracy on the queries)."""
+
+    def __init__(self, in_features: int, n_way: int, lr: float = 0.5, steps: int = 5,
+                 learn_lr: bool = False, per_param_lr: bool = False, first_order: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_way)
+        self.steps = _validate.steps(steps)
+        self.first_order = _validate.flag("first_order", first_order)
+        self.per_param_lr = _validate.flag("per_param_lr", per_param_lr)
+        if per_param_lr:
+            self.lr_weight = nn.Parameter(torch.full((n_way, in_features), float(lr)), requires_grad=learn_lr)
+            self.lr_bias = nn.Parameter(torch.full((n_way,), float(lr)), requires_grad=learn_lr)
+        else:
+            self.lr = nn.Parameter(torch.tensor(float(lr)), requires_grad=learn_lr)
+        self.backend = backend
+
+    def forward(self, support: Tensor, support_labels: Tensor, query: Tensor, query_labels: Tensor):
+        lr = (self.lr_weight, self.lr_bias) if self.per_param_lr else self.lr
+        W_t, b_t = adapt_linear_head(support, support_labels, self.linear.weight, self.linear.bias,
+                                     lr=lr, steps=self.steps, first_order=self.first_order,
+                                     backend=self.backend)
+        q_labels = _validate.query_set(support, query, query_labels, self.linear.out_features)
+        ce, logits = _op.query_ce(query, q_labels, W_t, b_t)
+        acc = (logits.argmax(-1) == q_labels).float().mean()
+        return ce.mean().to(query.dtype), acc

@@ -1,0 +1,283 @@
+"""What every op shares: the CPU row-block sweep, normalisation and its gradient, the
+GPU operand scaling and launch helpers, the backend table lookup and the autograd
+helpers (precomputed gradients, refused double backward).
+
+The CPU sweep: S = rows keys^T is formed by torch's BLAS in row blocks of at most
+TARGET_BLOCK_BYTES; a C++ kernel (csrc/cpu/<op>.cpp) does the loss and overwrites the
+block with G in cache; BLAS multiplies G back into the gradients.  Extra memory is
+O(N D + block), never O(N M).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+# One S block: 8 MiB fits the L3 of small CPUs and the GEMMs are no faster above it;
+# at least 128 rows, since thinner blocks make the GEMMs slow (N = 65536 on 2 cores:
+# 32 rows 75 s of GEMM, 128 rows 45 s) and 128 x 65536 floats is still only 32 MiB.
+TARGET_BLOCK_BYTES = 8 << 20
+MIN_BLOCK_ROWS = 128
+NORM_EPS = 1e-12  # F.normalize's eps: |x| is clamped to it
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def backend_module(package: str, op: str, backend: str) -> ModuleType:
+    """ops/<op>/<backend>.py, the one implementation of the op's contract for `backend`
+    (imported on first use: the GPU modules import triton lazily)."""
+    if backend not in KERNEL_BACKENDS:  # _backend.resolve stops the others before they get here
+        raise RuntimeError(f"metassl_fast::{op} has no {backend!r} kernel (kernels: {KERNEL_BACKENDS}; "
+                           "backend='torch' is the reference, outside the custom ops)")
+    return importlib.import_module(f"{package}.{backend}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nthreads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def block_rows(n_rows: int, n_cols: int, itemsize: int) -> int:
+    rows = max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // (n_cols * itemsize))
+    return max(1, min(n_rows, rows))
+
+
+def normalized(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return x / norm, norm
+
+
+def normalize_backward(dxn: Tensor, xn: Tensor, norm: Tensor | None) -> Tensor:
+    """dL/dx of xn = x / |x| from dL/dxn; dxn itself when there was no normalisation
+    (norm None).  Where |x| was clamped to eps the map is x / eps: its gradient is dxn / eps."""
+    if norm is None:
+        return dxn
+    radial = (xn * dxn).sum(dim=1, keepdim=True)
+    clamped = norm <= NORM_EPS
+    return torch.where(clamped, dxn, dxn - xn * radial) / norm
+
+
+def operands(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """x in the accumulation dtype, L2-normalised if asked, and its norms (or None)."""
+    xa = x.to(acc_dtype(x.dtype))
+    return normalized(xa) if normalize else (xa, None)
+
+
+def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = None, d_keys: Tensor | None = None,
+              key_cols: tuple[int, int] | None = None, row_alpha: float = 1.0, key_alpha: float = 1.0) -> None:
+    """S = rows keys^T in row blocks; kernel(S, r0, r1) does the op's work on the block in
+    place (with a gradient it leaves G in S).  Then d_rows[r0:r1] = row_alpha G keys and
+    d_keys += key_alpha G[:, c0:c1]^T rows[r0:r1] for key_cols = (c0, c1) (all columns by
+    default).  When d_keys is d_rows (rows and keys are the same samples) both add into it,
+    so it must start at zero; otherwise d_rows may start uninitialised."""
+    n_rows, n_cols = rows.shape[0], keys.shape[0]
+    B = block_rows(n_rows, n_cols, rows.element_size())
+    buf = torch.empty(B, n_cols, dtype=rows.dtype)
+    keys_t = keys.t()
+    c0, c1 = key_cols if key_cols is not None else (0, n_cols)
+    rows_beta = 1.0 if d_rows is not None and d_rows is d_keys else 0.0
+    for r0 in range(0, n_rows, B):
+        r1 = min(n_rows, r0 + B)
+        S = buf[: r1 - r0]
+        torch.mm(rows[r0:r1], keys_t, out=S)
+        kernel(S, r0, r1)
+        if d_rows is not None:
+            out = d_rows[r0:r1]
+            if rows_beta == 0.0 and row_alpha == 1.0:
+                torch.mm(S, keys, out=out)
+            else:
+                out.addmm_(S, keys, beta=rows_beta, alpha=row_alpha)
+        if d_keys is not None:
+            d_keys.addmm_(S[:, c0:c1].t(), rows[r0:r1], alpha=key_alpha)
+
+
+def check_op(query: Tensor, key: Tensor | None, scale: Tensor, reduction: str | None = None,
+             **others: Tensor | None) -> None:
+    """What the row-sweep kernels assume of a direct torch.ops call (the public functions
+    ensure it): (N, D) features with N, D >= 1, keys with the same D and device, a 0-dim
+    scale > 0, a known reduction, and every other tensor on the features' device."""
+    if query.dim() != 2 or query.shape[0] == 0 or query.shape[1] == 0:
+        raise ValueError(f"query must be (N, D) with N, D >= 1, got {tuple(query.shape)}")
+    if key is not None and (key.dim() != 2 or key.shape[0] == 0 or key.shape[1] != query.shape[1]):
+        raise ValueError(f"key must be (M, D={query.shape[1]}) with M >= 1, got {tuple(key.shape)}")
+    if key is not None and key.device != query.device:
+        raise ValueError(f"key is on {key.device} but query is on {query.device}")
+    if scale.dim() != 0:
+        raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+    if reduction is not None and reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    for name, t in others.items():
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if not torch.compiler.is_compiling() and not float(scale) > 0:
+        raise ValueError(f"scale must be > 0, got {float(scale)}")
+
+
+def grad_or_empty(g: Tensor | None, like: Tensor, needed: bool) -> Tensor:
+    """g in like's dtype, or a fresh empty tensor where no gradient is needed (outputs of
+    a custom op may not alias each other)."""
+    return g.to(like.dtype) if needed else like.new_empty(0)
+
+
+def tensor_or_empty(value: float, like: Tensor, needed: bool) -> Tensor:
+    """A host-side float sum as a 0-dim tensor of like's dtype, or an empty tensor."""
+    return torch.tensor(value, dtype=torch.float64).to(like.dtype) if needed else like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------
+# GPU backends (Triton and CUDA C++)
+# ---------------------------------------------------------------------------
+
+def gpu_operand(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(x in float32, normalised if asked; its norms or None; the kernel operand: the same
+    values in the input dtype (float64 inputs are rounded to float32), contiguous rows)."""
+    xa, norm = operands(x, normalize)
+    op_dtype = x.dtype if x.dtype != torch.float64 else torch.float32
+    return xa, norm, xa.to(op_dtype).contiguous()
+
+
+def operand_scale(dtype, weights) -> float:
+    """fp16 / bf16 operands: the power of two that brings max|weights| into [1, 2).  The
+    backward kernels round G (proportional to these weights) to the operand dtype before
+    G K; with weights ~ 1/N, G underflows fp16 at large N, and a large loss scale would
+    overflow it.  Scaling the weights by a power of two and the results back is exact.
+    1.0 for fp32 operands (and for weights all zero or not finite)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 1.0
+    m = float(weights.abs().max()) if isinstance(weights, Tensor) else abs(float(weights))
+    if not (0.0 < m < math.inf):
+        return 1.0
+    return math.ldexp(1.0, 1 - math.frexp(m)[1])
+
+
+def triton_config(d: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the contrastive-family Triton kernels.  A
+    fixed small tile under the interpreter; on a GPU a first guess by D, to be replaced by
+    measured tuning."""
+    from .. import _backend
+
+    block_d = max(16, 1 << (max(1, d) - 1).bit_length())
+    if block_d > 1024:
+        raise ValueError(f"backend='triton' supports feature dimension D <= 1024, got D = {d}")
+    if _backend.interpreting():
+        return 16, 16, block_d, 1
+    if block_d <= 128:
+        return 128, 64, block_d, 8
+    if block_d <= 256:
+        return 64, 64, block_d, 8
+    return 64, 32, block_d, 8
+
+
+def precision(dtype) -> str:
+    """fp32 operands use tf32 exactly when torch would (torch.backends.cuda.matmul.allow_tf32,
+    off by default); the setting means nothing for fp16/bf16 operands."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def ptr_args(**tensors) -> dict:
+    """name=pointer and name_numel=element count of each tensor, as the compiled modules'
+    functions take them (they check every count against the sizes they are given)."""
+    out = {}
+    for name, t in tensors.items():
+        out[name] = t.data_ptr()
+        out[f"{name}_numel"] = t.numel()
+    return out
+
+
+def cuda_call(name: str, device: torch.device, **kwargs) -> None:
+    """_C_cuda.<name>(**kwargs) with `device` current and torch's current stream on it."""
+    mod = _ext.require("_C_cuda")
+    with torch.cuda.device(device):
+        getattr(mod, name)(stream=torch.cuda.current_stream().cuda_stream, **kwargs)
+
+
+def cuda_tile() -> int:
+    """The CUDA kernels' fixed square tile (rows per block, columns per tile)."""
+    return _ext.require("_C_cuda").TILE
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+def double_backward_error(what: str) -> RuntimeError:
+    return RuntimeError(f"metassl_fast: double backward (a gradient of the gradient) of {what} is not "
+                        "supported; use backend='torch' for higher-order derivatives")
+
+
+def refuse_double_backward(what: str):
+    """An autograd formula for a backward op: differentiating it raises a clear error."""
+    def backward(ctx, *grads):
+        raise double_backward_error(what)
+    return backward
+
+
+def register_backward_op(name: str, what: str) -> None:
+    """A backward op's own autograd formula: refuse (double backward is not supported)."""
+    torch.library.register_autograd(name, refuse_double_backward(what),
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Identity (a view of x) whose backward raises: the result of a backward computed in
+    closed form, handed out under create_graph=True, so that the first-order gradient
+    is usable and only differentiating it again is refused.  `anchor` (an input of the
+    op that requires grad) ties the result into the graph."""
+
+    @staticmethod
+    def forward(ctx, what, x, anchor):
+        ctx.what = what
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.what)
+
+
+def refuse_later(what: str, anchors, *grads):
+    """The gradients as they are, or (under create_graph=True) wrapped so that their own
+    backward raises the double-backward error; anchors: the op's saved inputs."""
+    anchor = next((a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return grads
+    return tuple(None if g is None else _RefuseBackward.apply(what, g, anchor) for g in grads)
+
+
+def refuse_create_graph(what: str) -> None:
+    """A gradient precomputed in the forward is a constant to autograd: differentiating it
+    again (create_graph=True) would silently drop terms, so refuse instead."""
+    if torch.is_grad_enabled():
+        raise double_backward_error(what)
+
+
+def scale_precomputed(grads, grad_output, needed):
+    """Gradients formed in the forward for grad_output = 1, scaled by the real one; None
+    where an input needs no gradient.  Always a new tensor, never the saved one: a
+    saved tensor handed out as .grad would be changed in place by the optimiser or
+    clip_grad_norm_ and break a retained graph."""
+    return tuple(g * grad_output.to(g.dtype) if need else None for g, need in zip(grads, needed))
+
+
+def needs(a: Tensor, b: Tensor | None, c: Tensor | None, d: Tensor | None) -> tuple[bool, bool, bool, bool]:
+    """Which of an op's four differentiable inputs (None where absent) need a gradient in
+    this call (written out: this runs on every call)."""
+    if not torch.is_grad_enabled():
+        return False, False, False, False
+    return (a.requires_grad, b is not None and b.requires_grad, c is not None and c.requires_grad,
+            d is not None and d.requires_grad)

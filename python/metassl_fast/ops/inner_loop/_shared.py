@@ -1,0 +1,89 @@
+"""What the backends of the inner-loop op share: the checks of a direct torch.ops call
+(the kernels read raw memory) and the Triton block sizes."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+
+MAX_TRITON_ROWS = 128  # support / query rows per task on the Triton backend
+MAX_TRITON_CLASSES = 64
+
+
+def check_cpu(labels: tuple, **tensors) -> None:
+    """The CPU kernels read raw memory: every float tensor must be contiguous and of one
+    dtype (float32 or float64), labels contiguous int64, all on the CPU.  The public
+    functions guarantee this; a direct call of the op gets an error instead of a read
+    past a buffer."""
+    dtype = None
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+        if t.numel() == 0:
+            continue
+        if t.dtype not in _ext.DTYPE_CODE or (dtype is not None and t.dtype != dtype):
+            raise TypeError(f"{name} has dtype {t.dtype}: the kernel takes one of float32/float64 for all")
+        dtype = t.dtype
+    for i, t in enumerate(labels):
+        if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"labels argument {i} must be a contiguous int64 CPU tensor, got {t.dtype}")
+
+
+def check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
+                      triton_caps=True):
+    """The C++ kernel checks every buffer's size itself; the GPU kernels cannot, so a
+    direct call of the op is checked here: shapes, one device, float features, int64
+    labels in [0, C)."""
+    if support.dim() != 3 or query.dim() != 3 or weight.dim() != 2:
+        raise ValueError("support (T, S, D), query (T, Q, D) and weight (C, D) have the wrong rank")
+    T, S, D = support.shape
+    C = weight.shape[0]
+    want = {"labels": (labels, (T, S)), "query": (query, (T, query.shape[1], D)),
+            "query_labels": (query_labels, (T, query.shape[1])), "weight": (weight, (C, D)), "bias": (bias, (C,)),
+            "lr_w": (lr_w, (C, D)), "lr_b": (lr_b, (C,))}
+    if task_weight is not None:
+        want["task_weight"] = (task_weight, (T,))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != support.device:
+            raise ValueError(f"{name} is on {t.device} but support is on {support.device}")
+    if min(T, S, D, C, query.shape[1]) < 1:
+        raise ValueError(f"every dimension must be >= 1, got T={T} S={S} D={D} C={C} Q={query.shape[1]}")
+    # the (S x C) and (Q x C) blocks live in registers and shared memory: beyond these the
+    # backward kernel does not fit an A100's shared memory (the CUDA kernel checks its own)
+    caps = (("support", S, MAX_TRITON_ROWS), ("query", query.shape[1], MAX_TRITON_ROWS),
+            ("weight", C, MAX_TRITON_CLASSES)) if triton_caps else ()
+    for name, n, cap in caps:
+        if n > cap:
+            raise ValueError(f"{name}: backend='triton' takes at most {cap} {'classes' if name == 'weight' else 'rows'}"
+                             f" per task, got {n}; use backend='cpu' or 'torch'")
+    for name, y in (("labels", labels), ("query_labels", query_labels)):
+        if y.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {y.dtype}")
+        if bool((y < 0).any() | (y >= C).any()):
+            raise ValueError(f"{name} must be in [0, {C})")
+
+
+def check_adapt_fwd(support, labels, weight, bias, lr_w, lr_b, triton_caps=True):
+    check_anil_shapes(support, labels, support[:, :1], labels[:, :1], weight, bias, lr_w, lr_b, None,
+                      triton_caps=triton_caps)
+
+
+def check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=True):
+    """The GPU kernels read these raw: -> (T, S, D, C, steps) once every shape is checked."""
+    T, S, D = support.shape
+    C = lr_w.shape[0]
+    steps = W_traj.shape[1] - 1
+    check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None,
+                      triton_caps=triton_caps)
+    for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
+                           ("b_traj", b_traj, (T, steps + 1, C))):
+        if tuple(t.shape) != shape or t.device != support.device:
+            raise ValueError(f"{name} must have shape {shape} on {support.device}, got {tuple(t.shape)} on {t.device}")
+    return T, S, D, C, steps
+
+
+def f32(*xs):
+    """The GPU kernels compute in float32: contiguous float32 copies (or the tensors)."""
+    return tuple(x.to(torch.float32).contiguous() for x in xs)

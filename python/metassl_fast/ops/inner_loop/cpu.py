@@ -1,0 +1,102 @@
+"""CPU backend of the inner-loop op (csrc/cpu/inner_loop.cpp): the weight-space
+recursion over T tasks in parallel, its closed-form reverse pass, the fused ANIL
+meta-loss (support-space path when the step sizes need no gradient) and the apply
+step of the one-pass training loss."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+from .._common import nthreads, ptr_args
+from ._shared import check_cpu
+
+
+def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
+    """-> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
+    C_ext = _ext.require("_C")
+    check_cpu((labels,), support=support, weight=weight, bias=bias, lr_w=lr_w, lr_b=lr_b)
+    T, S, D = support.shape
+    C = weight.shape[0]
+    W_traj = support.new_empty(T, steps + 1, C, D)
+    b_traj = support.new_empty(T, steps + 1, C)
+    C_ext.inner_loop_forward(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, y=labels, W0=weight, b0=bias, aW=lr_w, ab=lr_b, W_traj=W_traj, b_traj=b_traj),
+        T=T, S=S, D=D, C=C, K=steps, nthreads=nthreads())
+    return W_traj[:, steps].clone(), b_traj[:, steps].clone(), W_traj, b_traj
+
+
+def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order):
+    """-> (d support, d weight, d bias, d lr_w, d lr_b), head and lr gradients summed over tasks."""
+    C_ext = _ext.require("_C")
+    dW_K, db_K = dW_K.to(support.dtype).contiguous(), db_K.to(support.dtype).contiguous()
+    check_cpu((labels,), support=support, lr_w=lr_w, lr_b=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K,
+              db_K=db_K)
+    T, S, D = support.shape
+    C = lr_w.shape[0]
+    steps = W_traj.shape[1] - 1
+    dX = torch.empty_like(support)
+    dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
+    db0, dab = support.new_empty(T, C), support.new_empty(T, C)
+    C_ext.inner_loop_backward(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, y=labels, aW=lr_w, ab=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K, db_K=db_K, dX=dX,
+                dW0=dW0, db0=db0, daW=daW, dab=dab),
+        T=T, S=S, D=D, C=C, K=steps, first_order=first_order, nthreads=nthreads())
+    return dX, dW0.sum(0), db0.sum(0), daW.sum(0), dab.sum(0)
+
+
+def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
+         compute_grad, need_dlr=True, defer=None):
+    """-> (loss (T,), None or the gradients (dX, dXq, dW, db, d lr_w, d lr_b)); without
+    need_dlr the step sizes' gradients are zeros (and the kernel may take its
+    support-space path, inner_loop.cpp gram_task).  defer = (coef, lamK, dzqT, WK): keep
+    what dX and dXq are formed from (apply) instead of forming them."""
+    C_ext = _ext.require("_C")
+    check_cpu((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
+              lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
+    T, S, D = support.shape
+    Q = query.shape[1]
+    C = weight.shape[0]
+    loss = support.new_empty(T)
+    none = support.new_empty(0)
+    coef = lamK = dzqT = WK = none
+    if defer is not None:
+        coef, lamK, dzqT, WK = defer
+    if compute_grad and defer is not None:
+        dX = dXq = none
+        dW0, db0, daW, dab = support.new_empty(T, C, D), support.new_empty(T, C), none, none
+    elif compute_grad:
+        dX, dXq = torch.empty_like(support), torch.empty_like(query)
+        dW0, db0 = support.new_empty(T, C, D), support.new_empty(T, C)
+        daW, dab = (support.new_empty(T, C, D), support.new_empty(T, C)) if need_dlr else (none, none)
+    else:
+        dX = dXq = dW0 = daW = db0 = dab = task_weight = none
+    C_ext.anil_loss(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, W0=weight, b0=bias, aW=lr_w, ab=lr_b,
+                task_weight=task_weight, loss=loss, dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, coef=coef,
+                lamK=lamK, dzqT=dzqT, WK=WK),
+        T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order, compute_grad=compute_grad, need_dlr=need_dlr,
+        defer=defer is not None, nthreads=nthreads())
+    if not compute_grad:
+        return loss, None
+    if need_dlr:
+        dlw, dlb = daW.sum(0), dab.sum(0)
+    else:
+        dlw, dlb = support.new_zeros(C, D), support.new_zeros(C)
+    return loss, (dX, dXq, dW0.sum(0), db0.sum(0), dlw, dlb)
+
+
+def apply(grad, support, query, weight, coef, lamK, dzqT, WK):
+    """-> (d support (T, S, D), d query (T, Q, D)) of the one-pass training loss, times grad ()."""
+    C_ext = _ext.require("_C")
+    check_cpu((), support=support, query=query, weight=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK)
+    T, S, D = support.shape
+    Q, C = query.shape[1], weight.shape[0]
+    dX, dXq = torch.empty_like(support), torch.empty_like(query)
+    C_ext.anil_apply(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, W0=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK, dX=dX, dXq=dXq),
+        g=float(grad), T=T, S=S, Q=Q, D=D, C=C, nthreads=nthreads())
+    return dX, dXq

@@ -1,0 +1,45 @@
+"""Triton backend of the SigLIP op (kernels/siglip.py)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._common import cdiv, precision, triton_config
+from . import _gpu
+
+
+class Launch:
+    """The SigLIP kernels on one (Q, K) problem."""
+
+    def __init__(self, q_op, k_op, s, b, diag_offset):
+        self.q, self.k = q_op, k_op
+        self.n, self.d = q_op.shape
+        self.c = k_op.shape[0]
+        self.bm, self.bn, bd, warps = triton_config(self.d)
+        self.meta = dict(PRECISION=precision(q_op.dtype), BLOCK_M=self.bm, BLOCK_N=self.bn, BLOCK_D=bd,
+                         num_warps=warps)
+        self.sbd = (s, b, diag_offset)
+
+    def forward(self, row_loss):
+        from ...kernels import siglip as tk
+
+        tk.siglip_fwd_kernel[(cdiv(self.n, self.bm),)](
+            self.q, self.k, row_loss, self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), *self.sbd,
+            **self.meta)
+
+    def backward(self, dk, w, out):
+        """(dL/dx) K into out (dk False; returns the per-block (sum dL/dx S, sum dL/dx)) or (dL/dx)^T Q."""
+        from ...kernels import siglip as tk
+
+        common = (self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), out.stride(0), *self.sbd, w)
+        if dk:
+            tk.siglip_bwd_dk_kernel[(cdiv(self.c, self.bn),)](self.q, self.k, out, *common, **self.meta)
+            return None
+        grid = cdiv(self.n, self.bm)
+        parts = torch.empty(grid, 2, dtype=torch.float32, device=self.q.device)
+        tk.siglip_bwd_dq_kernel[(grid,)](self.q, self.k, out, parts, *common, **self.meta)
+        return parts
+
+
+run = functools.partial(_gpu.run, Launch)
