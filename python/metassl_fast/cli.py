@@ -11,7 +11,7 @@ def info(stream=sys.stdout) -> None:
 
     import metassl_fast
     from metassl_fast import _ext
-    from metassl_fast.benchmarks.contrastive import _cpu_name
+    from metassl_fast.benchmarks import cpu_name
 
     print(f"metassl_fast {metassl_fast.__version__}", file=stream)
     print(f"python {platform.python_version()}, torch {torch.__version__}", file=stream)
@@ -33,7 +33,7 @@ def info(stream=sys.stdout) -> None:
     if torch.cuda.is_available():
         print(f"device: cuda: {torch.cuda.get_device_name()}", file=stream)
     else:
-        print(f"device: {_cpu_name()}, torch threads {torch.get_num_threads()}", file=stream)
+        print(f"device: {cpu_name()}, torch threads {torch.get_num_threads()}", file=stream)
 
 
 def main(argv=None) -> None:
@@ -50,19 +50,29 @@ def main(argv=None) -> None:
 def bench(argv) -> None:
     """The contrastive section (on the GPU where CUDA is available, else the CPU), the
     drop-ins against the original packages (CPU), then the inner-loop section (CPU).
-    --section contrastive|family|inner_loop runs one of them; other options go to the
-    contrastive section (metassl-fast bench --help)."""
-    from metassl_fast.benchmarks import contrastive, family, inner_loop
+    --section contrastive|family|inner_loop runs one of them; --device picks the
+    contrastive section's device; other options go to the CPU contrastive section
+    (metassl-fast bench --help)."""
+    import torch
+
+    from metassl_fast.benchmarks import contrastive, contrastive_gpu, family, inner_loop
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--section", choices=["all", "contrastive", "family", "inner_loop"], default="all")
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print("metassl-fast bench [--section all|contrastive|family|inner_loop] [--out DIR] "
-              "[contrastive options]\n")
+              "[--device auto|cpu|cuda] [contrastive options]\n"
+              "  --device: auto (default) runs the GPU contrastive benchmark where CUDA is available, "
+              "else the CPU one\n")
+        contrastive.main(["--help"])  # the CPU section's options; exits
     if args.section in ("all", "contrastive"):
-        contrastive.main(rest + ["--out", args.out])
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+            contrastive_gpu.main(["--out", args.out])
+        else:
+            contrastive.main(rest + ["--out", args.out])
     if args.section in ("all", "family"):
         family.run(args.out)
     if args.section in ("all", "inner_loop"):

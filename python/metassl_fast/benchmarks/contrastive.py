@@ -9,49 +9,33 @@ Times are forward+backward, median (and 20/80 quantiles) of repeats after a warm
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import metassl_fast as msf
+from metassl_fast.reference import contrastive_loss
+
+from . import _common as c
+from ._common import TEMPERATURE
+
 OPS = ("info_nce", "clip_loss")
-TEMPERATURE = 0.07
 
 
 # ----------------------------------------------------------------------------- the contenders
 
-def _eager_info_nce(q, k, logit_scale):
-    """lightly / info-nce-pytorch style: normalise, materialise the logits, cross-entropy."""
-    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    logits = qn @ kn.T / TEMPERATURE
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
-
-
-def _eager_clip_loss(image, text, logit_scale):
-    """open_clip ClipLoss.forward for one process, as written there."""
-    logits_per_image = logit_scale * image @ text.T
-    logits_per_text = logit_scale * text @ image.T
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
 def _ours(op):
-    import metassl_fast as msf
-
     if op == "info_nce":
         return lambda q, k, s: msf.info_nce(q, k, temperature=TEMPERATURE)
     return lambda q, k, s: msf.clip_loss(q, k, s)
 
 
 def _reference_loss(op):
-    from metassl_fast.reference import contrastive_loss
-
     if op == "info_nce":
         return lambda q, k, s: contrastive_loss(q, k, None, torch.tensor(1 / TEMPERATURE, dtype=q.dtype),
                                                 False, True, "mean")
@@ -79,28 +63,6 @@ def _step(fn, q, k, s):
 
 # ----------------------------------------------------------------------------- worker side
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_extra_mb(call):
-    """Peak RSS of call() over the RSS before it, in MiB (None where the kernel does
-    not let us reset the peak)."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    before = _status_kb("VmRSS")
-    call()
-    return (_status_kb("VmHWM") - before) / 1024.0
-
-
 def _max_rel_err(fn, op, q, k, s):
     """max over (loss, dq, dk[, ds]) of max|ours - ref| / max|ref|, ref in float64."""
     loss = _step(fn, q, k, s)
@@ -108,10 +70,7 @@ def _max_rel_err(fn, op, q, k, s):
     q64, k64, s64 = (x.detach().double().requires_grad_() for x in (q, k, s))
     ref_loss = _step(_reference_loss(op), q64, k64, s64)
     want = [ref_loss.detach(), q64.grad, k64.grad] + ([s64.grad] if op == "clip_loss" else [])
-    err = 0.0
-    for a, b in zip(got, want):
-        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    return err
+    return c.max_rel_err(got, want)
 
 
 def _worker(args):
@@ -125,7 +84,7 @@ def _measure(op, args):
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     q, k, s = _inputs(op, args.n, args.d, dtype)
-    eager = _eager_info_nce if op == "info_nce" else _eager_clip_loss
+    eager = c.eager_info_nce if op == "info_nce" else c.eager_clip_loss
     fns = {impl: (_ours(op) if impl == "ours" else eager) for impl in args.impls.split(",")}
     times = {impl: [] for impl in fns}
     peaks = {}
@@ -133,7 +92,7 @@ def _measure(op, args):
         if args.repeats > 1:
             _step(fn, q, k, s)  # warm-up: lazy initialisation, thread pools, BLAS buffers
         t0 = time.perf_counter()
-        peaks[impl] = _peak_extra_mb(lambda: _step(fn, q, k, s))
+        peaks[impl] = c.peak_extra_mb(lambda: _step(fn, q, k, s))
         if args.repeats == 1:  # one run (the large sizes): it is also the timed one
             times[impl].append((time.perf_counter() - t0) * 1e3)
     for _ in range(args.repeats if args.repeats > 1 else 0):
@@ -143,9 +102,7 @@ def _measure(op, args):
             times[impl].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for impl, fn in fns.items():
-        ts = sorted(times[impl])
-        out[impl] = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
-                     "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "peak_mb": peaks[impl],
+        out[impl] = {**c.quantiles(times[impl]), "peak_mb": peaks[impl],
                      "max_rel_err": _max_rel_err(fn, op, q, k, s) if args.check_error else None}
     return out
 
@@ -165,46 +122,22 @@ def _configs(sizes, large, repeats, check_max):
     return cfgs
 
 
-def _progress(i, total, label):
-    width = 30
-    done = int(width * i / total)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label:<40}")
-    sys.stderr.flush()
-    if i == total:
-        sys.stderr.write("\n")
-
-
 def _run_worker(cfg, d, dtype, threads):
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # fixed: freed big buffers leave the RSS
     args = ["--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
             "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
     if cfg["check_error"]:
         args.append("--check-error")
-    return worker_result("metassl_fast.benchmarks.contrastive", args, env)
-
-
-def worker_result(module, args, env):
-    """Run `python -m module --worker args` and return the JSON of its RESULT line."""
-    cmd = [sys.executable, "-m", module, "--worker", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+    return c.worker_result("metassl_fast.benchmarks.contrastive", args, c.pinned_malloc_env())
 
 
 def run(sizes=(1024, 2048, 4096, 8192), large=(65536,), d=128, dtype="float32", repeats=5,
         out_dir="bench/out", threads=None, plot=True, check_max=2048, stream=sys.stdout):
     """Run the CPU benchmark; returns the result rows (also appended to out_dir/results.csv)."""
-    import metassl_fast
-
     threads = threads or torch.get_num_threads()
-    device = _cpu_name()
     cfgs = _configs(sizes, large, repeats, check_max)
     rows = []
     for i, cfg in enumerate(cfgs):
-        _progress(i, len(cfgs), f"{cfg['ops']} N={cfg['n']}")
+        c.progress(i, len(cfgs), f"{cfg['ops']} N={cfg['n']}")
         res = _run_worker(cfg, d, dtype, threads)
         for op, by_impl in res.items():
             eager = by_impl.get("eager")
@@ -219,33 +152,14 @@ def run(sizes=(1024, 2048, 4096, 8192), large=(65536,), d=128, dtype="float32", 
                     "max_rel_err": r["max_rel_err"], "repeats": cfg["repeats"],
                 })
     rows.sort(key=lambda r: (OPS.index(r["op"]), r["N"], r["impl"] != "ours"))
-    _progress(len(cfgs), len(cfgs), "done")
-    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
-            "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    c.progress(len(cfgs), len(cfgs), "done")
+    meta = c.run_meta(c.cpu_name(), threads)
     table = format_table(rows, meta)
     print(table, file=stream)
-    os.makedirs(out_dir, exist_ok=True)
-    _append_csv(os.path.join(out_dir, "results.csv"), rows, meta)
-    with open(os.path.join(out_dir, "latest.md"), "w") as f:
-        f.write(table + "\n")
+    c.write_outputs(out_dir, table, "latest.md", "results.csv", rows, meta)
     if plot:
         _plot(os.path.join(out_dir, "contrastive_cpu.png"), rows, meta, stream)
     return rows
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
 
 
 def format_table(rows, meta):
@@ -258,26 +172,9 @@ def format_table(rows, meta):
         lines.append(
             f"| {r['op']} | {r['impl']} | {r['N']} | {r['D']} | {r['dtype']} | "
             f"{r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | "
-            f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | {_fmt(r['peak_mb'], '.1f')} | "
-            f"{_fmt(r['mem_ratio'], '.4f')} | {_fmt(r['max_rel_err'], '.1e')} |")
+            f"{c.fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | {c.fmt(r['peak_mb'], '.1f')} | "
+            f"{c.fmt(r['mem_ratio'], '.4f')} | {c.fmt(r['max_rel_err'], '.1e')} |")
     return "\n".join(lines)
-
-
-CSV_FIELDS = ["date", "version", "torch", "device", "threads", "op", "impl", "dtype", "N", "D",
-              "median_ms", "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_err", "repeats"]
-
-
-def _append_csv(path, rows, meta, fields=CSV_FIELDS):
-    import csv
-
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**{k: meta[k] for k in ("date", "version", "torch", "device", "threads")},
-                        **{k: r[k] for k in fields if k in r}})
 
 
 def _plot(path, rows, meta, stream):
@@ -331,17 +228,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--out", default="bench/out", help="folder for results.csv, latest.md and the plot")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: the GPU benchmark where CUDA is available, else the CPU one")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         return _worker(args)
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        from .contrastive_gpu import run as run_gpu
-
-        return run_gpu(out_dir=args.out)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     large = [int(x) for x in args.large.split(",") if x]
     run(sizes, large, args.d, args.dtype, args.repeats, args.out, args.threads or None, not args.no_plot,

@@ -12,14 +12,17 @@ reference on a small shape.  Also the machine's own bf16 matmul rate, measured h
 """
 from __future__ import annotations
 
-import os
+import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from .contrastive import CSV_FIELDS, TEMPERATURE, _append_csv, _eager_clip_loss, _eager_info_nce, _fmt
+import metassl_fast as msf
+from metassl_fast.reference import contrastive_loss, labeled_contrastive_loss, siglip_loss
+
+from . import _common as c
+from ._common import TEMPERATURE
 
 OPS = ("clip_loss", "info_nce")
 # the rest of the family, at the issue's target shape only (each op's N is its rows)
@@ -29,23 +32,6 @@ FAMILY_SHAPES = ((16384, 512),)
 
 def _products(op: str) -> int:
     return 4 if op == "clip_loss" else 3
-
-
-def _eager_siglip(image, text, logit_scale):
-    """open_clip SigLipLoss.forward for one process (bias -10)."""
-    logits = logit_scale * image @ text.T - 10.0
-    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
-
-
-def _eager_nt_xent(z1, z2, logit_scale):
-    """lightly NTXentLoss without a memory bank (SimCLR), as its single-process code does."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = (z @ z.T) * (1 / 0.5)
-    logits = logits.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), float("-inf"))
-    n = z1.shape[0]
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, target)
 
 
 def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
@@ -59,12 +45,10 @@ def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
 
 
 def _contenders(op: str):
-    import metassl_fast as msf
-
-    eager = {"clip_loss": _eager_clip_loss, "info_nce": _eager_info_nce, "siglip": _eager_siglip,
-             "nt_xent": _eager_nt_xent}[op]
+    eager = {"clip_loss": c.eager_clip_loss, "info_nce": c.eager_info_nce, "siglip": c.eager_siglip,
+             "nt_xent": c.eager_nt_xent}[op]
     out = {"eager": eager, "compiled": torch.compile(eager, dynamic=True)}
-    ours = ("triton", "cuda") if msf._ext.available("_C_cuda") else ("triton",)
+    ours = ("triton", "cuda") if c.cuda_built() else ("triton",)
     if op == "clip_loss":
         for b in ours:
             out[b] = lambda q, k, s, b=b: msf.clip_loss(q, k, s, backend=b)
@@ -116,8 +100,6 @@ def _measure(fn, q, k, s):
 
 
 def _rel_err(fn, op, n=1000, d=256, dtype=torch.bfloat16):
-    from metassl_fast.reference import contrastive_loss, labeled_contrastive_loss, siglip_loss
-
     q, k, s = _inputs(n, d, dtype, seed=1)
     loss = fn(q, k, s)
     got = [loss] + list(torch.autograd.grad(loss, (q, k, s), allow_unused=True))
@@ -134,24 +116,18 @@ def _rel_err(fn, op, n=1000, d=256, dtype=torch.bfloat16):
         ref = contrastive_loss(q64, k64, None, torch.tensor(1 / TEMPERATURE, dtype=torch.float64,
                                                             device="cuda"), False, True, "mean")
     want = [ref] + list(torch.autograd.grad(ref, (q64, k64, s64), allow_unused=True))
-    err = 0.0
-    for a, b in zip(got, want):
-        if b is None or a is None:
-            continue
-        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    return err
+    return c.max_rel_err(got, want)
 
 
 def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bfloat16",
-        out_dir="bench/out", stream=sys.stdout):
-    import metassl_fast
-
+        out_dir="bench/out", stream=sys.stdout, ops=OPS + FAMILY_OPS):
+    """Run the GPU benchmark of `ops` (clip_loss also at the `huge` N); returns the rows."""
     dt = getattr(torch, dtype)
     peak_rate = matmul_tflops()
     device = f"cuda: {torch.cuda.get_device_name()}"
     print(f"{device}: measured bf16 matmul rate {peak_rate:.0f} TFLOP/s (torch.mm 8192^3)", file=stream)
     rows = []
-    for op in OPS:
+    for op in (op for op in OPS if op in ops):
         contenders = _contenders(op)
         errs = {}
         for name, fn in contenders.items():
@@ -168,7 +144,7 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
                     rows.append(_row(op, name, n, d, dtype, r, res["eager"], errs[name], _products(op), peak_rate))
                     print(_line(rows[-1]), file=stream, flush=True)
                 del q, k, s
-    for op in FAMILY_OPS:
+    for op in (op for op in FAMILY_OPS if op in ops):
         contenders = _contenders(op)
         try:
             errs = {name: _rel_err(fn, op) for name, fn in contenders.items()}
@@ -184,7 +160,7 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
                 rows.append(_row(op, name, n, d, dtype, r, res["eager"], errs[name], 3, peak_rate))
                 print(_line(rows[-1]), file=stream, flush=True)
             del q, k, s
-    for n in huge:  # ours alone: eager needs n^2 x 2 B for the logits alone
+    for n in huge if "clip_loss" in ops else ():  # ours alone: eager needs n^2 x 2 B for the logits alone
         d = max(dims)
         q, k, s = _inputs(n, d, dt)
         for name, fn in _contenders("clip_loss").items():
@@ -194,14 +170,10 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
             rows.append(_row("clip_loss", name, n, d, dtype, measured, (None, None), None, 4, peak_rate))
             print(_line(rows[-1]), file=stream, flush=True)
         del q, k, s
-    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": device,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.makedirs(out_dir, exist_ok=True)
-    _append_csv(os.path.join(out_dir, "results_gpu.csv"), rows, meta,
-                CSV_FIELDS + ["tflops", "of_peak", "note"])
+    meta = c.run_meta(device, torch.get_num_threads())
     table = format_table(rows, meta, peak_rate)
-    with open(os.path.join(out_dir, "latest_gpu.md"), "w") as f:
-        f.write(table + "\n")
+    c.write_outputs(out_dir, table, "latest_gpu.md", "results_gpu.csv", rows, meta,
+                    c.CSV_FIELDS + ["tflops", "of_peak", "note"])
     print(table, file=stream)
     return rows
 
@@ -218,8 +190,8 @@ def _row(op, impl, n, d, dtype, measured, eager, err, products, peak_rate):
 
 def _line(r):
     return (f"{r['op']:9s} {r['impl']:8s} N={r['N']:<7d} D={r['D']:<4d} "
-            f"{_fmt(r['median_ms'], '9.3f')} ms  peak {_fmt(r['peak_mb'], '9.1f')} MiB  "
-            f"{_fmt(r['tflops'], '6.1f')} TFLOP/s  {r['note'] or ''}")
+            f"{c.fmt(r['median_ms'], '9.3f')} ms  peak {c.fmt(r['peak_mb'], '9.1f')} MiB  "
+            f"{c.fmt(r['tflops'], '6.1f')} TFLOP/s  {r['note'] or ''}")
 
 
 def format_table(rows, meta, peak_rate):
@@ -230,7 +202,23 @@ def format_table(rows, meta, peak_rate):
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['D']} | {r['dtype']} | "
-                     f"{_fmt(r['median_ms'], '.3f') if r['median_ms'] else r['note']} | "
-                     f"{_fmt(r['speedup'], '.2f')} | {_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.4f')} | "
-                     f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['of_peak'], '.0%')} | {_fmt(r['max_rel_err'], '.1e')} |")
+                     f"{c.fmt(r['median_ms'], '.3f') if r['median_ms'] else r['note']} | "
+                     f"{c.fmt(r['speedup'], '.2f')} | {c.fmt(r['peak_mb'], '.1f')} | {c.fmt(r['mem_ratio'], '.4f')} | "
+                     f"{c.fmt(r['tflops'], '.1f')} | {c.fmt(r['of_peak'], '.0%')} | {c.fmt(r['max_rel_err'], '.1e')} |")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=",".join(OPS + FAMILY_OPS), help="comma list of " + ",".join(OPS + FAMILY_OPS))
+    p.add_argument("--out", default="bench/out", help="folder for results_gpu.csv and latest_gpu.md")
+    args = p.parse_args(argv)
+    ops = tuple(args.ops.split(","))
+    unknown = set(ops) - set(OPS + FAMILY_OPS)
+    if unknown:
+        p.error(f"--ops: unknown {sorted(unknown)}, expected some of {OPS + FAMILY_OPS}")
+    return run(out_dir=args.out, ops=ops)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,26 +13,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .contrastive import _append_csv, _cpu_name, _fmt, _peak_extra_mb, worker_result
+from metassl_fast.compat import info_nce as c_info_nce
+from metassl_fast.compat import lightly as c_lightly
+from metassl_fast.compat import open_clip as c_open_clip
+from metassl_fast.compat import pytorch_metric_learning as c_pml
+
+from . import _common as c
+from . import originals
 
 D = 128
+
+# the op (bench/bench_<op>.py, ops/<op>) each drop-in case measures
+CASES_OF_OP = {
+    "contrastive": ("info_nce.InfoNCE", "info_nce.InfoNCE+negatives", "open_clip.ClipLoss"),
+    "labeled": ("lightly.NTXentLoss", "lightly.NTXentLoss+bank", "pml.SupConLoss", "pml.NTXentLoss"),
+    "siglip": ("open_clip.SigLipLoss",),
+}
 
 
 def _case_table():
     """name -> (description, rows N, make(N) -> (ours_fn, orig_fn, inputs))."""
-    from ..compat import info_nce as c_info_nce
-    from ..compat import lightly as c_lightly
-    from ..compat import open_clip as c_open_clip
-    from ..compat import pytorch_metric_learning as c_pml
-    from . import originals
 
     def leaves(*shapes, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -109,18 +115,7 @@ def _step(fn, inputs):
     return [loss.detach()] + [x.grad for x in inputs]
 
 
-def _rel_diff(a, b):
-    err = 0.0
-    for x, y in zip(a, b):
-        if x is None or y is None:
-            continue
-        err = max(err, ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item())
-    return err
-
-
 def _worker(args):
-    from . import originals
-
     try:
         made = _case_table()[args.case][1](args.n)
     except originals.OriginalMissing as exc:
@@ -134,7 +129,7 @@ def _worker(args):
     peaks, outs = {}, {}
     for impl, fn in fns.items():
         _step(fn, inputs)  # warm-up
-        peaks[impl] = _peak_extra_mb(lambda: outs.__setitem__(impl, _step(fn, inputs)))
+        peaks[impl] = c.peak_extra_mb(lambda: outs.__setitem__(impl, _step(fn, inputs)))
         outs[impl] = [None if t is None else t.clone() for t in outs[impl]]
     for _ in range(args.repeats):
         for impl, fn in fns.items():
@@ -143,19 +138,16 @@ def _worker(args):
             times[impl].append((time.perf_counter() - t0) * 1e3)
     res = {}
     for impl in fns:
-        ts = sorted(times[impl])
-        res[impl] = {"median_ms": ts[len(ts) // 2], "p20_ms": ts[int(0.2 * (len(ts) - 1))],
-                     "p80_ms": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "peak_mb": peaks[impl]}
+        res[impl] = {**c.quantiles(times[impl]), "peak_mb": peaks[impl]}
     if "original" in outs:
-        res["ours"]["max_rel_diff"] = _rel_diff(outs["ours"], outs["original"])
+        res["ours"]["max_rel_diff"] = c.max_rel_err(outs["ours"], outs["original"])
     print("RESULT " + json.dumps(res))
 
 
 def _run_worker(case, n, repeats, ours_only, threads):
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     args = ["--case", case, "--n", str(n), "--repeats", str(repeats), "--threads", str(threads)]
-    return worker_result("metassl_fast.benchmarks.family", args + (["--ours-only"] if ours_only else []), env)
+    return c.worker_result("metassl_fast.benchmarks.family", args + (["--ours-only"] if ours_only else []),
+                           c.pinned_malloc_env())
 
 
 # (case, N, ours only): N = rows fed to the loss (both views together for NT-Xent);
@@ -167,8 +159,8 @@ PLAN = [("lightly.NTXentLoss", 8192, False), ("lightly.NTXentLoss+bank", 1024, F
 
 
 def run(out_dir="bench/out", repeats=3, threads=None, stream=sys.stdout, plan=PLAN):
-    import metassl_fast
-
+    """Run the drop-in benchmark of each (case, N, ours only) in plan; returns the rows
+    (also appended to out_dir/family.csv)."""
     threads = threads or torch.get_num_threads()
     descr = {k: v[0] for k, v in _case_table().items()}
     rows = []
@@ -186,16 +178,12 @@ def run(out_dir="bench/out", repeats=3, threads=None, stream=sys.stdout, plan=PL
                          "mem_ratio": (r["peak_mb"] / orig["peak_mb"]) if orig and orig["peak_mb"] else None,
                          "note": descr[case]})
     sys.stderr.write("\n")
-    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": _cpu_name(),
-            "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = c.run_meta(c.cpu_name(), threads)
     table = format_table(rows, meta)
     print(table, file=stream)
-    os.makedirs(out_dir, exist_ok=True)
     fields = ["date", "version", "torch", "device", "threads", "op", "impl", "N", "D", "dtype", "median_ms",
               "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_diff", "note"]
-    _append_csv(os.path.join(out_dir, "family.csv"), rows, meta, fields)
-    with open(os.path.join(out_dir, "family.md"), "w") as f:
-        f.write(table + "\n")
+    c.write_outputs(out_dir, table, "family.md", "family.csv", rows, meta, fields)
     return rows
 
 
@@ -209,9 +197,9 @@ def format_table(rows, meta):
             lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | - | - | - | - | - | {r['note']} |")
             continue
         lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-"
-                     f"{r['p80_ms']:.1f}) | {_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
-                     f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.4f')} | "
-                     f"{_fmt(r.get('max_rel_diff'), '.1e')} | {r['note']} |")
+                     f"{r['p80_ms']:.1f}) | {c.fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                     f"{c.fmt(r['peak_mb'], '.1f')} | {c.fmt(r['mem_ratio'], '.4f')} | "
+                     f"{c.fmt(r.get('max_rel_diff'), '.1e')} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -224,13 +212,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--op", choices=sorted(CASES_OF_OP), help="only the cases of this op (default: all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args)
     else:
-        run(args.out, args.repeats, args.threads or None)
+        plan = [row for row in PLAN if args.op is None or row[0] in CASES_OF_OP[args.op]]
+        run(args.out, args.repeats, args.threads or None, plan=plan)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.func import grad, vmap
 
-from .contrastive import CSV_FIELDS, _append_csv, _cpu_name, _fmt, _peak_extra_mb, _progress
+from metassl_fast import meta
+
+from . import _common as c
 
 MAIN = dict(T=32, S=25, Q=75, D=640, C=5, K=5)
 SWEEP_K = (1, 5, 10, 20)
@@ -38,20 +41,14 @@ def _inputs(T, S, Q, D, C, dtype=torch.float32, seed=0):
 
 
 def _ours(K):
-    from metassl_fast import meta
-
     return lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K, backend="cpu")
 
 
 def _loop(K):
-    from metassl_fast import meta
-
     return lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K, backend="torch")
 
 
 def _vmap(K):
-    from torch.func import grad, vmap
-
     def task_loss(W, b, x, y, xq, yq):
         def inner(W, b):
             return F.cross_entropy(x @ W.T + b, y)
@@ -114,7 +111,7 @@ def _measure(makes, cfg, repeats, mode):
             for a in args:
                 if isinstance(a, torch.Tensor):
                     a.grad = None
-            out[impl] = {"peak_mb": _peak_extra_mb(lambda: _step(fn, args))}
+            out[impl] = {"peak_mb": c.peak_extra_mb(lambda: _step(fn, args))}
             del args, fn
         else:
             runs[impl] = (fn, args, [])
@@ -124,9 +121,7 @@ def _measure(makes, cfg, repeats, mode):
             _step(fn, args)
             times.append((time.perf_counter() - t0) * 1e3)
     for impl, (_, _, times) in runs.items():
-        times.sort()
-        out[impl] = {"median_ms": times[len(times) // 2], "p20_ms": times[int(0.2 * (len(times) - 1))],
-                     "p80_ms": times[-1 - int(0.2 * (len(times) - 1))]}
+        out[impl] = c.quantiles(times)
     return {impl: out[impl] for impl in makes}
 
 
@@ -139,10 +134,7 @@ def _max_rel_err(cfg):
     g32 = torch.autograd.grad(l32, leaves(args32))
     l64 = _loop(cfg["K"])(*args64)
     g64 = torch.autograd.grad(l64, leaves(args64))
-    err = 0.0
-    for a, b in zip([l32, *g32], [l64, *g64]):
-        err = max(err, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    return err
+    return c.max_rel_err([l32, *g32], [l64, *g64])
 
 
 def _configs():
@@ -164,9 +156,7 @@ def _worker(mode):
 
 
 def _run_worker(mode, total, done):
-    env = dict(os.environ)
-    if mode == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    env = c.pinned_malloc_env() if mode == "memory" else dict(os.environ)
     # the timing worker keeps glibc's default allocator: pinned, every output is a fresh
     # mmap whose page faults cost more than the kernel itself
     proc = subprocess.Popen([sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode],
@@ -175,7 +165,7 @@ def _run_worker(mode, total, done):
     for line in proc.stdout:
         if line.startswith("ROW "):
             rows.append(json.loads(line[4:]))
-            _progress(done + len(rows), total, f"inner loop {mode} {rows[-1]['label']}")
+            c.progress(done + len(rows), total, f"inner loop {mode} {rows[-1]['label']}")
     err = proc.stderr.read()
     if proc.wait() != 0 or len(rows) != len(_configs()):
         raise RuntimeError(f"inner-loop benchmark worker ({mode}) failed:\n{err}")
@@ -184,19 +174,15 @@ def _run_worker(mode, total, done):
 
 def run(out_dir="bench/out", stream=sys.stdout):
     """Run the inner-loop benchmark (a timing worker, then a memory worker); returns the rows."""
-    import metassl_fast
-
     n = len(_configs())
-    _progress(0, 2 * n, "inner loop")
+    c.progress(0, 2 * n, "inner loop")
     rows = _run_worker("time", 2 * n, 0)
     for row, mem in zip(rows, _run_worker("memory", 2 * n, n)):
         for impl, m in mem["results"].items():
             row["results"][impl]["peak_mb"] = m.get("peak_mb")
-    meta = {"version": metassl_fast.__version__, "torch": torch.__version__, "device": _cpu_name(),
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    table = format_table(rows, meta)
+    record = c.run_meta(c.cpu_name(), torch.get_num_threads())
+    table = format_table(rows, record)
     print(table, file=stream)
-    os.makedirs(out_dir, exist_ok=True)
     flat = []
     for r in rows:
         base = r["results"].get("vmap", {}).get("median_ms")
@@ -207,9 +193,8 @@ def run(out_dir="bench/out", stream=sys.stdout):
                          "peak_mb": m.get("peak_mb"), "mem_ratio": None,
                          "max_rel_err": r["max_rel_err"] if impl == "ours" else None, "repeats": None,
                          "S": r["S"], "Q": r["Q"], "C": r["C"], "K": r["K"]})
-    _append_csv(os.path.join(out_dir, "results_inner_loop.csv"), flat, meta, CSV_FIELDS + ["S", "Q", "C", "K"])
-    with open(os.path.join(out_dir, "latest_inner_loop.md"), "w") as f:
-        f.write(table + "\n")
+    c.write_outputs(out_dir, table, "latest_inner_loop.md", "results_inner_loop.csv", flat, record,
+                    c.CSV_FIELDS + ["S", "Q", "C", "K"])
     return rows
 
 
@@ -225,10 +210,10 @@ def format_table(rows, meta):
             timing = f"{ms:.1f} ({m['p20_ms']:.1f}-{m['p80_ms']:.1f})" if ms else m.get("note", "-")
             ratio = f"{ms / ours:.1f}x" if ms and impl != "ours" else "-"
             lines.append(f"| {r['label']} | {r['T']} | {r['S']} | {r['Q']} | {r['D']} | {r['C']} | {r['K']} | "
-                         f"{impl} | {timing} | {ratio} | {_fmt(m.get('peak_mb'), '.1f')} |")
+                         f"{impl} | {timing} | {ratio} | {c.fmt(m.get('peak_mb'), '.1f')} |")
     main = rows[0]
     lines.append(f"\nmax relative error of ours (float32) against the float64 autograd loop, main case: "
-                 f"{_fmt(main['max_rel_err'], '.1e')}")
+                 f"{c.fmt(main['max_rel_err'], '.1e')}")
     return "\n".join(lines)
 
 
@@ -241,16 +226,13 @@ def run_gpu(out_dir="bench/out", stream=sys.stdout, Ts=(32, 128)):
 
     if not torch.cuda.is_available():
         raise RuntimeError("run_gpu needs a CUDA device")
-    from metassl_fast import meta
-
-    from metassl_fast import _ext
 
     def ours(backend):
         return lambda K: (lambda x, y, xq, yq, W, b: meta.anil_loss(x, y, xq, yq, W, b, lr=LR, steps=K,
                                                                   backend=backend))
 
     impls = {"ours-triton": ours("triton")}
-    if _ext.available("_C_cuda"):
+    if c.cuda_built():
         impls["ours-cuda"] = ours("cuda")
     impls.update(vmap=_vmap, loop=_loop)
     rows = []
