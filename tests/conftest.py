@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 def small_blocks(monkeypatch):
     """Shrink the CPU backend's S block so that every shape spans several row blocks
     (tile edges)."""
-    from metassl_fast.ops import contrastive as ops
+    from metassl_fast.ops import _common as ops
 
     monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
     monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import originals
+from helpers import leaves as _leaves
 from metassl_fast import _ext
 from metassl_fast.compat import info_nce as c_info_nce
 from metassl_fast.compat import lightly as c_lightly
@@ -18,11 +19,6 @@ from metassl_fast.compat import pytorch_metric_learning as c_pml
 pytestmark = pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
 
 RTOL = 1e-5
-
-
-def _leaves(*shapes, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
 
 
 def _same(ours_fn, orig_fn, inputs, what=""):
