@@ -25,15 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _s_tile(a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, d, d_mask, stride_a, stride_b, scale,
-            PRECISION: tl.constexpr):
-    """scale * A[a_idx] B[b_idx]^T as an fp32 (len(a_idx), len(b_idx)) tile, plus the operands."""
-    a = tl.load(a_ptr + a_idx[:, None] * stride_a + d[None, :], mask=a_mask[:, None] & d_mask[None, :], other=0.0)
-    b = tl.load(b_ptr + b_idx[:, None] * stride_b + d[None, :], mask=b_mask[:, None] & d_mask[None, :], other=0.0)
-    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
-    return s, a, b
+from ._tiles import _s_tile, _span, _store_rows
 
 
 @triton.jit
@@ -51,18 +43,15 @@ def contrastive_fwd_kernel(Q, K, LSE, POS, ROW_LOSS, COL_MAX, COL_SUM, LOCK, N, 
                            SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    rows, row_ok = _span(pid * BLOCK_M, BLOCK_M, N)
+    d, d_ok = _span(0, BLOCK_D, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
     n_tiles = tl.cdiv(C, BLOCK_N)
     for t in range(0, n_tiles):
         tile = (t + pid) % n_tiles
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
+        cols, col_ok = _span(tile * BLOCK_N, BLOCK_N, C)
         s, _a, _b = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, scale, PRECISION)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,17 +89,14 @@ def contrastive_bwd_dq_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DQ, DS_PART, N, 
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ / s for a block of rows, and this block's share of sum G S."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    rows, row_ok = _span(pid * BLOCK_M, BLOCK_M, N)
+    d, d_ok = _span(0, BLOCK_D, D)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g_row = tl.load(G_ROW + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     gs = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, C, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
+        cols, col_ok = _span(start, BLOCK_N, C)
         s, _q, k = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, scale, PRECISION)
         key_col = col_ok & (cols < N)
         # one-sided: LSE_COL and G_COL are any length-N buffers, loaded but unused
@@ -121,7 +107,7 @@ def contrastive_bwd_dq_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DQ, DS_PART, N, 
                        row_ok[:, None] & col_ok[None, :], SYMMETRIC)
         gs += tl.sum(g * s, 1)
         acc = tl.dot(g.to(k.dtype), k, acc, input_precision=PRECISION)
-    tl.store(DQ + rows[:, None] * stride_dq + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(DQ, rows, row_ok, d, d_ok, stride_dq, acc)
     tl.store(DS_PART + pid, tl.sum(gs, 0))
 
 
@@ -131,18 +117,15 @@ def contrastive_bwd_dk_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DK, N, C, D, col
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK = G^T Q (times s later) for key rows [col0, col1); DK row r is key row col0 + r."""
     pid = tl.program_id(0)
-    cols = col0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < col1
+    cols, col_ok = _span(col0 + pid * BLOCK_N, BLOCK_N, col1)
     key_col = col_ok & (cols < N)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d, d_ok = _span(0, BLOCK_D, D)
     # one-sided: LSE_COL and G_COL are any length-N buffers, loaded but unused
     col_lse = tl.load(LSE_COL + cols, mask=key_col, other=0.0)
     col_g = tl.load(G_COL + cols, mask=key_col, other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
+        rows, row_ok = _span(start, BLOCK_M, N)
         st, _k, q = _s_tile(K, Q, cols, rows, col_ok, row_ok, d, d_ok, stride_k, stride_q, scale, PRECISION)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         g_row = tl.load(G_ROW + rows, mask=row_ok, other=0.0)
@@ -150,5 +133,4 @@ def contrastive_bwd_dk_kernel(Q, K, LSE, G_ROW, LSE_COL, G_COL, DK, N, C, D, col
                         cols[:, None] == rows[None, :], key_col[:, None],
                         col_ok[:, None] & row_ok[None, :], SYMMETRIC)
         acc = tl.dot(gt.to(q.dtype), q, acc, input_precision=PRECISION)
-    out_rows = cols - col0
-    tl.store(DK + out_rows[:, None] * stride_dk + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    _store_rows(DK, cols - col0, col_ok, d, d_ok, stride_dk, acc)
