@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels of the contrastive family (csrc/cuda/contrastive.cu) run on the CPU.
+"""The CUDA C++ kernels (csrc/cuda/{contrastive,labeled,siglip,inner_loop}.cu) run on the CPU.
 
 No GPU here: tests/cuda_emu/emu.h emulates the CUDA features the kernels use (one
 host thread per CUDA thread, barriers, shuffles, atomics, WMMA by its documented
@@ -30,7 +30,8 @@ def runner(tmp_path_factory):
     if gxx is None:
         pytest.skip("g++ not on PATH")
     exe = str(tmp_path_factory.mktemp("cuda_emu") / "run_kernels")
-    subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-o", exe, os.path.join(HERE, "cuda_emu", "run_kernels.cpp")],
+    subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-I", os.path.join(HERE, "..", "csrc"), "-o", exe,
+                    os.path.join(HERE, "cuda_emu", "run_kernels.cpp")],
                    check=True, capture_output=True, text=True)
     return exe
 

@@ -10,6 +10,8 @@
 
 #include "cpu/contrastive.h"
 #include "cpu/inner_loop.h"
+#include "cpu/labeled.h"
+#include "cpu/siglip.h"
 
 namespace py = pybind11;
 
@@ -183,6 +185,23 @@ void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
                          " is outside [0, " + std::to_string(C) + ")");
 }
 
+// What every inner-loop entry reads: the support block X (T, S, D), its labels (T, S) in
+// [0, C), and the step sizes aW (C, D), ab (C).
+void require_support(uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t aW, int64_t aW_numel,
+                     uintptr_t ab, int64_t ab_numel, const msf::InnerLoopArgs& a) {
+  require_buffer(X, X_numel, a.T * a.S * a.D, "X");
+  require_labels(y, y_numel, a.T * a.S, a.C);
+  require_buffer(aW, aW_numel, a.C * a.D, "aW");
+  require_buffer(ab, ab_numel, a.C, "ab");
+}
+
+// The trajectory W_0 .. W_K (T, K+1, C, D) and b_0 .. b_K (T, K+1, C).
+void require_trajectory(uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj, int64_t b_traj_numel,
+                        const msf::InnerLoopArgs& a) {
+  require_buffer(W_traj, W_traj_numel, a.T * (a.K + 1) * a.C * a.D, "W_traj");
+  require_buffer(b_traj, b_traj_numel, a.T * (a.K + 1) * a.C, "b_traj");
+}
+
 // The per-task gradient outputs of the inner loop: dX (T, S, D), dW0 and daW (T, C, D),
 // db0 and dab (T, C).
 void require_task_grads(uintptr_t dX, int64_t dX_numel, uintptr_t dW0, int64_t dW0_numel,
@@ -214,14 +233,10 @@ void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, in
   require_dtype(dtype);
   require(nthreads >= 1, "nthreads must be >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, false);
-  require_buffer(X, X_numel, T * S * D, "X");
-  require_labels(y, y_numel, T * S, C);
+  require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
   require_buffer(W0, W0_numel, C * D, "W0");
   require_buffer(b0, b0_numel, C, "b0");
-  require_buffer(aW, aW_numel, C * D, "aW");
-  require_buffer(ab, ab_numel, C, "ab");
-  require_buffer(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
-  require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  require_trajectory(W_traj, W_traj_numel, b_traj, b_traj_numel, a);
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
@@ -241,12 +256,8 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   require_dtype(dtype);
   require(nthreads >= 1, "nthreads must be >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
-  require_buffer(X, X_numel, T * S * D, "X");
-  require_labels(y, y_numel, T * S, C);
-  require_buffer(aW, aW_numel, C * D, "aW");
-  require_buffer(ab, ab_numel, C, "ab");
-  require_buffer(W_traj, W_traj_numel, T * (K + 1) * C * D, "W_traj");
-  require_buffer(b_traj, b_traj_numel, T * (K + 1) * C, "b_traj");
+  require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
+  require_trajectory(W_traj, W_traj_numel, b_traj, b_traj_numel, a);
   require_buffer(dW_K, dW_K_numel, T * C * D, "dW_K");
   require_buffer(db_K, db_K_numel, T * C, "db_K");
   require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
@@ -268,18 +279,17 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
                int64_t daW_numel, uintptr_t dab, int64_t dab_numel, int64_t T, int64_t S, int64_t Q,
                int64_t D, int64_t C, int64_t K, bool first_order, bool compute_grad, bool need_dlr,
                bool defer, uintptr_t coef, int64_t coef_numel, uintptr_t lamK, int64_t lamK_numel,
-               uintptr_t dzqT, int64_t dzqT_numel, uintptr_t WK, int64_t WK_numel, int nthreads) {
+               uintptr_t dzqT, int64_t dzqT_numel, uintptr_t WK, int64_t WK_numel, int nthreads,
+               uintptr_t correct, int64_t correct_numel) {
   require_dtype(dtype);
   require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
-  require_buffer(X, X_numel, T * S * D, "X");
-  require_labels(y, y_numel, T * S, C);
+  if (correct) require_buffer(correct, correct_numel, T, "correct");
+  require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
   require_buffer(Xq, Xq_numel, T * Q * D, "Xq");
   require_labels(yq, yq_numel, T * Q, C);
   require_buffer(W0, W0_numel, C * D, "W0");
   require_buffer(b0, b0_numel, C, "b0");
-  require_buffer(aW, aW_numel, C * D, "aW");
-  require_buffer(ab, ab_numel, C, "ab");
   require_buffer(loss, loss_numel, T, "loss");
   require(!defer || compute_grad, "defer needs compute_grad");
   if (compute_grad) {
@@ -304,8 +314,8 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
     if (defer) d = {out<F>(coef), out<F>(lamK), out<F>(dzqT), out<F>(WK)};
     msf::anil_loss<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), in<F>(W0), in<F>(b0),
                       in<F>(aW), in<F>(ab), in<F>(task_weight), out<F>(loss), out<F>(dX), out<F>(dXq),
-                      out<F>(dW0), out<F>(db0), out<F>(daW), out<F>(dab), a, Q, compute_grad,
-                      need_dlr, d, nthreads);
+                      out<F>(dW0), out<F>(db0), out<F>(daW), out<F>(dab), out<F>(correct), a, Q,
+                      compute_grad, need_dlr, d, nthreads);
   });
 }
 
@@ -386,7 +396,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("compute_grad"), py::arg("need_dlr"), py::arg("defer"), py::arg("coef"),
         py::arg("coef_numel"), py::arg("lamK"), py::arg("lamK_numel"), py::arg("dzqT"),
         py::arg("dzqT_numel"), py::arg("WK"), py::arg("WK_numel"), py::arg("nthreads"),
-        "The ANIL meta-loss per task and, optionally, its gradient (csrc/cpu/inner_loop.h).");
+        py::arg("correct") = 0, py::arg("correct_numel") = 0,
+        "The ANIL meta-loss per task, optionally its gradient and the per-task number of correct "
+        "queries (csrc/cpu/inner_loop.h).");
   m.def("anil_apply", &anil_apply, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("W0"),
         py::arg("W0_numel"), py::arg("coef"), py::arg("coef_numel"), py::arg("lamK"), py::arg("lamK_numel"),
         py::arg("dzqT"), py::arg("dzqT_numel"), py::arg("WK"), py::arg("WK_numel"), py::arg("g"), py::arg("dX"),

@@ -316,15 +316,20 @@ namespace {
 // The query half of one task: loss_t, and with grad the upstream of the inner loop:
 // Z (Q, C) scratch becomes dL/dZ and ZT (C, Q) its transpose; Lam (C, D) = dZ^T Xq;
 // lam = colsum dZ; dxq (Q, D) = dZ W_K unless dxq is null (deferred, anil_apply).
+// correct (non-null): the number of queries whose first largest logit is their label.
 template <typename T>
 T query_loss(const T* Xq, const int64_t* yq, const T* WK, const T* bK, T* Z, T* ZT, int64_t Q,
-             int64_t D, int64_t C, bool grad, T gq, T* dxq, T* Lam, T* lam) {
+             int64_t D, int64_t C, bool grad, T gq, T* dxq, T* Lam, T* lam, T* correct) {
   xwt(Xq, WK, bK, Z, Q, D, C);
   T total = 0;
+  int64_t hits = 0;
   for (int64_t q = 0; q < Q; ++q) {
     T* z = Z + q * C;
     T m = -std::numeric_limits<T>::infinity();
-    for (int64_t c = 0; c < C; ++c) m = z[c] > m ? z[c] : m;
+    int64_t arg = 0;
+    for (int64_t c = 0; c < C; ++c)
+      if (z[c] > m) m = z[c], arg = c;
+    hits += arg == yq[q];
     T sum = 0;
     for (int64_t c = 0; c < C; ++c) sum += std::exp(z[c] - m);
     const T lse = m + std::log(sum);
@@ -342,6 +347,7 @@ T query_loss(const T* Xq, const int64_t* yq, const T* WK, const T* bK, T* Z, T* 
     for (int64_t q = 0; q < Q; ++q)
       for (int64_t c = 0; c < C; ++c) lam[c] += Z[q * C + c];
   }
+  if (correct) *correct = static_cast<T>(hits);
   return total / static_cast<T>(Q);
 }
 
@@ -402,7 +408,7 @@ void colsum(const T* M, T* out, int64_t S, int64_t C) {
 // coefficients go to defer instead (AnilDeferred in inner_loop.h).
 template <typename T>
 T gram_task(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const T* W0, const T* b0,
-            const T* aW, const T* ab, bool grad, T gq, T* dX, T* dXq, T* dW0, T* db0,
+            const T* aW, const T* ab, bool grad, T gq, T* dX, T* dXq, T* dW0, T* db0, T* correct,
             const AnilDeferred<T>& defer, int64_t S, int64_t Q, int64_t D, int64_t C, int64_t K,
             bool first_order, GramWork<T>& w) {
   const T inv_s = T(1) / static_cast<T>(S);
@@ -435,7 +441,7 @@ T gram_task(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const 
   T* lam = db0;
   const bool deferred = defer.coef != nullptr;
   const T loss = query_loss(Xq, yq, WK, bK, w.Zq.data(), w.ZqT.data(), Q, D, C, grad, gq,
-                            deferred ? nullptr : dXq, Lam, lam);
+                            deferred ? nullptr : dXq, Lam, lam, correct);
   if (!grad) return loss;
   if (deferred) {
     std::copy(WK, WK + C * D, defer.WK);
@@ -514,8 +520,8 @@ T gram_task(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const 
 template <typename T>
 void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const T* W0,
                const T* b0, const T* aW, const T* ab, const T* task_weight, T* loss, T* dX, T* dXq,
-               T* dW0, T* db0, T* daW, T* dab, const InnerLoopArgs& a, int64_t Q, bool compute_grad,
-               bool need_dlr, const AnilDeferred<T>& defer, int nthreads) {
+               T* dW0, T* db0, T* daW, T* dab, T* correct, const InnerLoopArgs& a, int64_t Q,
+               bool compute_grad, bool need_dlr, const AnilDeferred<T>& defer, int nthreads) {
   const int64_t S = a.S, D = a.D, C = a.C, K = a.K, CD = C * D;
   const bool gram = !(compute_grad && need_dlr) && rowwise_uniform(aW, C, D);
   if (defer.coef && !(gram && compute_grad))
@@ -534,7 +540,7 @@ void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, con
         loss[t] = gram_task(X + t * S * D, y + t * S, Xq + t * Q * D, yq + t * Q, W0, b0, aW, ab, compute_grad,
                             gq, dx_now ? dX + t * S * D : nullptr, dx_now ? dXq + t * Q * D : nullptr,
                             compute_grad ? dW0 + t * CD : Lam.data(), compute_grad ? db0 + t * C : lam.data(),
-                            d, S, Q, D, C, K, a.first_order, g);
+                            correct ? correct + t : nullptr, d, S, Q, D, C, K, a.first_order, g);
       }
       return;
     }
@@ -548,7 +554,8 @@ void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, con
       T* lam = compute_grad ? db0 + t * C : lam0.data();
       const T gq = compute_grad ? task_weight[t] / static_cast<T>(Q) : T(0);
       loss[t] = query_loss(Xq + t * Q * D, yq + t * Q, Wt.data() + K * CD, bt.data() + K * C, Z.data(),
-                           ZT.data(), Q, D, C, compute_grad, gq, compute_grad ? dXq + t * Q * D : nullptr, Lam, lam);
+                           ZT.data(), Q, D, C, compute_grad, gq, compute_grad ? dXq + t * Q * D : nullptr, Lam, lam,
+                           correct ? correct + t : nullptr);
       if (compute_grad)
         reverse_task(Xt, yt, aW, ab, Wt.data(), bt.data(), Lam, lam, dX + t * S * D, daW + t * CD,
                      dab + t * C, S, D, C, K, a.first_order, need_dlr, w);
@@ -584,7 +591,7 @@ template void inner_loop_backward<float>(const float*, const int64_t*, const flo
                                          const InnerLoopArgs&, int);
 template void anil_loss<float>(const float*, const int64_t*, const float*, const int64_t*,
                                const float*, const float*, const float*, const float*, const float*,
-                               float*, float*, float*, float*, float*, float*, float*,
+                               float*, float*, float*, float*, float*, float*, float*, float*,
                                const InnerLoopArgs&, int64_t, bool, bool, const AnilDeferred<float>&,
                                int);
 template void anil_apply<float>(const float*, const float*, const AnilDeferred<float>&, float, float*,
@@ -594,7 +601,7 @@ template void anil_apply<double>(const double*, const double*, const AnilDeferre
 template void anil_loss<double>(const double*, const int64_t*, const double*, const int64_t*,
                                 const double*, const double*, const double*, const double*,
                                 const double*, double*, double*, double*, double*, double*, double*,
-                                double*, const InnerLoopArgs&, int64_t, bool, bool,
+                                double*, double*, const InnerLoopArgs&, int64_t, bool, bool,
                                 const AnilDeferred<double>&, int);
 template void inner_loop_backward<double>(const double*, const int64_t*, const double*,
                                           const double*, const double*, const double*,

@@ -53,12 +53,15 @@ struct AnilDeferred {
 // constant along D and need_dlr is off, the loop runs in support space instead
 // (inner_loop.cpp, gram_task): same result, about half the work.  A non-null
 // defer.coef (that path only, with compute_grad; std::invalid_argument otherwise)
-// leaves dX and dXq unwritten and fills defer (T tasks of it) for anil_apply.
+// leaves dX and dXq unwritten and fills defer (T tasks of it) for anil_apply.  A
+// non-null correct (T) gets each task's number of queries whose first largest logit
+// under the adapted head is their label (ANILHead's accuracy, from the logits the
+// loss forms anyway).
 template <typename T>
 void anil_loss(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const T* W0,
                const T* b0, const T* aW, const T* ab, const T* task_weight, T* loss, T* dX, T* dXq,
-               T* dW0, T* db0, T* daW, T* dab, const InnerLoopArgs& a, int64_t Q, bool compute_grad,
-               bool need_dlr, const AnilDeferred<T>& defer, int nthreads);
+               T* dW0, T* db0, T* daW, T* dab, T* correct, const InnerLoopArgs& a, int64_t Q,
+               bool compute_grad, bool need_dlr, const AnilDeferred<T>& defer, int nthreads);
 
 // dX (T, S, D) = g coef^T [X; Lambda_K; W_0] and dXq (T, Q, D) = g dzqT^T W_K per task,
 // from what anil_loss deferred.

@@ -49,7 +49,7 @@ void inner_loop(int mode, const float* X, const int64_t* y, const float* Xq, con
 
 namespace {
 
-constexpr int64_t kTile = 64;  // csrc/cuda/contrastive.cu
+constexpr int64_t kTile = 64;  // csrc/cuda/_tiles.cuh
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("metassl_fast._C_cuda: " + msg);
@@ -103,6 +103,13 @@ int64_t span(int64_t rows, int64_t D, int64_t ld) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Q (N rows) and K (C rows) of D features, row strides ldq and ldk: every op's operands.
+void add_operands(Buffers& b, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_numel, int64_t N, int64_t C,
+                  int64_t D, int64_t ldq, int64_t ldk) {
+  b.add(Q, Q_numel, span(N, D, ldq), "Q");
+  b.add(K, K_numel, span(C, D, ldk), "K");
+}
+
 void require_common(int dtype, int64_t N, int64_t C, int64_t D, int64_t ldq, int64_t ldk, double scale) {
   require(dtype == 0 || dtype == 2 || dtype == 3, "dtype code must be 0 (float32), 2 (float16) or 3 (bfloat16)");
   require(N >= 1 && C >= 1 && D >= 1, "need N >= 1, C >= 1 and D >= 1");
@@ -129,8 +136,7 @@ void contrastive_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64
                      int64_t ldq, int64_t ldk, double scale, bool symmetric, uintptr_t stream) {
   require_shapes(dtype, N, C, D, ldq, ldk, scale);
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(lse, lse_numel, N, "lse");
   b.add(pos, pos_numel, N, "pos");
   b.add(row_loss, row_loss_numel, N, "row_loss");
@@ -159,8 +165,7 @@ void contrastive_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t
   if (dk) require(0 <= col0 && col0 <= col1 && col1 <= C, "key rows must satisfy 0 <= col0 <= col1 <= C");
   if (dk && col1 == col0) return;
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(lse, lse_numel, N, "lse");
   b.add(g_row, g_row_numel, N, "g_row");
   if (symmetric) {
@@ -188,8 +193,7 @@ void siglip_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K_
   require_common(dtype, N, C, D, ldq, ldk, logit_scale);
   require(std::isfinite(bias), "bias must be finite");
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(loss, loss_numel, N, "loss");
   b.require_on_device();
   msf::cuda::siglip_fwd(dtype, ptr<const void*>(Q), ptr<const void*>(K), ptr<float*>(loss), static_cast<int>(N),
@@ -205,8 +209,7 @@ void siglip_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, i
   require(std::isfinite(bias) && std::isfinite(w), "bias and w must be finite");
   require(ldo >= D, "the output row stride must be >= D");
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(out, out_numel, span(dk ? C : N, D, ldo), dk ? "dK" : "dQ");
   if (!dk) b.add(part, part_numel, 2 * cdiv(N, kTile), "part");
   b.require_on_device();
@@ -231,8 +234,7 @@ void labeled_fwd(int dtype, uintptr_t Q, int64_t Q_numel, uintptr_t K, int64_t K
   require_labeled(dtype, N, C, D, ldq, ldk, scale, self, self_col0);
   require(!(has_ext && pairwise), "the extra logit goes with the mean-positive loss only");
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(yq, yq_numel, N, "labels");
   b.add(yk, yk_numel, C, "key_labels");
   if (has_ext) b.add(ext, ext_numel, N, "ext");
@@ -255,8 +257,7 @@ void labeled_bwd(int dtype, bool dk, uintptr_t Q, int64_t Q_numel, uintptr_t K, 
   require_labeled(dtype, N, C, D, ldq, ldk, scale, self, self_col0);
   require(ldo >= D, "the output row stride must be >= D");
   Buffers b;
-  b.add(Q, Q_numel, span(N, D, ldq), "Q");
-  b.add(K, K_numel, span(C, D, ldk), "K");
+  add_operands(b, Q, Q_numel, K, K_numel, N, C, D, ldq, ldk);
   b.add(yq, yq_numel, N, "labels");
   b.add(yk, yk_numel, C, "key_labels");
   b.add(g, g_numel, N, "g");
@@ -378,7 +379,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("siglip_fwd", &siglip_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
         py::arg("K_numel"), py::arg("loss"), py::arg("loss_numel"), py::arg("N"), py::arg("C"), py::arg("D"),
         py::arg("ldq"), py::arg("ldk"), py::arg("logit_scale"), py::arg("bias"), py::arg("diag_col0"),
-        py::arg("stream"), "SigLIP forward: per-row sums of softplus(-z x) (kernels/family.py's contract).");
+        py::arg("stream"), "SigLIP forward: per-row sums of softplus(-z x) (kernels/siglip.py's contract).");
   m.def("siglip_bwd", &siglip_bwd, py::arg("dtype"), py::arg("dk"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
         py::arg("K_numel"), py::arg("out"), py::arg("out_numel"), py::arg("part"), py::arg("part_numel"),
         py::arg("N"), py::arg("C"), py::arg("D"), py::arg("ldq"), py::arg("ldk"), py::arg("ldo"),

@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "cuda/_tiles.cuh"  // warp_sum
+
 #ifdef MSF_CPU_EMULATION
 #define MSF_DYNAMIC_SMEM(name) float* name = emu::dynamic_smem
 #else
@@ -36,20 +38,11 @@
 namespace msf {
 namespace cuda {
 
-#ifndef MSF_CPU_EMULATION
-void check(cudaError_t err, const char* what);
-#endif
-
 enum InnerMode : int { kAnil = 0, kAdaptForward = 1, kAdaptBackward = 2 };
 
 namespace {
 
 constexpr int kInnerThreads = 256;
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // out (R, C) = A (R, D) (W1 * W2)^T (C, D) + bias (C), W2 and bias may be null: a warp
 // per (row, class) pair, lanes along D.  Ends with the block synchronised.

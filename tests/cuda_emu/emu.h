@@ -1,4 +1,4 @@
-// A host emulation of the CUDA features csrc/cuda/contrastive.cu uses, so its kernels
+// A host emulation of the CUDA features the csrc/cuda kernels use, so that they
 // run (slowly) on CPU threads in CI: one std::thread per CUDA thread, blocks one after
 // another (so __shared__ can be a function-local static), __syncthreads / __syncwarp as
 // barriers, warp shuffles through a shared exchange buffer, atomics as std::atomic_ref.

@@ -1,4 +1,4 @@
-// Runs csrc/cuda/contrastive.cu's kernels under the host emulation (emu.h) on the
+// Runs the kernels of csrc/cuda/{contrastive,labeled,siglip,inner_loop}.cu under the host emulation (emu.h) on the
 // inputs of a file and writes every output: the driver of tests/test_cuda_emulated.py.
 //   run_kernels MODE DTYPE N C D P0 P1 P2 P3 P4 IN OUT
 // DTYPE 0 float32, 2 float16, 3 bfloat16; all files float32.
@@ -18,6 +18,8 @@
 #include "emu.h"
 // the kernels themselves
 #include "../../csrc/cuda/contrastive.cu"
+#include "../../csrc/cuda/labeled.cu"
+#include "../../csrc/cuda/siglip.cu"
 #include "../../csrc/cuda/inner_loop.cu"
 
 #include <cstdio>
@@ -97,7 +99,6 @@ void run_labeled(int N, int C, int D, const float* p, const std::vector<float>& 
 
 template <typename T>
 int run(int N, int C, int D, bool sym, float scale, const std::vector<float>& in, std::vector<float>& out) {
-  constexpr int kOut = Traits<T>::kOutChunk;
   std::vector<T> Q(static_cast<size_t>(N) * D), K(static_cast<size_t>(C) * D);
   for (size_t i = 0; i < Q.size(); ++i) Q[i] = from_float<T>(in[i]);
   for (size_t i = 0; i < K.size(); ++i) K[i] = from_float<T>(in[Q.size() + i]);

@@ -1,0 +1,394 @@
+// What the CUDA kernels of the contrastive family share (contrastive.cu, labeled.cu,
+// siglip.cu): the tile constants and per-dtype traits, the chunk loader and the S-tile
+// product, the backward's gradient-tile kernel template (grad_kernel, one per loss policy
+// L), small device math, and the host-side launch helpers.
+//
+//     S tile   = scale * A[a0 .. a0 + 64) B[b0 .. b0 + 64)^T                   (s_tile)
+//     backward: out (64 outer rows x a chunk of D) = G_outer . Inner[:, chunk]  (grad_kernel)
+//
+// Products: fp16 / bf16 operands on tensor cores (WMMA 16x16x16, fp32 accumulation);
+// fp32 operands on CUDA cores in exact fp32 (no tf32).  Requires sm_80 or newer (bf16
+// WMMA).  Tiles are zero-filled past the edges, so any N, C, D >= 1 are valid.
+// The two WMMA loops (s_tile, grad_kernel) stay apart: s_tile's second operand is B^T
+// (B's rows as a column-major K x N fragment), grad_kernel's is the inner rows as stored
+// (row-major), and their accumulators cover 64 x 64 and 64 x 128.
+//
+// Everything here is in an anonymous namespace: each .cu file (and tests/cuda_emu, which
+// includes them all in one host program) gets its own copies of these templates.
+#pragma once
+#ifndef MSF_CPU_EMULATION  // tests/cuda_emu runs the kernels on host threads
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace msf {
+namespace cuda {
+
+#ifndef MSF_CPU_EMULATION
+void check(cudaError_t err, const char* what);  // _runtime.cu
+#endif
+
+namespace {
+
+constexpr int kTile = 64;      // rows and columns of an S tile
+constexpr int kChunk = 32;     // feature chunk of the S product
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kPad = 8;        // elements of padding per shared row (16-byte aligned rows)
+constexpr int kLdS = kTile + 4;
+
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  static constexpr bool kTensorCores = false;
+  static constexpr int kOutChunk = 64;  // feature columns of a dQ / dK block
+};
+template <>
+struct Traits<__half> {
+  static constexpr bool kTensorCores = true;
+  static constexpr int kOutChunk = 128;
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr bool kTensorCores = true;
+  static constexpr int kOutChunk = 128;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Shared memory of one S-tile product: a chunk of the outer rows and one of the inner.
+template <typename T>
+struct ChunkSmem {
+  alignas(32) T a[kTile][kChunk + kPad];  // WMMA operands need 32-byte aligned tiles
+  alignas(32) T b[kTile][kChunk + kPad];
+};
+
+// rows [r0, r0 + 64) x features [d0, d0 + W) of X (bound rows < r_end, d < D) into dst,
+// zeros outside: the S product's chunks (W = kChunk) and the backward's output-chunk
+// operand (W = Traits<T>::kOutChunk).
+template <int W, typename T>
+__device__ __forceinline__ void load_rows(T (*dst)[W + kPad], const T* X, int64_t ld, int64_t r0, int64_t r_end,
+                                          int d0, int D) {
+  for (int idx = threadIdx.x; idx < kTile * W; idx += kThreads) {
+    const int r = idx / W, k = idx % W;
+    const int64_t gr = r0 + r;
+    const int gd = d0 + k;
+    dst[r][k] = (gr < r_end && gd < D) ? X[gr * ld + gd] : from_float<T>(0.f);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// acc += a b^T for one thread's 4 x 4 block (the CUDA-core products).
+__device__ __forceinline__ void fma_4x4(float (&acc)[4][4], const float (&a)[4], const float (&b)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+}
+
+// S[r][c] = scale * A[a0 + r] . B[b0 + c] for the 64 x 64 tile (0 where a row is out of
+// range).  All threads take part; S is complete and visible on return.
+template <typename T>
+__device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t lda, int64_t a0,
+                       int64_t a_end, const T* B, int64_t ldb, int64_t b0, int64_t b_end, int D,
+                       float scale) {
+  if constexpr (Traits<T>::kTensorCores) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+    const int fr = warp / 2;        // fragment row: rows 16 fr ..
+    const int fc = (warp % 2) * 2;  // two fragment columns: cols 16 fc, 16 (fc + 1)
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.f);
+    wmma::fill_fragment(acc[1], 0.f);
+    for (int d0 = 0; d0 < D; d0 += kChunk) {
+      load_rows<kChunk>(sm.a, A, lda, a0, a_end, d0, D);
+      load_rows<kChunk>(sm.b, B, ldb, b0, b_end, d0, D);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, &sm.a[16 * fr][kk], kChunk + kPad);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          // B^T as a column-major K x N operand is B's rows as stored
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, &sm.b[16 * (fc + j)][kk], kChunk + kPad);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < acc[j].num_elements; ++e) acc[j].x[e] *= scale;
+      wmma::store_matrix_sync(&S[16 * fr][16 * (fc + j)], acc[j], kLdS, wmma::mem_row_major);
+    }
+    __syncthreads();
+  } else {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;  // a 4 x 4 block each
+    float acc[4][4] = {};
+    for (int d0 = 0; d0 < D; d0 += kChunk) {
+      load_rows<kChunk>(sm.a, A, lda, a0, a_end, d0, D);
+      load_rows<kChunk>(sm.b, B, ldb, b0, b_end, d0, D);
+      __syncthreads();
+#pragma unroll 8
+      for (int k = 0; k < kChunk; ++k) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = to_float(sm.a[ty * 4 + i][k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[tx * 4 + j][k]);
+        fma_4x4(acc, a, b);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[ty * 4 + i][tx * 4 + j] = scale * acc[i][j];
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Backward, shared by every loss: out (64 outer rows x a chunk of D) = G_outer .
+// Inner[:, chunk] over every inner tile, G recomputed from S by the loss's policy L.
+// kDK false: outer = queries (rows [r0, N)), inner = keys (C columns), out = dQ / s,
+// and the block's partial sums (L::kParts of them: sum G S, and SigLIP's sum G) go to
+// part[L::kParts * block].  kDK true: outer = keys [col0, col1), inner = queries (N),
+// out row r = key row col0 + r, dK / s.
+//
+// A policy L holds its pointers and scalars and gives
+//   float scale                              the S tile is scale * Q K^T
+//   RowData query(i), key(j)                 per-row data of query i < N, key j < C
+//   float grad(s, i, j, q, k, p)             G_ij, adding its share to the partials p
+// ---------------------------------------------------------------------------------
+struct RowData {
+  float a = 0.f, b = 0.f, c = 0.f;
+  int64_t y = 0;
+};
+
+template <typename T>
+struct GradSmem {
+  static constexpr int kOut = Traits<T>::kOutChunk;
+  union alignas(32) {
+    ChunkSmem<T> chunk;
+    T inner[kTile][kOut + kPad];  // the inner rows' features of this block's chunk
+    float stage[8][16][16];       // per-warp staging of the result (tensor-core path)
+  } u;
+  alignas(32) float S[kTile][kLdS];
+  alignas(32) T G[Traits<T>::kTensorCores ? kTile : 1][kTile + kPad];  // G as an operand (16-bit types)
+  RowData outer[kTile], inner_row[kTile];
+  float red[2][kThreads / 32];
+};
+
+template <typename T, typename L, bool kDK>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const T* __restrict__ Q, const T* __restrict__ K, const L loss, float* __restrict__ out,
+                float* __restrict__ part, int N, int C, int D, int64_t col0, int64_t col1, int64_t ldq, int64_t ldk,
+                int64_t ldo) {
+  constexpr int kOut = Traits<T>::kOutChunk;
+  __shared__ GradSmem<T> sm;
+  // outer rows [o0, o_end) of matrix A; inner rows [0, i_end) of matrix B
+  const T* A = kDK ? K : Q;
+  const T* B = kDK ? Q : K;
+  const int64_t lda = kDK ? ldk : ldq, ldb = kDK ? ldq : ldk;
+  const int64_t o0 = (kDK ? col0 : 0) + static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t o_end = kDK ? col1 : N;
+  const int64_t i_end = kDK ? N : C;
+  const int d_out0 = blockIdx.y * kOut;
+  if (threadIdx.x < kTile) {
+    const int64_t o = o0 + threadIdx.x;
+    sm.outer[threadIdx.x] = o < o_end ? (kDK ? loss.key(o) : loss.query(o)) : RowData{};
+  }
+  float p[2] = {0.f, 0.f};
+  // accumulators: tensor cores 4 fragments per warp over (64 x 128); CUDA cores 4 x 4 per thread
+  const int warp = threadIdx.x / 32;
+  const int fr = warp / 2, fc0 = (warp % 2) * 4;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> facc[Traits<T>::kTensorCores ? 4 : 1];
+  float acc[4][4] = {};
+  if constexpr (Traits<T>::kTensorCores)
+    for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(facc[j], 0.f);
+  __syncthreads();
+  for (int64_t i0 = 0; i0 < i_end; i0 += kTile) {
+    if (threadIdx.x < kTile) {
+      const int64_t i = i0 + threadIdx.x;
+      sm.inner_row[threadIdx.x] = i < i_end ? (kDK ? loss.query(i) : loss.key(i)) : RowData{};
+    }
+    s_tile<T>(sm.S, sm.u.chunk, A, lda, o0, o_end, B, ldb, i0, i_end, D, loss.scale);
+    // G on the tile: rows = outer, columns = inner
+    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
+      const int r = idx / kTile, c = idx % kTile;
+      const int64_t o = o0 + r, i = i0 + c;
+      float g = 0.f;
+      if (o < o_end && i < i_end) {
+        float* pp = kDK ? nullptr : p;  // partial sums from the dQ direction only
+        g = kDK ? loss.grad(sm.S[r][c], i, o, sm.inner_row[c], sm.outer[r], pp)
+                : loss.grad(sm.S[r][c], o, i, sm.outer[r], sm.inner_row[c], pp);
+      }
+      if constexpr (Traits<T>::kTensorCores)
+        sm.G[r][c] = from_float<T>(g);
+      else
+        sm.S[r][c] = g;  // in place: fp32 G is its own operand
+    }
+    // the inner rows' features of this block's output chunk (the chunk buffers are free)
+    load_rows<kOut>(sm.u.inner, B, ldb, i0, i_end, d_out0, D);
+    __syncthreads();
+    if constexpr (Traits<T>::kTensorCores) {
+      using namespace nvcuda;
+#pragma unroll
+      for (int kk = 0; kk < kTile; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, &sm.G[16 * fr][kk], kTile + kPad);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fb, &sm.u.inner[kk][16 * (fc0 + j)], kOut + kPad);
+          wmma::mma_sync(facc[j], fa, fb, facc[j]);
+        }
+      }
+    } else {
+#pragma unroll 8
+      for (int k = 0; k < kTile; ++k) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = sm.S[ty * 4 + i][k];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx * 4 + j]);
+        fma_4x4(acc, a, b);
+      }
+    }
+    __syncthreads();  // S, G and the inner rows are rewritten by the next tile
+  }
+  // results, bounded by the outer rows and D
+  const int64_t out0 = kDK ? col0 : 0;
+  if constexpr (Traits<T>::kTensorCores) {
+    const int lane = threadIdx.x % 32;
+    for (int j = 0; j < 4; ++j) {
+      nvcuda::wmma::store_matrix_sync(&sm.u.stage[warp][0][0], facc[j], 16, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int r = 16 * fr + e / 16, k = d_out0 + 16 * (fc0 + j) + e % 16;
+        const int64_t row = o0 + r;
+        if (row < o_end && k < D) out[(row - out0) * ldo + k] = sm.u.stage[warp][e / 16][e % 16];
+      }
+      __syncwarp();
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = o0 + ty * 4 + i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = d_out0 + tx * 4 + j;
+        if (row < o_end && k < D) out[(row - out0) * ldo + k] = acc[i][j];
+      }
+    }
+  }
+  if (!kDK) {  // the block's partial sums (first chunk of D only: the others repeat them)
+    for (int q = 0; q < L::kParts; ++q) {
+      float v = p[q];
+      v = warp_sum(v);
+      if (threadIdx.x % 32 == 0) sm.red[q][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && blockIdx.y == 0)
+      for (int q = 0; q < L::kParts; ++q) {
+        float total = 0.f;
+        for (int w = 0; w < kThreads / 32; ++w) total += sm.red[q][w];
+        part[L::kParts * blockIdx.x + q] = total;
+      }
+  }
+}
+
+__device__ __forceinline__ float sigmoidf(float x) {
+  const float e = expf(-fabsf(x));
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+__device__ __forceinline__ float softplusf(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+
+// 4 consecutive lanes share a row (or a column) of a tile, 16 of its entries apiece.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+#ifndef MSF_CPU_EMULATION
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename L>
+void launch_grad(bool dk, const void* Q, const void* K, const L& loss, float* out, float* part, int N, int C, int D,
+                 int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, cudaStream_t stream) {
+  const int64_t outer = dk ? col1 - col0 : N;
+  if (outer <= 0) return;
+  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, Traits<T>::kOutChunk)));
+  const T* q = static_cast<const T*>(Q);
+  const T* k = static_cast<const T*>(K);
+  if (dk)
+    grad_kernel<T, L, true><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
+  else
+    grad_kernel<T, L, false><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
+  check(cudaGetLastError(), dk ? "grad_kernel (dK) launch" : "grad_kernel (dQ) launch");
+}
+
+// dtype codes (csrc/cuda/bindings.cpp): 0 float32, 2 float16, 3 bfloat16.
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 2: f(__half{}); break;
+    case 3: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("metassl_fast._C_cuda: dtype code must be 0, 2 or 3");
+  }
+}
+
+// Run f(std::bool_constant<a>{}, std::bool_constant<b>{}) for runtime flags a, b.
+template <typename F>
+void by_flags(bool a, bool b, F&& f) {
+  if (a && b) f(std::true_type{}, std::true_type{});
+  else if (a) f(std::true_type{}, std::false_type{});
+  else if (b) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+#endif  // MSF_CPU_EMULATION
+
+}  // namespace
+}  // namespace cuda
+}  // namespace msf
