@@ -1,19 +1,23 @@
-"""meta.anil_loss / adapt_linear_head: the fused inner loop against the per-task autograd
-loop (create_graph=True) in float64, loss and every gradient, second and first order."""
+"""The inner-loop ops (inner_loop_fwd/_bwd, anil_loss_fwd/_bwd, the one-pass
+anil_loss_train / anil_apply): meta.anil_loss, meta.adapt_linear_head and ANILHead on
+every backend against the per-task autograd loop (create_graph=True, backend="torch"),
+loss and every gradient, second and first order.
+
+float64 runs on the C++ kernel; the Triton and CUDA C++ kernels compute in float32
+(without a GPU, Triton runs under TRITON_INTERPRET=1 on CPU tensors; the CUDA kernel's
+CPU check is tests/test_cuda_emulated.py), so their grids run in float32 with the
+looser float32 tolerance the kernels were written to (2e-5 + 2e-4 max|ref|)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import backends, check, device_of, needs_triton
 from metassl_fast import _ext, meta
 
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available("_C"),
-                                                 reason=f"_C not built: {_ext.load_error('_C')}")),
-    pytest.param("triton", marks=pytest.mark.skip(
-        reason="the Triton kernels compute in float32: their grid runs in tests/test_inner_loop_triton.py")),
-    pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA C++ inner-loop kernel yet")),
-]
+BACKENDS = backends("inner_loop", torch.float64)
+F32 = backends("inner_loop", torch.float32)
+NAMES = ["loss", "d_support", "d_query", "d_weight", "d_bias", "d_lr", "d_lr_bias"]
 
 
 def _task(T, S, Q, D, C, dtype=torch.float64, seed=0, lr_kind="tensor"):
@@ -34,30 +38,14 @@ def _task(T, S, Q, D, C, dtype=torch.float64, seed=0, lr_kind="tensor"):
     return x, y, xq, yq, W, b, lr
 
 
-def _leaves(x, xq, W, b, lr):
-    out = [x, xq, W, b]
-    if isinstance(lr, torch.Tensor):
-        out.append(lr)
-    elif isinstance(lr, tuple):
-        out.extend(lr)
-    return [t for t in out if t.requires_grad]  # a frozen step size has no gradient to compare
+def _anil(steps, first_order, reduction="mean"):
+    def fn(backend, x, y, xq, yq, W, b, lr):
+        return meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=steps, first_order=first_order, reduction=reduction,
+                              backend=backend)
+    return fn
 
 
-def _loss_and_grads(backend, x, y, xq, yq, W, b, lr, steps, first_order, reduction="mean"):
-    loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=steps, first_order=first_order,
-                          reduction=reduction, backend=backend)
-    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    grads = torch.autograd.grad((loss * w).sum(), _leaves(x, xq, W, b, lr), allow_unused=True)
-    return [loss] + [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, _leaves(x, xq, W, b, lr))]
-
-
-def _compare(ours, ref, atol=1e-10, rtol=1e-8, what=""):
-    names = ["loss", "d_support", "d_query", "d_weight", "d_bias", "d_lr", "d_lr_bias"]
-    for name, a, b in zip(names, ours, ref):
-        assert a.shape == b.shape, f"{what} {name}: {a.shape} vs {b.shape}"
-        err = (a - b).abs().max().item() if a.numel() else 0.0
-        bound = atol + rtol * (b.abs().max().item() if b.numel() else 0.0)
-        assert err <= bound, f"{what} {name}: {err:.3e} > {bound:.3e}"
+F64_TOL = (1e-10, 1e-8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,9 +62,7 @@ def test_float64_grid(backend, T, S, Q, D, C, K, lr_kind):
     for first_order in (False, True):
         for reduction in ("mean", "none") if lr_kind == "float" else ("mean",):
             what = f"T={T} S={S} Q={Q} D={D} C={C} K={K} first_order={first_order} {reduction}"
-            ours = _loss_and_grads(backend, *args, K, first_order, reduction)
-            ref = _loss_and_grads("torch", *args, K, first_order, reduction)
-            _compare(ours, ref, what=what)
+            check(_anil(K, first_order, reduction), list(args), backend=backend, what=what, names=NAMES, tol=F64_TOL)
 
 
 def _one_pass_taken(loss) -> bool:
@@ -108,9 +94,8 @@ def test_kernel_paths(lr_kind, first_order, reduction):
     loss = meta.anil_loss(x, y, xq, yq, W, b, lr=lr, steps=4, first_order=first_order, reduction=reduction,
                           backend="cpu")
     assert _one_pass_taken(loss) == (reduction == "mean" and lr_kind in ("float", "tensor_frozen"))
-    ours = _loss_and_grads("cpu", *args, 4, first_order, reduction)
-    ref = _loss_and_grads("torch", *args, 4, first_order, reduction)
-    _compare(ours, ref, what=f"{lr_kind} {first_order} {reduction}")
+    check(_anil(4, first_order, reduction), args, backend="cpu", what=f"{lr_kind} {first_order} {reduction}",
+          names=NAMES, tol=F64_TOL)
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
@@ -138,9 +123,8 @@ def test_one_pass_only_when_training():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lr_forms_and_reductions(backend, lr_kind, first_order, reduction):
     args = _task(4, 6, 5, 9, 3, lr_kind=lr_kind)
-    ours = _loss_and_grads(backend, *args, 4, first_order, reduction)
-    ref = _loss_and_grads("torch", *args, 4, first_order, reduction)
-    _compare(ours, ref, what=f"{lr_kind} {first_order} {reduction}")
+    check(_anil(4, first_order, reduction), list(args), backend=backend, what=f"{lr_kind} {first_order} {reduction}",
+          names=NAMES, tol=F64_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,14 +155,10 @@ def test_adapt_linear_head_matches_reference(backend):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", F32)
 def test_float32(backend):
     args = _task(5, 25, 15, 64, 5, dtype=torch.float32)
-    ours = _loss_and_grads(backend, *args, 5, False)
-    args64 = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-              else a for a in args]
-    ref = _loss_and_grads("torch", *args64, 5, False)
-    _compare([o.double() for o in ours], ref, atol=1e-6, rtol=1e-4)
+    check(_anil(5, False), list(args), backend=backend, names=NAMES, tol=(1e-6, 1e-4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -224,30 +204,6 @@ def test_proto_loss_matches_explicit_distances():
 # --------------------------------------------------------------------------- torch.library
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
-@pytest.mark.parametrize("first_order", [False, True])
-def test_opcheck(first_order):
-    x, y, _, _, W, b, _ = _task(2, 4, 1, 5, 3, dtype=torch.float32)
-    lr_w = torch.full((3, 5), 0.5, requires_grad=True)
-    lr_b = torch.full((3,), 0.5, requires_grad=True)
-    torch.library.opcheck(torch.ops.metassl_fast.inner_loop_fwd.default,
-                          (x, y, W, b, lr_w, lr_b, 3, first_order, "cpu"))
-
-
-@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_fused_anil_loss(reduction):
-    x, y, xq, yq, W, b, _ = _task(2, 4, 3, 5, 3, dtype=torch.float32)
-    lr_w = torch.full((3, 5), 0.5, requires_grad=True)
-    lr_b = torch.full((3,), 0.5, requires_grad=True)
-    args = (x, y, xq, yq, W, b, lr_w, lr_b, 3, False, reduction, "cpu")
-    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_fwd.default, args)
-    grad = torch.ones(()) if reduction == "mean" else torch.rand(2)
-    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_bwd.default,
-                          (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8])
-                          + (3, False, reduction, "cpu"))
-
-
-@pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
 def test_one_pass_first_order_gradient_under_create_graph():
     """create_graph=True on the one-pass path: the gradient itself is right (as on the
     recomputing path); only differentiating it again raises."""
@@ -269,7 +225,7 @@ def test_opcheck_one_pass_training_ops():
     torch.library.opcheck(torch.ops.metassl_fast.anil_loss_train.default, args)
     out = torch.ops.metassl_fast.anil_loss_train(*args)
     torch.library.opcheck(torch.ops.metassl_fast.anil_apply.default,
-                          (torch.tensor(1.5), x.detach(), xq.detach(), W.detach(), *out[3:]))
+                          (torch.tensor(1.5), x.detach(), xq.detach(), W.detach(), *out[3:7]))
 
 
 @pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
@@ -463,3 +419,166 @@ def test_anil_loss_matches_higher():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gw, gw_want, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gb, gb_want, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- float32 grids (every backend)
+
+F32_TOL = (2e-5, 2e-4)  # the GPU kernels' float32 tolerance (their sums run in another order)
+
+
+def _task32(T, S, Q, D, C, lr_kind, seed):
+    """float64 values (as the GPU grids drew them), rounded to float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, S, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (T, S), generator=g)
+    xq = torch.randn(T, Q, D, generator=g, dtype=torch.float64)
+    yq = torch.randint(0, C, (T, Q), generator=g)
+    W = 0.3 * torch.randn(C, D, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(C, generator=g, dtype=torch.float64)
+    if lr_kind == "meta_sgd":
+        lr = (0.2 + torch.rand(C, D, generator=g, dtype=torch.float64),
+              0.2 + torch.rand(C, generator=g, dtype=torch.float64))
+        lr = tuple(t.float().requires_grad_() for t in lr)
+    elif lr_kind == "tensor":
+        lr = torch.tensor(0.7).requires_grad_()
+    else:
+        lr = 0.4
+    x, xq, W, b = (t.float().requires_grad_() for t in (x, xq, W, b))
+    return [x, y, xq, yq, W, b, lr]
+
+
+CONFIGS = [  # (T, S, Q, D, C, K): the issue's grid values, spread over the edges
+    (1, 1, 1, 1, 2, 0), (1, 5, 7, 17, 5, 1), (3, 25, 7, 64, 5, 3), (3, 5, 1, 17, 20, 3), (1, 25, 7, 1, 20, 10),
+    (3, 1, 7, 64, 2, 10), (3, 25, 1, 17, 2, 1), (1, 5, 7, 64, 20, 0),
+]
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("T,S,Q,D,C,K", CONFIGS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_float32_against_autograd_loop(backend, T, S, Q, D, C, K, first_order):
+    args = _task32(T, S, Q, D, C, "tensor", seed=T + S + D + C + K)
+    check(_anil(K, first_order), args, backend=backend, names=NAMES, tol=F32_TOL,
+          what=f"T={T} S={S} Q={Q} D={D} C={C} K={K} first_order={first_order}")
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("lr_kind,reduction", [("float", "mean"), ("float", "none"), ("meta_sgd", "mean"),
+                                                ("meta_sgd", "none")])
+def test_float32_lr_forms_and_reductions(backend, lr_kind, reduction):
+    args = _task32(3, 5, 7, 17, 5, lr_kind, seed=11)
+    check(_anil(3, False, reduction), args, backend=backend, names=NAMES, tol=F32_TOL, what=f"{lr_kind} {reduction}")
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_kind", ["tensor", "meta_sgd"])
+@pytest.mark.parametrize("T,S,D,C,K", [(1, 1, 1, 2, 0), (3, 5, 17, 5, 3), (2, 25, 64, 20, 1)])
+def test_float32_adapt_linear_head(backend, T, S, D, C, K, lr_kind, first_order):
+    """adapt_linear_head (on Triton adapt_fwd_kernel / adapt_bwd_kernel): W_t, b_t and the
+    gradients of a non-uniform function of them, against the autograd loop."""
+    x, y, _, _, W, b, lr = _task32(T, S, 1, D, C, lr_kind, seed=T * S + D + K)
+
+    def fn(backend, x, y, W, b, lr):
+        return meta.adapt_linear_head(x, y, W, b, lr=lr, steps=K, first_order=first_order, backend=backend)
+
+    g = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(T, C, D, generator=g, dtype=torch.float64),
+                  torch.randn(T, C, generator=g, dtype=torch.float64)]
+    check(fn, [x, y, W, b, lr], backend=backend, tol=F32_TOL, cotangents=cotangents,
+          names=["W_t", "b_t", "d_support", "d_weight", "d_bias", "d_lr", "d_lr_bias"])
+
+
+# --------------------------------------------------------------------------- raw ops: opcheck, torch.compile
+
+
+def _op_inputs(backend, T=2, S=5, Q=3, D=17, C=3):
+    x, y, xq, yq, W, b, _ = _task32(T, S, Q, D, C, "float", seed=1)
+    dev = device_of(backend)
+    x, xq, W, b = (t.detach().to(dev).requires_grad_() for t in (x, xq, W, b))
+    lr_w = torch.full((C, D), 0.5, device=dev, requires_grad=True)
+    lr_b = torch.full((C,), 0.5, device=dev)
+    return x, y.to(dev), xq, yq.to(dev), W, b, lr_w, lr_b
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_opcheck_inner_loop(backend, first_order):
+    x, y, _, _, W, b, lr_w, lr_b = _op_inputs(backend)
+    torch.library.opcheck(torch.ops.metassl_fast.inner_loop_fwd.default,
+                          (x, y, W, b, lr_w, lr_b, 2, first_order, backend))
+    W_K, b_K, W_traj, b_traj = torch.ops.metassl_fast.inner_loop_fwd(x, y, W, b, lr_w, lr_b, 2, first_order,
+                                                                      backend)
+    g = torch.Generator().manual_seed(2)
+    dW = torch.randn(W_K.shape, generator=g).to(W_K.device)
+    db = torch.randn(b_K.shape, generator=g).to(b_K.device)
+    torch.library.opcheck(torch.ops.metassl_fast.inner_loop_bwd.default,
+                          (dW, db, x.detach(), y, lr_w.detach(), lr_b, W_traj.detach(), b_traj.detach(), first_order,
+                           backend))
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_anil_loss(backend, reduction):
+    args = _op_inputs(backend) + (2, False, reduction, backend)
+    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_fwd.default, args)
+    grad = torch.ones((), device=args[0].device) if reduction == "mean" else torch.rand(2).to(args[0].device)
+    torch.library.opcheck(torch.ops.metassl_fast.anil_loss_bwd.default,
+                          (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8])
+                          + (2, False, reduction, backend))
+
+
+@pytest.mark.parametrize("backend", F32)
+def test_torch_compile_fullgraph_every_backend(backend):
+    torch._dynamo.reset()
+    x, y, xq, yq, W, b, _, _ = _op_inputs(backend)
+
+    def step(x, xq, W, b):
+        return meta.anil_loss(x, y, xq, yq, W, b, lr=0.5, steps=2, backend=backend)
+
+    got = torch.compile(step, fullgraph=True)(x, xq, W, b)
+    torch.testing.assert_close(got, step(x, xq, W, b))
+
+
+@pytest.mark.parametrize("backend", F32)
+def test_torch_compile_fullgraph_adapt_linear_head(backend):
+    torch._dynamo.reset()
+    x, y, _, _, W, b, _, _ = _op_inputs(backend)
+    lr = torch.tensor(0.5, device=x.device, requires_grad=True)
+
+    def step(x, W, b, lr):
+        W_t, b_t = meta.adapt_linear_head(x, y, W, b, lr=lr, steps=2, backend=backend)
+        return (W_t * W_t).sum() + b_t.sum()
+
+    got = torch.compile(step, fullgraph=True)(x, W, b, lr)
+    want = step(x, W, b, lr)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(torch.autograd.grad(got, (x, W, b, lr)), torch.autograd.grad(want, (x, W, b, lr))):
+        torch.testing.assert_close(a, r)
+
+
+@needs_triton
+def test_raw_op_checks_shapes_the_kernel_cannot():
+    """The Triton kernel reads raw memory: a direct op call with a short bias, a narrow
+    weight or labels out of range gets an error (found by review)."""
+    X, yd, Xq, yqd, Wf, bf, _, _ = (t.detach() for t in _op_inputs("triton", T=2, S=5, Q=3, D=8, C=4))
+    aw, ab = torch.full((4, 8), 0.5, device=X.device), torch.full((4,), 0.5, device=X.device)
+    op = torch.ops.metassl_fast.anil_loss_fwd
+    with pytest.raises(ValueError, match="bias"):
+        op(X, yd, Xq, yqd, Wf, bf[:1], aw, ab, 2, False, "none", "triton")
+    with pytest.raises(ValueError, match="weight"):
+        op(X, yd, Xq, yqd, Wf[:, :2], bf, aw, ab, 2, False, "none", "triton")
+    with pytest.raises(ValueError, match="labels"):
+        op(X, yd + 4, Xq, yqd, Wf, bf, aw, ab, 2, False, "none", "triton")
+
+
+@needs_triton
+def test_sizes_beyond_the_kernel_refuse_clearly():
+    """S or Q beyond 128 rows per task would not fit the backward kernel's on-chip blocks
+    on an A100 (found by review): a clear error, not a launch failure."""
+    x, y, xq, yq, W, b, _ = (t.detach() if isinstance(t, torch.Tensor) else t
+                             for t in _task32(1, 129, 3, 4, 2, "float", seed=0))
+    dev = device_of("triton")
+    with pytest.raises(ValueError, match="support"):
+        meta.anil_loss(x.to(dev), y.to(dev), xq.to(dev), yq.to(dev), W.to(dev), b.to(dev), lr=0.5, steps=1,
+                       backend="triton")
