@@ -167,11 +167,12 @@ def _reverse_steps(X, Y, AW, AB, TRAJ, BTRAJ, LAM, lam, DX, DAW, rows, row_ok, c
 
 
 @triton.jit
-def anil_kernel(X, Y, XQ, YQ, W0, B0, AW, AB, TASK_W, LOSS, TRAJ, BTRAJ, DX, DXQ, DW0, DB0, DAW, DAB,
+def anil_kernel(X, Y, XQ, YQ, W0, B0, AW, AB, TASK_W, LOSS, CORRECT, TRAJ, BTRAJ, DX, DXQ, DW0, DB0, DAW, DAB,
                 S, Q, D, C, K, COMPUTE_GRAD: tl.constexpr, FIRST_ORDER: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The whole meta-loss of task t: inner loop, query loss and, with COMPUTE_GRAD, the
-    reverse pass (per-task dW0, db0, daW, dab; dX, dXq)."""
+    """The whole meta-loss of task t: inner loop, query loss, the number of queries whose
+    first largest logit is their label (CORRECT) and, with COMPUTE_GRAD, the reverse pass
+    (per-task dW0, db0, daW, dab; dX, dXq)."""
     t = tl.program_id(0).to(tl.int64)
     X = X + t * S * D
     Y = Y + t * S
@@ -197,6 +198,8 @@ def anil_kernel(X, Y, XQ, YQ, W0, B0, AW, AB, TASK_W, LOSS, TRAJ, BTRAJ, DX, DXQ
     onehot_q = yq[:, None] == cls[None, :]
     zy = tl.sum(tl.where(onehot_q, zq, 0.0), 1)
     tl.store(LOSS + t, tl.sum(tl.where(q_ok, lse - zy, 0.0), 0) / Q)
+    pred = tl.argmax(zq, 1, tie_break_left=True)
+    tl.store(CORRECT + t, tl.sum(tl.where(q_ok & (pred == yq), 1.0, 0.0), 0))
     if COMPUTE_GRAD:
         wt = tl.load(TASK_W + t).to(tl.float32)
         pq = tl.where(q_ok[:, None] & cls_ok[None, :], tl.exp(zq - lse[:, None]), 0.0)

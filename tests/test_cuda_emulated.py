@@ -206,8 +206,8 @@ def _inner_inputs(T, S, Q, D, C, seed, meta_sgd):
 def _inner_call(exe, tmp_path, cfg, inputs, mode, grad, first_order, need_dlr):
     T, S, Q, D, C, K = cfg
     flags = int(grad) + 2 * int(first_order) + 4 * int(need_dlr)
-    sizes = [T, T * S * D, T * Q * D, T * C * D, T * C, T * C * D, T * C, T * (K + 1) * C * D, T * (K + 1) * C]
-    names = ["loss", "dX", "dXq", "dW0", "db0", "daW", "dab", "W_traj", "b_traj"]
+    sizes = [T, T * S * D, T * Q * D, T * C * D, T * C, T * C * D, T * C, T * (K + 1) * C * D, T * (K + 1) * C, T]
+    names = ["loss", "dX", "dXq", "dW0", "db0", "daW", "dab", "W_traj", "b_traj", "correct"]
     return _call(exe, tmp_path, "inner", torch.float32, T, C, D, [S, Q, K, mode, flags], inputs, names, sizes)
 
 
@@ -231,8 +231,10 @@ def test_inner_loop_kernel_against_autograd(runner, tmp_path, cfg, meta_sgd, fir
     per_task = torch.nn.functional.cross_entropy(logits.reshape(-1, C), yq.reshape(-1), reduction="none")
     per_task = per_task.view(T, Q).mean(1)
     what = f"cfg={cfg} meta_sgd={meta_sgd} first_order={first_order}"
-    # mode 0: the ANIL loss and its gradient
+    # mode 0: the ANIL loss and its gradient, and the correctly classified queries per task
     got = _inner_call(runner, tmp_path, cfg, flat, 0, True, first_order, True)
+    want_correct = (logits.detach().argmax(-1) == yq).sum(1).double()
+    assert torch.equal(got["correct"].double(), want_correct), (what, got["correct"], want_correct)
     grads = torch.autograd.grad((tw * per_task).sum(), leaves, allow_unused=True, retain_graph=True)
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)]
     sums = {k: got[k].view(T, -1).sum(0) for k in ("dW0", "db0", "daW", "dab")}

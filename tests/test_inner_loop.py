@@ -582,3 +582,47 @@ def test_sizes_beyond_the_kernel_refuse_clearly():
     with pytest.raises(ValueError, match="support"):
         meta.anil_loss(x.to(dev), y.to(dev), xq.to(dev), yq.to(dev), W.to(dev), b.to(dev), lr=0.5, steps=1,
                        backend="triton")
+
+
+@pytest.mark.parametrize("backend", F32)
+@pytest.mark.parametrize("per_param_lr", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_anil_head_runs_the_fused_op_and_counts_correct_queries(backend, per_param_lr, grad):
+    """ANILHead's loss and accuracy come from the fused op (the one-pass training op on the
+    CPU for a frozen scalar step size, the fused anil_loss op otherwise): the accuracy is
+    the per-task count of queries whose first largest logit under the adapted head is
+    their label, against the autograd loop's logits; the loss is anil_loss's."""
+    from metassl_fast.ops.inner_loop import query_ce
+    from metassl_fast.reference.inner_loop import adapt_reference
+
+    g = torch.Generator().manual_seed(3)
+    T, S, Q, D, C = 5, 10, 9, 12, 4
+    means = 2.0 * torch.randn(T, C, D, generator=g)  # classes apart, so that accuracy is neither 0 nor 1
+    y, yq = torch.randint(0, C, (T, S), generator=g), torch.randint(0, C, (T, Q), generator=g)
+    pick = lambda lab: torch.stack([means[t, lab[t]] for t in range(T)])  # noqa: E731
+    dev = device_of(backend)
+    x = (pick(y) + 1.5 * torch.randn(T, S, D, generator=g)).to(dev)
+    xq = (pick(yq) + 1.5 * torch.randn(T, Q, D, generator=g)).to(dev)
+    y, yq = y.to(dev), yq.to(dev)
+    torch.manual_seed(0)
+    head = meta.ANILHead(in_features=D, n_way=C, lr=0.3, steps=4, per_param_lr=per_param_lr,
+                         backend=backend).to(dev)
+    with torch.set_grad_enabled(grad):
+        loss, acc = head(x, y, xq, yq)
+    if grad and backend == "cpu" and not per_param_lr:
+        assert "AnilTrainEager" in type(loss.grad_fn).__name__  # the one-pass op, not adapt + torch CE
+    lr = (head.lr_weight, head.lr_bias) if per_param_lr else head.lr
+    lr_w, lr_b = (lr[0], lr[1]) if per_param_lr else (lr.expand(C, D), lr.expand(C))
+    with torch.no_grad():
+        W_t, b_t = adapt_reference(x.double(), y, head.linear.weight.double(), head.linear.bias.double(),
+                                   lr_w.double(), lr_b.double(), 4, False)
+        _, logits = query_ce(xq.double(), yq, W_t, b_t)
+    hits = int((logits.argmax(-1) == yq).sum())
+    assert 0 < hits < T * Q
+    assert acc.item() * T * Q == pytest.approx(hits, abs=1e-4)  # accuracy = hits / (T Q), in float32
+    ref = meta.anil_loss(x.double(), y, xq.double(), yq, head.linear.weight.double(), head.linear.bias.double(),
+                         lr=(lr_w.double(), lr_b.double()), steps=4, backend="torch")
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-4, atol=2e-5)
+    if grad:
+        loss.backward()
+        assert head.linear.weight.grad is not None and torch.isfinite(head.linear.weight.grad).all()

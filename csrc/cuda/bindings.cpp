@@ -41,9 +41,9 @@ void labeled_bwd(int dtype, bool dk, const void* Q, const void* K, const int64_t
 int64_t inner_loop_smem_bytes(int S, int Q, int C);
 void inner_loop(int mode, const float* X, const int64_t* y, const float* Xq, const int64_t* yq, const float* W0,
                 const float* b0, const float* aW, const float* ab, const float* task_weight, const float* dWK,
-                const float* dbK, float* loss, float* dX, float* dXq, float* dW0, float* db0, float* daW, float* dab,
-                float* W_traj, float* b_traj, int T, int S, int Q, int D, int C, int K, bool grad, bool first_order,
-                bool need_dlr, cudaStream_t stream);
+                const float* dbK, float* loss, float* correct, float* dX, float* dXq, float* dW0, float* db0,
+                float* daW, float* dab, float* W_traj, float* b_traj, int T, int S, int Q, int D, int C, int K,
+                bool grad, bool first_order, bool need_dlr, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace msf
 
@@ -285,7 +285,7 @@ void inner_loop(int mode, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
                 int64_t db0_numel, uintptr_t daW, int64_t daW_numel, uintptr_t dab, int64_t dab_numel,
                 uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj, int64_t b_traj_numel, int64_t T,
                 int64_t S, int64_t Q, int64_t D, int64_t C, int64_t K, bool grad, bool first_order, bool need_dlr,
-                uintptr_t stream) {
+                uintptr_t stream, uintptr_t correct, int64_t correct_numel) {
   require(mode >= 0 && mode <= 2, "mode must be 0 (ANIL loss), 1 (adapt forward) or 2 (adapt backward)");
   require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0 && (mode != 0 || Q >= 1),
           "need T, S, D, C >= 1, K >= 0 and (ANIL) Q >= 1");
@@ -312,6 +312,7 @@ void inner_loop(int mode, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
     b.add(Xq, Xq_numel, mul(T, Q, D), "query");
     b.add(yq, yq_numel, mul(T, Q), "query_labels");
     b.add(loss, loss_numel, T, "loss");
+    if (correct) b.add(correct, correct_numel, T, "correct");
     if (grad) {
       b.add(task_weight, task_weight_numel, T, "task_weight");
       b.add(dXq, dXq_numel, mul(T, Q, D), "dXq");
@@ -334,7 +335,8 @@ void inner_loop(int mode, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
   msf::cuda::inner_loop(static_cast<int>(mode), ptr<const float*>(X), ptr<const int64_t*>(y), ptr<const float*>(Xq),
                         ptr<const int64_t*>(yq), ptr<const float*>(W0), ptr<const float*>(b0), ptr<const float*>(aW),
                         ptr<const float*>(ab), ptr<const float*>(task_weight), ptr<const float*>(dWK),
-                        ptr<const float*>(dbK), ptr<float*>(loss), ptr<float*>(dX), ptr<float*>(dXq),
+                        ptr<const float*>(dbK), ptr<float*>(loss), mode == 0 ? ptr<float*>(correct) : nullptr,
+                        ptr<float*>(dX), ptr<float*>(dXq),
                         ptr<float*>(dW0), ptr<float*>(db0), ptr<float*>(daW), ptr<float*>(dab), ptr<float*>(W_traj),
                         ptr<float*>(b_traj), static_cast<int>(T), static_cast<int>(S), static_cast<int>(qq),
                         static_cast<int>(D), static_cast<int>(C), static_cast<int>(K), grad, first_order,
@@ -374,8 +376,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("dW0_numel"), py::arg("db0"), py::arg("db0_numel"), py::arg("daW"), py::arg("daW_numel"),
         py::arg("dab"), py::arg("dab_numel"), py::arg("W_traj"), py::arg("W_traj_numel"), py::arg("b_traj"),
         py::arg("b_traj_numel"), py::arg("T"), py::arg("S"), py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("K"),
-        py::arg("grad"), py::arg("first_order"), py::arg("need_dlr"), py::arg("stream"),
-        "Batched linear-head inner loop, float32, one block per task (csrc/cuda/inner_loop.cu).");
+        py::arg("grad"), py::arg("first_order"), py::arg("need_dlr"), py::arg("stream"), py::arg("correct") = 0,
+        py::arg("correct_numel") = 0,
+        "Batched linear-head inner loop, float32, one block per task (csrc/cuda/inner_loop.cu); mode 0 with a "
+        "correct buffer also counts each task's correctly classified queries.");
   m.def("siglip_fwd", &siglip_fwd, py::arg("dtype"), py::arg("Q"), py::arg("Q_numel"), py::arg("K"),
         py::arg("K_numel"), py::arg("loss"), py::arg("loss_numel"), py::arg("N"), py::arg("C"), py::arg("D"),
         py::arg("ldq"), py::arg("ldk"), py::arg("logit_scale"), py::arg("bias"), py::arg("diag_col0"),

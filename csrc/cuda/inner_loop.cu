@@ -91,9 +91,9 @@ __device__ __forceinline__ float atx_at(const float* A, const float* X, int R, i
   return g;
 }
 
-// Shared memory of one task: P, R, M (S x C), Zq (Q x C), gb, lam, v (C), ql (Q).
+// Shared memory of one task: P, R, M (S x C), Zq (Q x C), gb, lam, v (C), ql, qh (Q).
 __host__ __device__ inline int64_t inner_smem_floats(int S, int Q, int C) {
-  return static_cast<int64_t>(3 * S + Q) * C + 3 * C + Q;
+  return static_cast<int64_t>(3 * S + Q) * C + 3 * C + 2 * Q;
 }
 
 __global__ void __launch_bounds__(kInnerThreads)
@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kInnerThreads)
                       const float* __restrict__ Xq, const int64_t* __restrict__ yq, const float* __restrict__ W0,
                       const float* __restrict__ b0, const float* __restrict__ aW, const float* __restrict__ ab,
                       const float* __restrict__ task_weight, const float* __restrict__ dWK,
-                      const float* __restrict__ dbK, float* __restrict__ loss, float* __restrict__ dX,
+                      const float* __restrict__ dbK, float* __restrict__ loss, float* __restrict__ correct,
+                      float* __restrict__ dX,
                       float* __restrict__ dXq, float* __restrict__ dW0, float* __restrict__ db0,
                       float* __restrict__ daW, float* __restrict__ dab, float* __restrict__ W_traj,
                       float* __restrict__ b_traj, int S, int Q, int D, int C, int K, bool grad, bool first_order,
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(kInnerThreads)
   float* lam = gb + C;
   float* v = lam + C;
   float* ql = v + C;
+  float* qh = ql + Q;  // 1 where query q's first largest logit is its label
   const int64_t t = blockIdx.x, CD = static_cast<int64_t>(C) * D;
   const float* Xt = X + t * S * D;
   const int64_t* yt = y + t * S;
@@ -153,20 +155,24 @@ __global__ void __launch_bounds__(kInnerThreads)
     for (int q = threadIdx.x; q < Q; q += kInnerThreads) {
       float* z = Zq + q * C;
       float m = -INFINITY;
-      for (int c = 0; c < C; ++c) m = fmaxf(m, z[c]);
+      int arg = 0;
+      for (int c = 0; c < C; ++c)
+        if (z[c] > m) m = z[c], arg = c;
       float sum = 0.f;
       for (int c = 0; c < C; ++c) sum += expf(z[c] - m);
       const float lse = m + logf(sum);
       const int64_t label = yqt[q];  // checked by the caller; out of range: NaN, never a stray read
       ql[q] = lse - ((label >= 0 && label < C) ? z[label] : NAN);
+      qh[q] = arg == label ? 1.f : 0.f;
       if (grad)
         for (int c = 0; c < C; ++c) z[c] = gq * (expf(z[c] - lse) - (yqt[q] == c ? 1.f : 0.f));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      float total = 0.f;
-      for (int q = 0; q < Q; ++q) total += ql[q];
+      float total = 0.f, hits = 0.f;
+      for (int q = 0; q < Q; ++q) total += ql[q], hits += qh[q];
       loss[t] = total / static_cast<float>(Q);
+      if (correct) correct[t] = hits;
     }
     if (!grad) return;
     Lam = dW0 + t * CD;
@@ -259,12 +265,13 @@ int64_t inner_loop_smem_bytes(int S, int Q, int C) { return inner_smem_floats(S,
 
 void inner_loop(int mode, const float* X, const int64_t* y, const float* Xq, const int64_t* yq, const float* W0,
                 const float* b0, const float* aW, const float* ab, const float* task_weight, const float* dWK,
-                const float* dbK, float* loss, float* dX, float* dXq, float* dW0, float* db0, float* daW, float* dab,
-                float* W_traj, float* b_traj, int T, int S, int Q, int D, int C, int K, bool grad, bool first_order,
-                bool need_dlr, cudaStream_t stream) {
+                const float* dbK, float* loss, float* correct, float* dX, float* dXq, float* dW0, float* db0,
+                float* daW, float* dab, float* W_traj, float* b_traj, int T, int S, int Q, int D, int C, int K,
+                bool grad, bool first_order, bool need_dlr, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(inner_smem_floats(S, Q, C)) * sizeof(float);
   inner_loop_kernel<<<dim3(static_cast<unsigned>(T)), kInnerThreads, smem, stream>>>(
-      mode, X, y, Xq, yq, W0, b0, aW, ab, task_weight, dWK, dbK, loss, dX, dXq, dW0, db0, daW, dab, W_traj, b_traj, S,
+      mode, X, y, Xq, yq, W0, b0, aW, ab, task_weight, dWK, dbK, loss, correct, dX, dXq, dW0, db0, daW, dab, W_traj,
+      b_traj, S,
       Q, D, C, K, grad, first_order, need_dlr);
   check(cudaGetLastError(), "inner_loop_kernel launch");
 }

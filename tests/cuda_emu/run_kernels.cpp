@@ -153,20 +153,22 @@ void run_inner(int T, int C, int D, const float* p, const std::vector<float>& in
   const size_t TCD = static_cast<size_t>(T) * C * D;
   std::vector<float> loss(T, NAN), dX(static_cast<size_t>(T) * S * D, NAN), dXq(static_cast<size_t>(T) * Q * D, NAN),
       dW0(TCD, NAN), db0(static_cast<size_t>(T) * C, NAN), daW(TCD, NAN), dab(static_cast<size_t>(T) * C, NAN),
-      Wt(TCD * (K + 1), NAN), bt(static_cast<size_t>(T) * C * (K + 1), NAN);
+      Wt(TCD * (K + 1), NAN), bt(static_cast<size_t>(T) * C * (K + 1), NAN), correct(T, NAN);
   if (mode == 2) {  // the adapt backward reads a trajectory: run the forward first
     emu::launch(dim3(T), kInnerThreads, [&] {
-      inner_loop_kernel(1, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(), dX.data(),
+      inner_loop_kernel(1, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(), nullptr, dX.data(),
                         dXq.data(), dW0.data(), db0.data(), daW.data(), dab.data(), Wt.data(), bt.data(), S, Q, D, C,
                         K, false, false, false);
     });
   }
   emu::launch(dim3(T), kInnerThreads, [&] {
-    inner_loop_kernel(mode, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(), dX.data(),
+    inner_loop_kernel(mode, X, y.data(), Xq, yq.data(), W0, b0, aW, ab, tw, dWK, dbK, loss.data(),
+                      mode == 0 ? correct.data() : nullptr, dX.data(),
                       dXq.data(), dW0.data(), db0.data(), daW.data(), dab.data(), Wt.data(), bt.data(), S, Q, D, C, K,
                       flags & 1, flags & 2, flags & 4);
   });
-  for (auto* v : {&loss, &dX, &dXq, &dW0, &db0, &daW, &dab, &Wt, &bt}) out.insert(out.end(), v->begin(), v->end());
+  for (auto* v : {&loss, &dX, &dXq, &dW0, &db0, &daW, &dab, &Wt, &bt, &correct})
+    out.insert(out.end(), v->begin(), v->end());
 }
 
 template <typename T>

@@ -63,11 +63,19 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
     requires grad), support and query.  The inner loop and the query loss run in one
     fused kernel call (the gradient in one more, or during the forward when training
     with a constant step size on the CPU)."""
+    return fused_anil(support, support_labels, query, query_labels, weight, bias, lr, steps, first_order, reduction,
+                      backend)[0]
+
+
+def fused_anil(support, support_labels, query, query_labels, weight, bias, lr, steps, first_order, reduction,
+               backend) -> tuple[Tensor, Tensor]:
+    """anil_loss and each task's number of correctly classified queries (T,), from one
+    fused call (ANILHead's forward)."""
     _validate.task_reduction(reduction)
     X, labels, W, b, lr_w, lr_b, steps, constant = prepared(support, support_labels, weight, bias, lr, steps,
                                                             first_order)
     q_labels = _validate.query_set(support, query, query_labels, W.shape[0]).contiguous()
     which = _validate.backend(backend, support.device)
-    loss = _op.anil(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b, lr_w, lr_b, steps, first_order,
-                    reduction, which, lr_is_constant=constant)
-    return loss.to(query.dtype)
+    loss, correct = _op.anil(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b, lr_w, lr_b, steps,
+                             first_order, reduction, which, lr_is_constant=constant)
+    return loss.to(query.dtype), correct

@@ -91,17 +91,20 @@ def _grad_fakes(support, query, weight):
 @torch.library.custom_op("metassl_fast::anil_loss_fwd", mutates_args=())
 def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor,
                   bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str,
-                  backend: str) -> Tensor:
-    """-> the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none")."""
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """-> (the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none"); correct
+    (T,): each task's number of queries the adapted head classifies right, from the
+    logits the loss forms anyway; not differentiable)."""
+    correct = support.new_zeros(support.shape[0])
     loss_t, _ = _impl(backend).anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
-                                    first_order, False)
-    return loss_t.mean() if reduction == "mean" else loss_t
+                                    first_order, False, True, correct)
+    return (loss_t.mean() if reduction == "mean" else loss_t), correct
 
 
 @anil_loss_fwd.register_fake
 def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
       backend):
-    return support.new_empty(() if reduction == "mean" else (support.shape[0],))
+    return support.new_empty(() if reduction == "mean" else (support.shape[0],)), support.new_empty(support.shape[0])
 
 
 @torch.library.custom_op("metassl_fast::anil_loss_bwd", mutates_args=())
@@ -129,10 +132,11 @@ def _anil_setup(ctx, inputs, output):
     (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
      backend) = inputs
     ctx.steps, ctx.first_order, ctx.reduction, ctx.backend = steps, first_order, reduction, backend
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(support, labels, query, query_labels, weight, bias, lr_w, lr_b)
 
 
-def _anil_backward(ctx, grad):
+def _anil_backward(ctx, grad, _grad_correct):
     need_dlr = bool(ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
     dX, dXq, dW, db, dlw, dlb = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order,
                                               ctx.reduction, ctx.backend, need_dlr)
@@ -156,17 +160,19 @@ register_backward_op("metassl_fast::anil_loss_bwd", _WHAT)
 
 def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor,
                 bias: Tensor, lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (mean loss (), dW (C, D), db (C) for grad_output = 1, coef (T, S + 2C, S),
-    lamK (T, C, D), dzqT (T, C, Q), WK (T, C, D)): the last four feed anil_apply."""
+    lamK (T, C, D), dzqT (T, C, Q), WK (T, C, D), correct (T,)): coef .. WK feed
+    anil_apply; correct counts each task's correctly classified queries."""
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
              support.new_empty(T, C, D))
     weights = support.new_full((T,), 1.0 / T)
+    correct = support.new_zeros(T)
     loss_t, (_, _, dW, db, _, _) = _impl("cpu").anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
-                                                    weights, steps, first_order, True, False, defer)
-    return (loss_t.mean(), dW, db) + defer
+                                                    weights, steps, first_order, True, False, correct, defer)
+    return (loss_t.mean(), dW, db) + defer + (correct,)
 
 
 anil_loss_train = torch.library.custom_op("metassl_fast::anil_loss_train", _train_impl, mutates_args=())
@@ -178,7 +184,7 @@ def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, fir
     Q, C = query.shape[1], weight.shape[0]
     return (support.new_empty(()), support.new_empty(C, D), support.new_empty(C),
             support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
-            support.new_empty(T, C, D))
+            support.new_empty(T, C, D), support.new_empty(T))
 
 
 def _apply_impl(grad: Tensor, support: Tensor, query: Tensor, weight: Tensor, coef: Tensor, lamK: Tensor,
@@ -197,7 +203,7 @@ def _(grad, support, query, weight, coef, lamK, dzqT, WK):
 
 def _train_setup(ctx, inputs, output):
     support, _labels, query, _ql, weight = inputs[:5]
-    _, dW, db, coef, lamK, dzqT, WK = output
+    _, dW, db, coef, lamK, dzqT, WK, _correct = output
     ctx.mark_non_differentiable(*output[1:])  # internal state for the backward, not results
     ctx.save_for_backward(support, query, weight, dW, db, coef, lamK, dzqT, WK)
 
@@ -276,19 +282,20 @@ def one_pass(backend: str, reduction: str, lr_is_constant: bool, inputs: tuple) 
 
 def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor, bias: Tensor,
          lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str, backend: str, *,
-         lr_is_constant: bool) -> Tensor:
+         lr_is_constant: bool) -> tuple[Tensor, Tensor]:
     """The ANIL meta-loss of validated inputs (accumulation dtype, contiguous) on the
-    resolved backend: the per-task autograd loop for "torch", else one fused op call
-    (the one-pass training op where one_pass says so; lr_is_constant: the step size is
-    one number that needs no gradient)."""
+    resolved backend, and each task's number of correctly classified queries (T,): the
+    per-task autograd loop for "torch", else one fused op call (the one-pass training op
+    where one_pass says so; lr_is_constant: the step size is one number that needs no
+    gradient)."""
     if backend == "torch":
         W_t, b_t = adapt_reference(support, labels, weight, bias, lr_w, lr_b, steps, first_order)
-        ce, _ = query_ce(query, query_labels, W_t, b_t)
-        return reduce_tasks(ce, query.shape[0], reduction)
+        ce, logits = query_ce(query, query_labels, W_t, b_t)
+        correct = (logits.detach().argmax(-1) == query_labels).sum(1).to(support.dtype)
+        return reduce_tasks(ce, query.shape[0], reduction), correct
     if one_pass(backend, reduction, lr_is_constant, (support, query, weight, bias)):
         inputs = (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order)
-        if torch.compiler.is_compiling():
-            return anil_loss_train(*inputs)[0]
-        return _AnilTrainEager.apply(*inputs)[0]
+        out = anil_loss_train(*inputs) if torch.compiler.is_compiling() else _AnilTrainEager.apply(*inputs)
+        return out[0], out[-1]
     return torch.ops.metassl_fast.anil_loss_fwd(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
                                                 steps, first_order, reduction, backend)

@@ -47,11 +47,13 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
 
 
 def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
-         compute_grad, need_dlr=True, defer=None):
+         compute_grad, need_dlr=True, correct=None, defer=None):
     """-> (loss (T,), None or the gradients (dX, dXq, dW, db, d lr_w, d lr_b)); without
     need_dlr the step sizes' gradients are zeros (and the kernel may take its
-    support-space path, inner_loop.cpp gram_task).  defer = (coef, lamK, dzqT, WK): keep
-    what dX and dXq are formed from (apply) instead of forming them."""
+    support-space path, inner_loop.cpp gram_task).  correct (T,) in the support's dtype,
+    or None: filled with each task's number of correctly classified queries.  defer =
+    (coef, lamK, dzqT, WK): keep what dX and dXq are formed from (apply) instead of
+    forming them."""
     C_ext = _ext.require("_C")
     check_cpu((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
               lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
@@ -78,7 +80,7 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
                 task_weight=task_weight, loss=loss, dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, coef=coef,
                 lamK=lamK, dzqT=dzqT, WK=WK),
         T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order, compute_grad=compute_grad, need_dlr=need_dlr,
-        defer=defer is not None, nthreads=nthreads())
+        defer=defer is not None, nthreads=nthreads(), **(ptr_args(correct=correct) if correct is not None else {}))
     if not compute_grad:
         return loss, None
     if need_dlr:

@@ -11,11 +11,11 @@ from ._shared import check_adapt_bwd, check_adapt_fwd, check_anil_shapes, f32
 
 def _inner(mode, X, y, W_traj, b_traj, T, S, D, C, K, *, Xq=None, yq=None, W0=None, b0=None, aW, ab,
            tw=None, dWK=None, dbK=None, loss=None, dX=None, dXq=None, dW0=None, db0=None, daW=None, dab=None,
-           grad=False, first_order=False, need_dlr=False):
+           correct=None, grad=False, first_order=False, need_dlr=False):
     """_C_cuda.inner_loop in mode 0 (the ANIL loss), 1 (adapt forward) or 2 (adapt backward)."""
     none = X.new_empty(0)
     bufs = dict(X=X, y=y, Xq=Xq, yq=yq, W0=W0, b0=b0, aW=aW, ab=ab, task_weight=tw, dWK=dWK, dbK=dbK, loss=loss,
-                dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, W_traj=W_traj, b_traj=b_traj)
+                dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, W_traj=W_traj, b_traj=b_traj, correct=correct)
     cuda_call("inner_loop", X.device, mode=mode, **ptr_args(**{k: (none if v is None else v) for k, v in bufs.items()}),
               T=T, S=S, Q=0 if Xq is None else Xq.shape[1], D=D, C=C, K=K, grad=grad, first_order=first_order,
               need_dlr=need_dlr)
@@ -49,7 +49,9 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
 
 
 def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
-         compute_grad, need_dlr=True):
+         compute_grad, need_dlr=True, correct=None):
+    """-> (loss (T,), None or (dX, dXq, dW, db, d lr_w, d lr_b)); correct (T,) or None: gets
+    each task's number of correctly classified queries."""
     check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
                       triton_caps=False)
     dtype = support.dtype
@@ -57,7 +59,7 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     T, S, D = X.shape
     C = W.shape[0]
     new = _new(X)
-    loss = new(T)
+    loss, hits = new(T), new(T)
     traj, btraj = new(T, steps + 1, C, D), new(T, steps + 1, C)
     grads = {}
     if compute_grad:
@@ -66,8 +68,10 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
         if need_dlr:
             grads.update(daW=new(T, C, D), dab=new(T, C))
     _inner(0, X, labels.contiguous(), traj, btraj, T, S, D, C, steps, Xq=Xq, yq=query_labels.contiguous(),
-           W0=W, b0=b, aW=aW, ab=ab, loss=loss, grad=compute_grad, first_order=first_order, need_dlr=need_dlr,
-           **grads)
+           W0=W, b0=b, aW=aW, ab=ab, loss=loss, correct=hits, grad=compute_grad, first_order=first_order,
+           need_dlr=need_dlr, **grads)
+    if correct is not None:
+        correct.copy_(hits)
     if not compute_grad:
         return loss.to(dtype), None
     dlw = grads["daW"].sum(0) if need_dlr else W.new_zeros(C, D)

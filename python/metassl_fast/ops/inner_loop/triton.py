@@ -50,9 +50,10 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
 
 
 def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
-         compute_grad, need_dlr=True):
+         compute_grad, need_dlr=True, correct=None):
     """-> (loss (T,), None or (dX, dXq, dW, db, d lr_w, d lr_b)); the kernel always forms
-    the step sizes' gradients (need_dlr is the CPU kernel's shortcut)."""
+    the step sizes' gradients (need_dlr is the CPU kernel's shortcut).  correct (T,) or
+    None: gets each task's number of correctly classified queries."""
     from ...kernels import inner_loop as tk
 
     check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight)
@@ -62,7 +63,7 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     T, S, D = X.shape
     Q, C = Xq.shape[1], W.shape[0]
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
-    loss = new(T)
+    loss, hits = new(T), new(T)
     traj, btraj = new(T, steps + 1, C, D), new(T, steps + 1, C)
     if compute_grad:
         tw = f32(task_weight)[0]
@@ -71,10 +72,12 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     else:
         tw = dX = dXq = dW0 = daW = db0 = dab = loss  # not touched without COMPUTE_GRAD
     bs, bq, bc, bd = _blocks(S, Q, C)
-    tk.anil_kernel[(T,)](X, y, Xq, yq, W, b, aW, ab, tw, loss, traj, btraj, dX, dXq, dW0, db0, daW, dab,
+    tk.anil_kernel[(T,)](X, y, Xq, yq, W, b, aW, ab, tw, loss, hits, traj, btraj, dX, dXq, dW0, db0, daW, dab,
                          S, Q, D, C, steps, COMPUTE_GRAD=compute_grad, FIRST_ORDER=first_order,
                          PRECISION="ieee", BLOCK_S=bs, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
     loss = loss.to(dtype)
+    if correct is not None:
+        correct.copy_(hits)
     if not compute_grad:
         return loss, None
     return loss, (dX.to(dtype), dXq.to(dtype), dW0.sum(0).to(dtype), db0.sum(0).to(dtype),
