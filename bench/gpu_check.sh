@@ -25,9 +25,9 @@ tail -3 "$OUT/build.log"
 metassl-fast info 2>&1 | tee "$OUT/info.txt"
 
 echo "== GPU tests"
-timeout 210 python -m pytest tests/test_contrastive_gpu.py tests/test_contrastive_triton.py tests/test_family_triton.py \
-  tests/test_inner_loop_triton.py \
-  -q --maxfail=20 -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+# one test file per op, every backend a parameter: the Triton and CUDA cases, and the GPU-only tests
+timeout 210 python -m pytest tests/test_contrastive.py tests/test_labeled.py tests/test_siglip.py tests/test_inner_loop.py \
+  -k "triton or cuda or gpu" -q --maxfail=20 -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== GPU benchmark"
 timeout 150 metassl-fast bench --section contrastive --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45

@@ -362,12 +362,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("g_row_numel"), py::arg("ext") = 0, py::arg("ext_numel") = 0, py::arg("dext") = 0,
         py::arg("dext_numel") = 0, py::arg("ext_positive") = true, py::arg("write_grad"), py::arg("nthreads"),
         "Labelled-row losses (SupCon, NT-Xent, pairwise NT-Xent) of one row block of S and, "
-        "optionally, its in-place gradient; returns sum(G * S). See csrc/cpu/contrastive.h.");
+        "optionally, its in-place gradient; returns sum(G * S). See csrc/cpu/labeled.h.");
   m.def("block_sigmoid", &block_sigmoid, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
         py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("scale"), py::arg("bias"),
         py::arg("weight"), py::arg("write_grad"), py::arg("nthreads"),
         "SigLIP's pairwise sigmoid loss of one row block of S = Q K^T and, optionally, dL/dx in "
-        "place; returns (loss, sum dL/dx * S, sum dL/dx).");
+        "place; returns (loss, sum dL/dx * S, sum dL/dx). See csrc/cpu/siglip.h.");
   m.def("inner_loop_forward", &inner_loop_forward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"),
         py::arg("y"), py::arg("y_numel"), py::arg("W0"), py::arg("W0_numel"), py::arg("b0"),
         py::arg("b0_numel"), py::arg("aW"), py::arg("aW_numel"), py::arg("ab"), py::arg("ab_numel"),

@@ -1,5 +1,5 @@
 """The original implementations our losses replace, for the parity tests
-(tests/originals.py) and the benchmark of the drop-ins (benchmarks/family.py).
+(tests/originals.py) and the benchmark of the drop-ins (benchmarks/family.py, the drop-in table).
 
 Each function returns the package's own code, or raises OriginalMissing (an
 ImportError naming the pip command that installs it) when the package is absent.
