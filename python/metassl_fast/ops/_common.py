@@ -196,7 +196,7 @@ def ptr_args(**tensors) -> dict:
     out = {}
     for name, t in tensors.items():
         out[name] = t.data_ptr()
-        out[f"{name}_numel"] = t.numel()
+        out[name + "_numel"] = t.numel()
     return out
 
 

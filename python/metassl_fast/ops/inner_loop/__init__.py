@@ -29,7 +29,7 @@ _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
 
 def _impl(backend: str):
-    return backend_module(__name__, "inner_loop", backend)
+    return backend_module(__package__, "inner_loop", backend)
 
 
 @torch.library.custom_op("metassl_fast::inner_loop_fwd", mutates_args=())
@@ -95,7 +95,7 @@ def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: 
     """-> (the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none"); correct
     (T,): each task's number of queries the adapted head classifies right, from the
     logits the loss forms anyway; not differentiable)."""
-    correct = support.new_zeros(support.shape[0])
+    correct = support.new_empty(support.shape[0])  # every task writes its count
     loss_t, _ = _impl(backend).anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
                                     first_order, False, True, correct)
     return (loss_t.mean() if reduction == "mean" else loss_t), correct
@@ -169,7 +169,7 @@ def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Te
     defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
              support.new_empty(T, C, D))
     weights = support.new_full((T,), 1.0 / T)
-    correct = support.new_zeros(T)
+    correct = support.new_empty(T)  # every task writes its count
     loss_t, (_, _, dW, db, _, _) = _impl("cpu").anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
                                                     weights, steps, first_order, True, False, correct, defer)
     return (loss_t.mean(), dW, db) + defer + (correct,)

@@ -78,9 +78,9 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
         dtype=_ext.DTYPE_CODE[support.dtype],
         **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, W0=weight, b0=bias, aW=lr_w, ab=lr_b,
                 task_weight=task_weight, loss=loss, dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, coef=coef,
-                lamK=lamK, dzqT=dzqT, WK=WK),
+                lamK=lamK, dzqT=dzqT, WK=WK, correct=none if correct is None else correct),
         T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order, compute_grad=compute_grad, need_dlr=need_dlr,
-        defer=defer is not None, nthreads=nthreads(), **(ptr_args(correct=correct) if correct is not None else {}))
+        defer=defer is not None, nthreads=nthreads())
     if not compute_grad:
         return loss, None
     if need_dlr:
