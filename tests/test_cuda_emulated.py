@@ -7,7 +7,7 @@ the real kernel code: forward, then dQ and dK, for InfoNCE / CLIP, SigLIP and th
 labelled rows (SupCon / NT-Xent, pairwise, extra logit).  Every output is compared with the
 float64 formulas written out here, on shapes that cut tiles (64), feature chunks (32)
 and output chunks (64 fp32 / 128 fp16, bf16).  What it cannot check: the hardware's
-fragment layout, the memory model under concurrency, speed (tests/test_contrastive_gpu.py
+fragment layout, the memory model under concurrency, speed (tests/test_contrastive.py (gpu-marked)
 runs the kernels on a GPU).
 """
 from __future__ import annotations

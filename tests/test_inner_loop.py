@@ -626,3 +626,35 @@ def test_anil_head_runs_the_fused_op_and_counts_correct_queries(backend, per_par
     if grad:
         loss.backward()
         assert head.linear.weight.grad is not None and torch.isfinite(head.linear.weight.grad).all()
+
+
+def test_anil_head_torch_backend_under_no_grad():
+    """The reference needs autograd for its inner gradients: under torch.no_grad it still
+    runs (it raised before) and gives the same loss and accuracy as with grad."""
+    x, y, xq, yq, *_ = _task(2, 6, 5, 7, 3)
+    torch.manual_seed(0)
+    head = meta.ANILHead(in_features=7, n_way=3, steps=2, backend="torch").double()
+    loss, acc = head(x, y, xq, yq)
+    with torch.no_grad():
+        loss_ng, acc_ng = head(x, y, xq, yq)
+    assert loss_ng.grad_fn is None
+    torch.testing.assert_close(loss_ng, loss.detach(), rtol=0, atol=0)
+    assert acc_ng.item() == acc.item()
+
+
+@needs_triton
+def test_anil_head_with_more_queries_than_the_fused_triton_kernel_holds():
+    """ANILHead on triton with Q > 128 query rows (more than the fused loss kernel keeps on
+    chip): adapted by the Triton adapt kernel, the queries scored in torch, same numbers."""
+    x, y, xq, yq, *_ = _task(2, 5, 130, 8, 3, dtype=torch.float32)
+    dev = device_of("triton")
+    x, y, xq, yq = x.detach().to(dev), y.to(dev), xq.detach().to(dev), yq.to(dev)
+    torch.manual_seed(0)
+    head = meta.ANILHead(in_features=8, n_way=3, steps=2, backend="triton").to(dev)
+    loss, acc = head(x, y, xq, yq)
+    loss.backward()
+    ref_head = meta.ANILHead(in_features=8, n_way=3, steps=2, backend="torch").to(dev)
+    ref_head.load_state_dict(head.state_dict())
+    ref_loss, ref_acc = ref_head(x, y, xq, yq)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-4, atol=2e-5)
+    assert acc.item() == pytest.approx(ref_acc.item(), abs=1e-6)

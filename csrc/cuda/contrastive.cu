@@ -22,7 +22,7 @@
 // Tiles, products and limits: cuda/_tiles.cuh.
 //
 // Status: compiled in CI (-Werror, sm_80 and sm_90); not yet run on a GPU by this
-// project at the time of writing (tests/test_contrastive_gpu.py runs it where a GPU is).
+// project at the time of writing (tests/test_contrastive.py (its gpu-marked tests) runs it where a GPU is).
 #include "cuda/_tiles.cuh"
 
 namespace msf {

@@ -55,7 +55,9 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
     _validate.reduction(reduction)
     scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
     world = _validate.world(gather_distributed, process_group)
-    which = _validate.backend(backend, query.device, query.dtype, "query")
+    what = ("gather_distributed" if world[1] > 1 else
+            "info_nce with paired negatives" if negatives is not None and negatives.dim() == 3 else "query")
+    which = _validate.backend(backend, query.device, query.dtype, what)
     return _contrastive.loss(query, key, negatives, scale, symmetric=symmetric, normalize=normalize,
                              reduction=reduction, backend=which, world=world)
 
@@ -257,6 +259,7 @@ def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
     _validate.features("negatives", negatives)
     query, positive_key, negatives = _validate.autocast_common(query, positive_key, negatives)
     _validate.same_dtype_device("query", query, "positive_key", positive_key)
+    _validate.same_dtype_device("query", query, "negatives", negatives)
     if positive_key.shape != query.shape:
         raise ValueError(f"positive_key must have the shape of query {tuple(query.shape)}, "
                          f"got {tuple(positive_key.shape)}")

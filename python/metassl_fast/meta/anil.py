@@ -68,14 +68,15 @@ def anil_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_labe
 
 
 def fused_anil(support, support_labels, query, query_labels, weight, bias, lr, steps, first_order, reduction,
-               backend) -> tuple[Tensor, Tensor]:
+               backend, any_query_count=False) -> tuple[Tensor, Tensor]:
     """anil_loss and each task's number of correctly classified queries (T,), from one
-    fused call (ANILHead's forward)."""
+    fused call (ANILHead's forward; any_query_count: see ops.inner_loop.anil)."""
     _validate.task_reduction(reduction)
     X, labels, W, b, lr_w, lr_b, steps, constant = prepared(support, support_labels, weight, bias, lr, steps,
                                                             first_order)
     q_labels = _validate.query_set(support, query, query_labels, W.shape[0]).contiguous()
     which = _validate.backend(backend, support.device)
     loss, correct = _op.anil(X, labels, query.to(X.dtype).contiguous(), q_labels, W, b, lr_w, lr_b, steps,
-                             first_order, reduction, which, lr_is_constant=constant)
+                             first_order, reduction, which, lr_is_constant=constant, head_dtype=support.dtype,
+                             any_query_count=any_query_count)
     return loss.to(query.dtype), correct

@@ -33,5 +33,6 @@ class ANILHead(nn.Module):
         one fused call (anil_loss's), which also counts the correct queries."""
         lr = (self.lr_weight, self.lr_bias) if self.per_param_lr else self.lr
         loss, correct = fused_anil(support, support_labels, query, query_labels, self.linear.weight,
-                                   self.linear.bias, lr, self.steps, self.first_order, "mean", self.backend)
+                                   self.linear.bias, lr, self.steps, self.first_order, "mean", self.backend,
+                                   any_query_count=True)
         return loss, (correct.sum() / query_labels.numel()).float()

@@ -280,19 +280,43 @@ def one_pass(backend: str, reduction: str, lr_is_constant: bool, inputs: tuple) 
             and any(t.requires_grad for t in inputs))
 
 
+def _fused_fits(backend: str, S: int, Q: int, C: int) -> bool:
+    """Whether the GPU kernels of the fused loss take Q query rows per task: Triton keeps
+    them on chip (at most MAX_TRITON_ROWS), the CUDA kernel's shared memory holds
+    (3 S + Q) C + 3 C + 2 Q floats (48 KiB).  adapt_linear_head's kernels have no Q."""
+    if backend == "triton":
+        from ._shared import MAX_TRITON_ROWS
+
+        return Q <= MAX_TRITON_ROWS
+    if backend == "cuda":
+        return ((3 * S + Q) * C + 3 * C + 2 * Q) * 4 <= 48 * 1024
+    return True
+
+
+def _unfused(W_t, b_t, query, query_labels, reduction, head_dtype):
+    """The query loss and correct counts of adapted heads, in torch (the heads rounded to
+    the input dtype first, as adapt_linear_head returns them)."""
+    ce, logits = query_ce(query, query_labels, W_t.to(head_dtype), b_t.to(head_dtype))
+    correct = (logits.detach().argmax(-1) == query_labels).sum(1).to(query.dtype)
+    return reduce_tasks(ce, query.shape[0], reduction), correct
+
+
 def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor, bias: Tensor,
          lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str, backend: str, *,
-         lr_is_constant: bool) -> tuple[Tensor, Tensor]:
+         lr_is_constant: bool, head_dtype: torch.dtype, any_query_count: bool = False) -> tuple[Tensor, Tensor]:
     """The ANIL meta-loss of validated inputs (accumulation dtype, contiguous) on the
     resolved backend, and each task's number of correctly classified queries (T,): the
     per-task autograd loop for "torch", else one fused op call (the one-pass training op
     where one_pass says so; lr_is_constant: the step size is one number that needs no
-    gradient)."""
+    gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted
+    heads to it).  any_query_count (ANILHead): where the GPU kernel of the fused loss
+    cannot hold the query rows, adapt with the kernel and score the queries in torch."""
     if backend == "torch":
         W_t, b_t = adapt_reference(support, labels, weight, bias, lr_w, lr_b, steps, first_order)
-        ce, logits = query_ce(query, query_labels, W_t, b_t)
-        correct = (logits.detach().argmax(-1) == query_labels).sum(1).to(support.dtype)
-        return reduce_tasks(ce, query.shape[0], reduction), correct
+        return _unfused(W_t, b_t, query, query_labels, reduction, head_dtype)
+    if any_query_count and not _fused_fits(backend, support.shape[1], query.shape[1], weight.shape[0]):
+        W_t, b_t = adapt(support, labels, weight, bias, lr_w, lr_b, steps, first_order, backend)
+        return _unfused(W_t, b_t, query, query_labels, reduction, head_dtype)
     if one_pass(backend, reduction, lr_is_constant, (support, query, weight, bias)):
         inputs = (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order)
         out = anil_loss_train(*inputs) if torch.compiler.is_compiling() else _AnilTrainEager.apply(*inputs)
