@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _backend, distributed
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -170,8 +172,6 @@ def world(gather_distributed: object, process_group) -> tuple[int, int, object]:
         if process_group is not None:
             raise ValueError("process_group was given but gather_distributed=False")
         return 0, 1, None
-    from . import distributed
-
     return (*distributed.world(process_group), process_group)
 
 
@@ -179,8 +179,6 @@ def backend(value: object, device: torch.device, dtype: torch.dtype | None = Non
     """The backend that runs this call, resolved once (backend=, METASSL_FAST_BACKEND, the
     device; see _backend.resolve).  With a dtype: the GPU contrastive kernels take no
     float64 (the inner-loop ones round it, so meta passes none)."""
-    from . import _backend
-
     which = _backend.resolve(value, device)
     if which in ("triton", "cuda") and dtype == torch.float64:
         raise TypeError(f"{what}: backend={which!r} takes float32, float16 or bfloat16, got float64")

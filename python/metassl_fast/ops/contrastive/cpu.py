@@ -14,7 +14,7 @@ import math
 import torch
 
 from ... import _ext
-from .._common import row_sweep
+from .._common import nthreads, row_sweep
 from ._shared import col_lse_and_loss, empty_grads, finish_grads, inputs, key_rows, reduce, row_weights
 
 PRECOMPUTES = True  # the gradient of a scalar loss is formed during the forward
@@ -30,7 +30,7 @@ def _sweep(qs, keys, n_pairs, *, stats, col_stats, grad, lse_row, lse_col, g_row
     n_rows, n_cols = qs.shape[0], keys.shape[0]
     dtype = qs.dtype
     code = _ext.DTYPE_CODE[dtype]
-    nt = max(1, torch.get_num_threads())
+    nt = nthreads()
     pos = torch.empty(n_rows, dtype=dtype) if stats else None
     row_loss = torch.empty(n_rows, dtype=dtype) if stats else None
     col_max = col_sum = None

@@ -25,13 +25,6 @@ __all__ = ["explicit", "gathered", "labeled_bwd", "labeled_fwd", "loss", "positi
 _WHAT = "the contrastive family losses"
 
 
-def _run(backend, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
-         pairwise, grad_out, with_grad, need):
-    return backend_module(__name__, "labeled", backend).run(
-        query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction, pairwise,
-        grad_out, with_grad, need)
-
-
 @torch.library.custom_op("metassl_fast::labeled_fwd", mutates_args=())
 def labeled_fwd(
     query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor | None, pos_logit: Tensor | None,
@@ -44,11 +37,11 @@ def labeled_fwd(
     positive of its row when ext_positive, else a term of the row's LSE only.
     self_offset >= 0 (with a key): anchor i is key row self_offset + i, left out of every
     set (keys gathered from all ranks); -1: no anchor is among the keys."""
-    backend_module(__name__, "labeled", backend)
+    impl = backend_module(__name__, "labeled", backend)
     check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit)
     check_labeled(query, key, pos_logit, self_offset, pairwise)
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
-    loss, grads = _run(backend, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
+    loss, grads = impl.run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset,
                        normalize, reduction, pairwise, None, precompute, need)
     if grads is None:
         grads = (query.new_empty(0), (query if key is None else key).new_empty(0), query.new_empty(0),
@@ -78,14 +71,14 @@ def labeled_bwd(
     pairwise: bool, need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
-    backend_module(__name__, "labeled", backend)
+    impl = backend_module(__name__, "labeled", backend)
     check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit, grad=grad)
     check_labeled(query, key, pos_logit, self_offset, pairwise)
     n = query.shape[0]
     if grad.shape != ((n,) if reduction == "none" else ()):
         raise ValueError(f"grad has shape {tuple(grad.shape)}, which does not match reduction={reduction!r}")
     need = (need_dq, need_dk and key is not None, need_dpos and pos_logit is not None, need_dscale)
-    _, grads = _run(backend, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
+    _, grads = impl.run(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize,
                     reduction, pairwise, grad, True, need)
     return grads
 

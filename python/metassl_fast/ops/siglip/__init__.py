@@ -33,10 +33,6 @@ def _check(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset:
         raise ValueError(f"bias must be a 0-dim tensor, got shape {tuple(bias.shape)}")
 
 
-def _run(backend, *args):
-    return backend_module(__name__, "siglip", backend).run(*args)
-
-
 @torch.library.custom_op("metassl_fast::siglip_fwd", mutates_args=())
 def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_offset: int, precompute: bool,
                need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
@@ -44,9 +40,9 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
     """(loss, dq, dk, dscale, dbias), the gradients for grad_output = 1 when precompute.
     query (N, D), key (M, D): query i's positive is key diag_offset + i; the loss is the
     sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
-    backend_module(__name__, "siglip", backend)
+    impl = backend_module(__name__, "siglip", backend)
     _check(query, key, scale, bias, diag_offset)
-    loss, grads = _run(backend, query, key, scale, bias, diag_offset, None, precompute,
+    loss, grads = impl.run(query, key, scale, bias, diag_offset, None, precompute,
                        (need_dq, need_dk, need_dscale, need_dbias))
     if grads is None:
         grads = (query.new_empty(0), key.new_empty(0), scale.new_empty(0), bias.new_empty(0))
@@ -67,12 +63,12 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
                need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dscale, dbias), each empty where not needed."""
-    backend_module(__name__, "siglip", backend)
+    impl = backend_module(__name__, "siglip", backend)
     _check(query, key, scale, bias, diag_offset, grad=grad)
     if grad.shape != ():
         raise ValueError(f"grad must be 0-dim (the loss is a scalar), got shape {tuple(grad.shape)}")
     # the weight goes into the kernel; a zero upstream gradient gives zero gradients
-    _, grads = _run(backend, query, key, scale, bias, diag_offset, grad, True,
+    _, grads = impl.run(query, key, scale, bias, diag_offset, grad, True,
                     (need_dq, need_dk, need_dscale, need_dbias))
     return grads
 
