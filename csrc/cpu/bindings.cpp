@@ -5,6 +5,7 @@
 // Python says it passed (pointer, element count), whatever the caller sends.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -21,6 +22,28 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1 };
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("metassl_fast._C: " + msg);
+}
+
+// Size arithmetic that cannot wrap: a product or sum of non-negative sizes past 2^60
+// elements (no buffer is that large) is refused, so no check below passes on a wrapped value.
+constexpr int64_t kMaxElements = int64_t(1) << 60;
+
+int64_t checked(bool overflow, int64_t r) {
+  if (overflow || r < 0 || r > kMaxElements)
+    require(false, "the sizes passed overflow (a size product is past 2^60 elements)");
+  return r;
+}
+int64_t add(int64_t a, int64_t b) {
+  int64_t r = 0;
+  const bool overflow = __builtin_add_overflow(a, b, &r);
+  return checked(overflow, r);
+}
+int64_t prod(int64_t a) { return checked(false, a); }
+template <typename... Ts>
+int64_t prod(int64_t a, int64_t b, Ts... rest) {
+  int64_t r = 0;
+  const bool overflow = __builtin_mul_overflow(a, b, &r);
+  return prod(checked(overflow, r), rest...);
 }
 
 // A buffer of `numel` elements must hold `need` of them.
@@ -54,7 +77,7 @@ T* out(uintptr_t p) {
 
 // Elements a row-major (rows x cols, row stride ld) view touches.
 int64_t span(int64_t rows, int64_t cols, int64_t ld) {
-  return rows == 0 ? 0 : (rows - 1) * ld + cols;
+  return rows == 0 ? 0 : add(prod(rows - 1, ld), cols);
 }
 
 double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C, int64_t ld,
@@ -65,7 +88,7 @@ double block_rows(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int64_t C,
                   bool write_grad, int nthreads) {
   require_dtype(dtype);
   require(B >= 0 && C >= 1 && ld >= C, "need B >= 0, C >= 1 and ld >= C");
-  require(row0 >= 0 && n_pairs >= 1 && n_pairs <= C && row0 + B <= n_pairs,
+  require(row0 >= 0 && n_pairs >= 1 && n_pairs <= C && B <= n_pairs - row0,
           "rows [row0, row0 + B) must be positive pairs: row0 >= 0, row0 + B <= n_pairs <= C");
   require(nthreads >= 1, "nthreads must be >= 1");
   require(compute_lse || write_grad, "a call must compute lse or write the gradient");
@@ -121,7 +144,7 @@ double block_rows_labeled(int dtype, uintptr_t S, int64_t S_numel, int64_t B, in
                           int64_t dext_numel, bool ext_positive, bool write_grad, int nthreads) {
   require_dtype(dtype);
   require(B >= 0 && C >= 1 && ld >= C && row0 >= 0, "need B >= 0, C >= 1, ld >= C and row0 >= 0");
-  require(!exclude_self || row0 + B <= C, "exclude_self needs rows [row0, row0 + B) inside the C columns");
+  require(!exclude_self || B <= C - row0, "exclude_self needs rows [row0, row0 + B) inside the C columns");
   require(nthreads >= 1, "nthreads must be >= 1");
   require_buffer(S, S_numel, span(B, C, ld), "S");
   require_buffer(y_row, y_row_numel, B, "y_row");
@@ -150,7 +173,7 @@ py::tuple block_sigmoid(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int6
                         int64_t row0, double scale, double bias, double weight, bool write_grad,
                         int nthreads) {
   require_dtype(dtype);
-  require(B >= 0 && C >= 1 && ld >= C && row0 >= 0 && row0 + B <= C,
+  require(B >= 0 && C >= 1 && ld >= C && row0 >= 0 && row0 <= C && B <= C - row0,
           "need B >= 0, C >= 1, ld >= C and the diagonal rows [row0, row0 + B) inside the C columns");
   require(nthreads >= 1, "nthreads must be >= 1");
   require_buffer(S, S_numel, span(B, C, ld), "S");
@@ -170,6 +193,13 @@ py::tuple block_sigmoid(int dtype, uintptr_t S, int64_t S_numel, int64_t B, int6
 
 msf::InnerLoopArgs inner_args(int64_t T, int64_t S, int64_t D, int64_t C, int64_t K, bool first_order) {
   require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && K >= 0, "need T, S, D, C >= 1 and K >= 0");
+  // the scratch the kernels size from these (csrc/cpu/inner_loop.cpp: a task's trajectory
+  // (K+1) C D, TaskWork, GramWork): refused here if a product would wrap, std::bad_alloc
+  // (MemoryError) if it is merely too large
+  prod(T, add(K, 1), C, D);
+  prod(std::max<int64_t>(K, 1), S, C);
+  prod(S, S);
+  prod(add(S, prod(2, C)), S);
   msf::InnerLoopArgs a;
   a.T = T, a.S = S, a.D = D, a.C = C, a.K = K, a.first_order = first_order;
   return a;
@@ -189,17 +219,17 @@ void require_labels(uintptr_t y, int64_t y_numel, int64_t n, int64_t C) {
 // [0, C), and the step sizes aW (C, D), ab (C).
 void require_support(uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t aW, int64_t aW_numel,
                      uintptr_t ab, int64_t ab_numel, const msf::InnerLoopArgs& a) {
-  require_buffer(X, X_numel, a.T * a.S * a.D, "X");
+  require_buffer(X, X_numel, prod(a.T, a.S, a.D), "X");
   require_labels(y, y_numel, a.T * a.S, a.C);
-  require_buffer(aW, aW_numel, a.C * a.D, "aW");
+  require_buffer(aW, aW_numel, prod(a.C, a.D), "aW");
   require_buffer(ab, ab_numel, a.C, "ab");
 }
 
 // The trajectory W_0 .. W_K (T, K+1, C, D) and b_0 .. b_K (T, K+1, C).
 void require_trajectory(uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj, int64_t b_traj_numel,
                         const msf::InnerLoopArgs& a) {
-  require_buffer(W_traj, W_traj_numel, a.T * (a.K + 1) * a.C * a.D, "W_traj");
-  require_buffer(b_traj, b_traj_numel, a.T * (a.K + 1) * a.C, "b_traj");
+  require_buffer(W_traj, W_traj_numel, prod(a.T, add(a.K, 1), a.C, a.D), "W_traj");
+  require_buffer(b_traj, b_traj_numel, prod(a.T, add(a.K, 1), a.C), "b_traj");
 }
 
 // The per-task gradient outputs of the inner loop: dX (T, S, D), dW0 and daW (T, C, D),
@@ -207,21 +237,21 @@ void require_trajectory(uintptr_t W_traj, int64_t W_traj_numel, uintptr_t b_traj
 void require_task_grads(uintptr_t dX, int64_t dX_numel, uintptr_t dW0, int64_t dW0_numel,
                         uintptr_t db0, int64_t db0_numel, uintptr_t daW, int64_t daW_numel,
                         uintptr_t dab, int64_t dab_numel, const msf::InnerLoopArgs& a) {
-  require_buffer(dX, dX_numel, a.T * a.S * a.D, "dX");
-  require_buffer(dW0, dW0_numel, a.T * a.C * a.D, "dW0");
-  require_buffer(db0, db0_numel, a.T * a.C, "db0");
-  require_buffer(daW, daW_numel, a.T * a.C * a.D, "daW");
-  require_buffer(dab, dab_numel, a.T * a.C, "dab");
+  require_buffer(dX, dX_numel, prod(a.T, a.S, a.D), "dX");
+  require_buffer(dW0, dW0_numel, prod(a.T, a.C, a.D), "dW0");
+  require_buffer(db0, db0_numel, prod(a.T, a.C), "db0");
+  require_buffer(daW, daW_numel, prod(a.T, a.C, a.D), "daW");
+  require_buffer(dab, dab_numel, prod(a.T, a.C), "dab");
 }
 
 // What anil_loss defers to anil_apply (csrc/cpu/inner_loop.h, AnilDeferred).
 void require_deferred(uintptr_t coef, int64_t coef_numel, uintptr_t lamK, int64_t lamK_numel,
                       uintptr_t dzqT, int64_t dzqT_numel, uintptr_t WK, int64_t WK_numel, int64_t T,
                       int64_t S, int64_t Q, int64_t D, int64_t C) {
-  require_buffer(coef, coef_numel, T * (S + 2 * C) * S, "coef");
-  require_buffer(lamK, lamK_numel, T * C * D, "lamK");
-  require_buffer(dzqT, dzqT_numel, T * C * Q, "dzqT");
-  require_buffer(WK, WK_numel, T * C * D, "WK");
+  require_buffer(coef, coef_numel, prod(T, add(S, prod(2, C)), S), "coef");
+  require_buffer(lamK, lamK_numel, prod(T, C, D), "lamK");
+  require_buffer(dzqT, dzqT_numel, prod(T, C, Q), "dzqT");
+  require_buffer(WK, WK_numel, prod(T, C, D), "WK");
 }
 
 void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel,
@@ -234,7 +264,7 @@ void inner_loop_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, in
   require(nthreads >= 1, "nthreads must be >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, false);
   require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
-  require_buffer(W0, W0_numel, C * D, "W0");
+  require_buffer(W0, W0_numel, prod(C, D), "W0");
   require_buffer(b0, b0_numel, C, "b0");
   require_trajectory(W_traj, W_traj_numel, b_traj, b_traj_numel, a);
   py::gil_scoped_release nogil;
@@ -258,8 +288,8 @@ void inner_loop_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, i
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
   require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
   require_trajectory(W_traj, W_traj_numel, b_traj, b_traj_numel, a);
-  require_buffer(dW_K, dW_K_numel, T * C * D, "dW_K");
-  require_buffer(db_K, db_K_numel, T * C, "db_K");
+  require_buffer(dW_K, dW_K_numel, prod(T, C, D), "dW_K");
+  require_buffer(db_K, db_K_numel, prod(T, C), "db_K");
   require_task_grads(dX, dX_numel, dW0, dW0_numel, db0, db0_numel, daW, daW_numel, dab, dab_numel, a);
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto tag) {
@@ -284,11 +314,12 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
   require_dtype(dtype);
   require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
   const msf::InnerLoopArgs a = inner_args(T, S, D, C, K, first_order);
+  prod(Q, C);
   if (correct) require_buffer(correct, correct_numel, T, "correct");
   require_support(X, X_numel, y, y_numel, aW, aW_numel, ab, ab_numel, a);
-  require_buffer(Xq, Xq_numel, T * Q * D, "Xq");
+  require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
   require_labels(yq, yq_numel, T * Q, C);
-  require_buffer(W0, W0_numel, C * D, "W0");
+  require_buffer(W0, W0_numel, prod(C, D), "W0");
   require_buffer(b0, b0_numel, C, "b0");
   require_buffer(loss, loss_numel, T, "loss");
   require(!defer || compute_grad, "defer needs compute_grad");
@@ -297,14 +328,14 @@ void anil_loss(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_n
     if (defer) {
       require_deferred(coef, coef_numel, lamK, lamK_numel, dzqT, dzqT_numel, WK, WK_numel, T, S, Q, D, C);
     } else {
-      require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
-      require_buffer(dX, dX_numel, T * S * D, "dX");
+      require_buffer(dXq, dXq_numel, prod(T, Q, D), "dXq");
+      require_buffer(dX, dX_numel, prod(T, S, D), "dX");
     }
-    require_buffer(dW0, dW0_numel, T * C * D, "dW0");
-    require_buffer(db0, db0_numel, T * C, "db0");
+    require_buffer(dW0, dW0_numel, prod(T, C, D), "dW0");
+    require_buffer(db0, db0_numel, prod(T, C), "db0");
     if (need_dlr) {
-      require_buffer(daW, daW_numel, T * C * D, "daW");
-      require_buffer(dab, dab_numel, T * C, "dab");
+      require_buffer(daW, daW_numel, prod(T, C, D), "daW");
+      require_buffer(dab, dab_numel, prod(T, C), "dab");
     }
   }
   py::gil_scoped_release nogil;
@@ -326,11 +357,11 @@ void anil_apply(int dtype, uintptr_t X, int64_t X_numel, uintptr_t W0, int64_t W
   require_dtype(dtype);
   require(nthreads >= 1 && Q >= 1, "need nthreads >= 1 and Q >= 1");
   inner_args(T, S, D, C, 0, false);
-  require_buffer(X, X_numel, T * S * D, "X");
-  require_buffer(W0, W0_numel, C * D, "W0");
+  require_buffer(X, X_numel, prod(T, S, D), "X");
+  require_buffer(W0, W0_numel, prod(C, D), "W0");
   require_deferred(coef, coef_numel, lamK, lamK_numel, dzqT, dzqT_numel, WK, WK_numel, T, S, Q, D, C);
-  require_buffer(dX, dX_numel, T * S * D, "dX");
-  require_buffer(dXq, dXq_numel, T * Q * D, "dXq");
+  require_buffer(dX, dX_numel, prod(T, S, D), "dX");
+  require_buffer(dXq, dXq_numel, prod(T, Q, D), "dXq");
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
