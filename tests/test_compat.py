@@ -116,10 +116,108 @@ def test_pml_bad_input():
         c_pml.NTXentLoss()(x, torch.tensor([0, 1, 0]))
     with pytest.raises(TypeError, match="labels"):
         c_pml.SupConLoss()(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match="temperature"):
-        c_pml.NTXentLoss(temperature=0)
-    with pytest.raises(TypeError, match="NTXentLoss or SupConLoss"):
-        c_pml.SelfSupervisedLoss(torch.nn.MSELoss())
+    with pytest.raises(TypeError, match="temperature"):
+        c_pml.NTXentLoss(temperature="hot")
+
+
+# Drop-ins swapped into the original package by assignment, as a user speeds up a trainer
+# they do not own: the original's own code then constructs and calls ours (issue 12, item 9).
+
+@pytest.fixture
+def pml_swapped(monkeypatch):
+    """pytorch_metric_learning.losses.{NTXentLoss, SupConLoss, SelfSupervisedLoss} replaced by
+    the drop-ins; -> (the patched package module, the original classes)."""
+    pml = originals.pml()
+    from pytorch_metric_learning.losses import ntxent_loss, self_supervised_loss, supcon_loss
+
+    orig = {"NTXentLoss": ntxent_loss.NTXentLoss, "SupConLoss": supcon_loss.SupConLoss,
+            "SelfSupervisedLoss": self_supervised_loss.SelfSupervisedLoss}
+    for name in orig:
+        monkeypatch.setattr(pml, name, getattr(c_pml, name))
+    return pml, orig
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+def test_pml_swapped_in_by_assignment(pml_swapped, name):
+    pml, orig = pml_swapped
+    (x,) = _leaves((12, 5), seed=3)
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1))
+    assert isinstance(pml.__dict__[name](), c_pml._PMLLoss)
+    _same(pml.__dict__[name](temperature=0.2), orig[name](temperature=0.2), [x, y], f"{name} swapped")
+    # an argument without a fused path: the original runs (found from its defining module,
+    # not through the patched package, which recursed forever)
+    from pytorch_metric_learning.distances import DotProductSimilarity
+    from pytorch_metric_learning.reducers import SumReducer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = pml.__dict__[name](temperature=0.2, distance=DotProductSimilarity(), reducer=SumReducer())
+        miner = (torch.tensor([0, 1]), torch.tensor([3, 4]), torch.tensor([0, 1]), torch.tensor([2, 5]))
+        got_mined = pml.__dict__[name](temperature=0.2)(x, y, indices_tuple=miner)
+    _same(ours, orig[name](temperature=0.2, distance=DotProductSimilarity(), reducer=SumReducer()), [x, y],
+          f"{name} swapped, unfused")
+    torch.testing.assert_close(got_mined, orig[name](temperature=0.2)(x, y, indices_tuple=miner))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pml_self_supervised_swapped_wraps_any_loss(pml_swapped, symmetric):
+    pml, orig = pml_swapped
+    a, b = _leaves((10, 6), (10, 6), seed=4)
+    # the original SelfSupervisedLoss around our (swapped-in) NTXentLoss ...
+    _same(lambda u, v: orig["SelfSupervisedLoss"](pml.NTXentLoss(), symmetric=symmetric)(u, v),
+          lambda u, v: orig["SelfSupervisedLoss"](orig["NTXentLoss"](), symmetric=symmetric)(u, v), [a, b],
+          "original wrapper, our loss")
+    # ... and ours around one of pml's own losses: handed to the original wrapper
+    from pytorch_metric_learning.losses import TripletMarginLoss
+
+    _same(pml.SelfSupervisedLoss(TripletMarginLoss(), symmetric=symmetric),
+          orig["SelfSupervisedLoss"](TripletMarginLoss(), symmetric=symmetric), [a, b], "our wrapper, pml's loss")
+    with pytest.raises(Exception, match="not supported"):  # the original's own refusal, unchanged
+        pml.SelfSupervisedLoss(torch.nn.MSELoss())
+
+
+@pytest.mark.parametrize("temperature", [-0.5, 0.0, float("inf")])
+def test_pml_temperatures_the_op_refuses_are_computed_by_the_original(pml_swapped, temperature):
+    pml, orig = pml_swapped
+    (x,) = _leaves((8, 4), seed=5)
+    y = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = pml.NTXentLoss(temperature=temperature)
+    want = orig["NTXentLoss"](temperature=temperature)(x, y)
+    got = ours(x, y)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_lightly_constructor_checks_match_lightly(monkeypatch):
+    orig = originals.lightly_ntxent()
+    for t in (0.0, 1e-9, -1e-9):
+        with pytest.raises(ValueError, match="Illegal temperature"):
+            orig(temperature=t)
+        with pytest.raises(ValueError, match="Illegal temperature"):
+            c_lightly.NTXentLoss(temperature=t)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch.distributed is not available"):
+        orig(gather_distributed=True)
+    with pytest.raises(ValueError, match="torch.distributed is not available"):
+        c_lightly.NTXentLoss(gather_distributed=True)
+
+
+@pytest.mark.parametrize("bank", [0, (16, 5)])
+def test_lightly_negative_temperature_is_computed_not_refused(monkeypatch, bank):
+    orig = originals.lightly_ntxent()
+    import sys
+
+    if "lightly.loss" in sys.modules:  # swapped in by assignment, as a user would
+        monkeypatch.setattr(sys.modules["lightly.loss"], "NTXentLoss", c_lightly.NTXentLoss, raising=False)
+    a, b = _leaves((8, 5), (8, 5), seed=6)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="no fused path"):
+        ours = c_lightly.NTXentLoss(temperature=-0.3, memory_bank_size=bank)
+    torch.manual_seed(0)
+    theirs = orig(temperature=-0.3, memory_bank_size=bank)
+    for step in range(2):
+        _same(ours, theirs, [a, b], f"negative temperature, step {step}")
 
 
 # ---------------------------------------------------------------------------

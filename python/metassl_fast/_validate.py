@@ -17,9 +17,27 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def dense(name: str, x: Tensor) -> Tensor:
+    """A strided (dense) tensor: sparse, mkldnn and other layouts are refused here, by name,
+    instead of failing inside torch."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: convert it with "
+                        f".to_dense()")
+    return x
+
+
+def _float(name: str, value, why: str) -> float:
+    """float(value) of a Python number, an int too large for a float refused by name."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {why}, got an int too large for a float ({str(value)[:20]}...)") from None
+
+
 def features(name: str, x: object, rank: int = 2) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    dense(name, x)
     if x.dim() != rank:
         want = "(N, D)" if rank == 2 else "(N, M, D)"
         raise ValueError(f"{name} must have rank {rank} (shape {want}), got shape {tuple(x.shape)}")
@@ -41,15 +59,20 @@ def same_dtype_device(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
 
 def positive_scalar(name: str, value: object, device: torch.device) -> Tensor:
     """A float or a 0-dim (or one-element) floating tensor that is finite and > 0,
-    returned as a 0-dim tensor on `device` (kept in the autograd graph)."""
+    returned as a 0-dim tensor on `device` (kept in the autograd graph).  A float16 or
+    bfloat16 tensor comes back in float32: the ops form 1 / value or value * S from it,
+    which overflow in 16 bits (a float16 temperature of 1e-5 gave NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if isinstance(value, Tensor):
+        dense(name, value)
         if value.dim() > 1 or value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
         if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         t = value.reshape(())
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
         if t.device != device:
             t = t.to(device)
         if not _compiling():  # a value check is data-dependent: skipped inside torch.compile
@@ -57,10 +80,20 @@ def positive_scalar(name: str, value: object, device: torch.device) -> Tensor:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v}")
         return t
-    v = float(value)
+    v = _float(name, value, "finite and > 0")
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return torch.tensor(v, dtype=torch.float64, device=device)
+
+
+def inverse_temperature(name: str, value: object, device: torch.device) -> Tensor:
+    """1 / temperature as a 0-dim tensor (differentiable), the temperature validated as in
+    positive_scalar and its reciprocal finite too (a float64 temperature of 1e-310 is > 0,
+    but 1 / it is inf)."""
+    scale = 1.0 / positive_scalar(name, value, device)
+    if not _compiling() and not math.isfinite(float(scale.detach())):
+        raise ValueError(f"{name} is too small: 1 / {name} overflows {scale.dtype}")
+    return scale
 
 
 def reduction(value: object) -> str:
@@ -75,13 +108,15 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+              torch.uint64)
 
 
 def labels(name: str, y: object, n: int, device: torch.device, n_name: str = "rows") -> Tensor:
     """Integer class labels, one per row: returned as a contiguous int64 tensor."""
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer class labels, got {type(y).__name__}")
+    dense(name, y)
     if y.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must hold integer class labels (int64 or another integer dtype), got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != n:
@@ -92,22 +127,27 @@ def labels(name: str, y: object, n: int, device: torch.device, n_name: str = "ro
 
 
 def scalar(name: str, value: object, device: torch.device) -> Tensor:
-    """A finite float or 0-dim floating tensor of any sign, as a 0-dim tensor on `device`."""
+    """A finite float or 0-dim floating tensor of any sign, as a 0-dim tensor on `device`
+    (float16 / bfloat16 in float32, as positive_scalar)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if isinstance(value, Tensor):
+        dense(name, value)
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
         if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         t = value.reshape(())
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
         t = t.to(device) if t.device != device else t
         if not _compiling() and not math.isfinite(float(t.detach())):
             raise ValueError(f"{name} must be finite, got {float(t.detach())}")
         return t
-    if not math.isfinite(float(value)):
+    v = _float(name, value, "finite")
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return torch.tensor(v, dtype=torch.float64, device=device)
 
 
 def autocast_common(*xs):
@@ -188,6 +228,8 @@ def backend(value: object, device: torch.device, dtype: torch.dtype | None = Non
 def self_offset(value: object, n: int, key_name: str, key: Tensor | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"self_offset must be an int, got {type(value).__name__}")
+    if value < -1:
+        raise ValueError(f"self_offset must be -1 (the anchors are not among the keys) or >= 0, got {value}")
     if key is not None and value >= 0 and value + n > key.shape[0]:
         raise ValueError(f"self_offset={value}: {key_name} has {key.shape[0]} rows, fewer than the anchors' own "
                          f"columns [{value}, {value + n}) need")
@@ -205,21 +247,29 @@ def int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if device is not None and labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    dense(name, labels)
+    if labels.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must hold integers (int64), got {labels.dtype}")
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
-    if n_classes is not None and labels.numel() and not _compiling():
+    if labels.dtype == torch.uint64 and labels.numel() and not _compiling():
+        # torch has no min/max for uint64: values past int64's range are out of any [0, C)
+        if bool((labels.view(torch.int64) < 0).any()):
+            raise ValueError(f"{name} holds values >= 2**63: class labels must lie in [0, n_classes)")
+    labels = labels.long()
+    if labels.numel() and not _compiling():
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= n_classes:
-            raise ValueError(f"{name} must lie in [0, {n_classes}), got values in [{lo}, {hi}]")
-    return labels.long()
+        if lo < 0 or (n_classes is not None and hi >= n_classes):
+            where = f"[0, {n_classes})" if n_classes is not None else "[0, n_classes): no negative class"
+            raise ValueError(f"{name} must lie in {where}, got values in [{lo}, {hi}]")
+    return labels
 
 
 def tasks(name: str, x: object) -> Tensor:
     """(T, n, D) per-task features."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    dense(name, x)
     if x.dim() != 3:
         raise ValueError(f"{name} must have shape (T, n, D), got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -239,6 +289,7 @@ def head(support: Tensor, weight: object, bias: object) -> tuple[int, int]:
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape (C={weight.shape[0]},), got {tuple(bias.shape)}")
     for name, x in (("weight", weight), ("bias", bias)):
+        dense(name, x)
         same_dtype_device("support", support, name, x)
     return weight.shape[0], D
 
@@ -275,7 +326,7 @@ def step_sizes(lr: object, C: int, D: int, like: Tensor) -> tuple[Tensor, Tensor
         return lr.expand(C, D), lr.expand(C), constant
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"lr must be a float, a 0-dim tensor or a pair of tensors, got {type(lr).__name__}")
-    if not math.isfinite(lr):
+    if not math.isfinite(_float("lr", lr, "finite")):
         raise ValueError(f"lr must be finite, got {lr}")
     full = torch.full((), float(lr), dtype=like.dtype, device=like.device)
     return full.expand(C, D), full.expand(C), True
@@ -284,9 +335,12 @@ def step_sizes(lr: object, C: int, D: int, like: Tensor) -> tuple[Tensor, Tensor
 def steps(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"steps must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"steps must be >= 0, got {value}")
+    if value < 0 or value > MAX_STEPS:
+        raise ValueError(f"steps must be in [0, {MAX_STEPS}], got {value}")
     return value
+
+
+MAX_STEPS = 2**31 - 1  # the kernels' scratch is (steps + 1) C D per task: past this, sizes overflow
 
 
 def task_reduction(value: object) -> str:

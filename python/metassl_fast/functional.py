@@ -53,7 +53,7 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: float | Tensor = 0.07,
     _validate.flag("symmetric", symmetric)
     _validate.flag("normalize", normalize)
     _validate.reduction(reduction)
-    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    scale = _validate.inverse_temperature("temperature", temperature, query.device)
     world = _validate.world(gather_distributed, process_group)
     what = ("gather_distributed" if world[1] > 1 else
             "info_nce with paired negatives" if negatives is not None and negatives.dim() == 3 else "query")
@@ -122,7 +122,7 @@ def labeled_contrastive(query: Tensor, labels: Tensor, key: Tensor | None = None
     _validate.flag("normalize", normalize)
     _validate.flag("pairwise", pairwise)
     _validate.reduction(reduction)
-    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    scale = _validate.inverse_temperature("temperature", temperature, query.device)
     which = _validate.backend(backend, query.device, query.dtype, "this loss")
     rank, ws, group = _validate.world(gather_distributed, process_group)
     if ws > 1:
@@ -266,6 +266,6 @@ def info_nce_explicit(query: Tensor, positive_key: Tensor, negatives: Tensor, *,
     _validate.key_like("negatives", negatives, "query", query)
     _validate.flag("normalize", normalize)
     _validate.reduction(reduction)
-    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    scale = _validate.inverse_temperature("temperature", temperature, query.device)
     which = _validate.backend(backend, query.device, query.dtype, "info_nce_explicit")
     return _labeled.explicit(query, positive_key, negatives, scale, normalize, reduction, which)

@@ -147,8 +147,8 @@ def lightly_ntxent():
     """``lightly.loss.NTXentLoss`` (the class), from lightly/loss/ntx_ent_loss.py."""
     if _package_dir("lightly") is None:
         _skip("lightly")
-    if _torchvision_imports():
-        return importlib.import_module("lightly.loss").NTXentLoss
+    if _torchvision_imports():  # the defining module, not lightly.loss (where a drop-in may be assigned)
+        return importlib.import_module("lightly.loss.ntx_ent_loss").NTXentLoss
     return _load_lightly_ntxent()
 
 

@@ -67,7 +67,7 @@ def _paired(query, positive_key, negative_keys, temperature, reduction):
             or negative_keys.shape[2] != query.shape[1]:
         raise ValueError(f"query {tuple(query.shape)}, positive_key {tuple(positive_key.shape)} and paired "
                          f"negative_keys {tuple(negative_keys.shape)} must agree: (N, D), (N, D), (N, M, D)")
-    scale = 1.0 / _validate.positive_scalar("temperature", temperature, query.device)
+    scale = _validate.inverse_temperature("temperature", temperature, query.device)
     _validate.reduction(reduction)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q = F.normalize(query.to(acc), dim=-1)

@@ -13,6 +13,7 @@ pointer returns to 0), exactly as lightly does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -26,18 +27,55 @@ from .. import functional as _f
 __all__ = ["NTXentLoss"]
 
 
+def _original_class() -> type:
+    """lightly's NTXentLoss from its defining module, never through ``lightly.loss``, where a
+    user may have assigned this drop-in in its place."""
+    from ..benchmarks.originals import lightly_ntxent  # loads the file even where torchvision does not import
+
+    original = lightly_ntxent()
+
+    if original.__module__.startswith("metassl_fast"):
+        raise TypeError("lightly.loss.ntx_ent_loss.NTXentLoss is metassl_fast's drop-in itself: the original "
+                        "class is needed for a temperature <= 0")
+    return original
+
+
 class NTXentLoss(nn.Module):
     """lightly.loss.NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False);
-    forward(out0 (N, D), out1 (N, D)) -> scalar.  temperature must be > 0 here (lightly
-    only rejects |temperature| < 1e-8)."""
+    forward(out0 (N, D), out1 (N, D)) -> scalar.  Constructor checks as lightly's:
+    |temperature| < 1e-8 and gather_distributed=True without torch.distributed are
+    ValueErrors.  A negative temperature, which lightly accepts, has no fused path (the
+    ops take a scale > 0): lightly's own class computes it (a warning says so); without
+    lightly installed it is a TypeError."""
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False, backend: str | None = None):
         super().__init__()
-        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if abs(float(temperature)) < 1e-8:  # lightly's own check and message
+            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
+                             "gather_distributed=False or install a torch version with distributed support.")
+        self._original = None
+        if not float(temperature) > 0:
+            try:
+                original = _original_class()
+            except ImportError as exc:
+                raise TypeError(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} (< 0) has no "
+                                "fused path, and lightly (which computes it) is not installed") from exc
+            warnings.warn(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} (< 0) has no fused "
+                          "path; running lightly's own NTXentLoss (same numbers, its memory and speed)",
+                          stacklevel=2)
+            self._original = original(temperature, memory_bank_size, gather_distributed)
+        else:
+            _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
         self.temperature = temperature
         self.gather_distributed = _validate.flag("gather_distributed", gather_distributed)
         self.backend = backend
+        if self._original is not None:  # lightly's class holds the bank (and drew it from the RNG, once)
+            return
         size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
         if any((not isinstance(x, int)) or x < 0 for x in size):
             raise ValueError(f"memory_bank_size {memory_bank_size}: all entries must be non-negative integers")
@@ -59,6 +97,8 @@ class NTXentLoss(nn.Module):
         return self.size[0] > 0
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self._original is not None:
+            return self._original(out0, out1)
         if not self.uses_bank:
             return _f.nt_xent(out0, out1, temperature=self.temperature, backend=self.backend,
                               gather_distributed=self.gather_distributed)

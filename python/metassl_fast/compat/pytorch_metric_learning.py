@@ -16,9 +16,12 @@ L2-normalised dot products; the default reducer; no miner):
   quadratic or worse in memory.
 
 Arguments with no fused path (a distance, reducer, miner, regularizer or other keyword
-of the original constructor, or an indices_tuple in forward) are run by the original
-pytorch-metric-learning class with the same arguments, so the number is the original's;
-a warning says so once per class.  Without pytorch-metric-learning installed such
+of the original constructor, a temperature that is not a finite value > 0, or an
+indices_tuple in forward) are run by the original pytorch-metric-learning class with the
+same arguments, so the number is the original's; a warning says so once per class.  The
+original is taken from its defining module (pytorch_metric_learning.losses.ntxent_loss,
+...), so a drop-in assigned over ``pytorch_metric_learning.losses.NTXentLoss`` still
+finds it.  Without pytorch-metric-learning installed such
 arguments raise a TypeError rather than give a different number.
 """
 from __future__ import annotations
@@ -37,23 +40,50 @@ __all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
 _warned: set[str] = set()
 
 
+def _original_class(name: str) -> type:
+    """The original pytorch-metric-learning class, from the module that defines it: never
+    through ``pytorch_metric_learning.losses``, where a user may have put this module's
+    class in its place (swapping a drop-in into a trainer they do not own); looking it up
+    there made the fallback call itself (RecursionError)."""
+    import importlib
+
+    module = {"NTXentLoss": "ntxent_loss", "SupConLoss": "supcon_loss",
+              "SelfSupervisedLoss": "self_supervised_loss"}[name]
+    cls = getattr(importlib.import_module(f"pytorch_metric_learning.losses.{module}"), name)
+    if cls.__module__.startswith(__name__.rsplit(".", 1)[0]):
+        raise TypeError(f"pytorch_metric_learning.losses.{module}.{name} is metassl_fast's drop-in itself: "
+                        "the original class is needed for arguments without a fused path")
+    return cls
+
+
+def _fused_temperature(temperature: object) -> bool:
+    """A temperature the fused op takes (a finite float > 0); pytorch-metric-learning takes
+    any number (the original class computes the others, as it would)."""
+    try:
+        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        return True
+    except ValueError:
+        return isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
+
+
 class _PMLLoss(nn.Module):
     _pairwise: bool
     _name: str
 
     def __init__(self, temperature: float, backend: str | None = None, **kwargs):
         super().__init__()
-        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
         self.temperature = temperature
         self.backend = backend
         self.kwargs = kwargs
         self._original = None
         if kwargs:
             self._original = self._original_loss(f"constructor arguments {sorted(kwargs)}")
+        elif not _fused_temperature(temperature):
+            self._original = self._original_loss(f"temperature={temperature!r} (not a finite value > 0)")
 
     def _original_loss(self, why: str) -> nn.Module:
         try:
-            from pytorch_metric_learning import losses
+            cls = _original_class(self._name)
         except ImportError as exc:
             raise TypeError(f"metassl_fast.compat.pytorch_metric_learning.{self._name}: {why} have no fused path, "
                             "and pytorch-metric-learning (which would compute them exactly) is not installed") from exc
@@ -62,7 +92,7 @@ class _PMLLoss(nn.Module):
             warnings.warn(f"metassl_fast.compat.pytorch_metric_learning.{self._name}: {why} have no fused path; "
                           "running pytorch-metric-learning's own implementation for them (same numbers, "
                           "its memory and speed)", stacklevel=3)
-        return getattr(losses, self._name)(temperature=self.temperature, **self.kwargs)
+        return cls(temperature=self.temperature, **self.kwargs)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None, indices_tuple=None,
                 ref_emb: Tensor | None = None, ref_labels: Tensor | None = None) -> Tensor:
@@ -174,20 +204,29 @@ def _labeled(q, y, key, yk, temperature, self_offset, reduction, pairwise, backe
 
 
 class SelfSupervisedLoss(nn.Module):
-    """pytorch_metric_learning.losses.SelfSupervisedLoss(loss, symmetric=True) for this
-    module's NTXentLoss and SupConLoss; forward(embeddings, ref_emb)."""
+    """pytorch_metric_learning.losses.SelfSupervisedLoss(loss, symmetric=True);
+    forward(embeddings, ref_emb).  Fused for this module's NTXentLoss and SupConLoss; any
+    other loss (one of pytorch-metric-learning's own) or extra keyword goes to the
+    original class, which computes it as it would."""
 
     def __init__(self, loss: nn.Module, symmetric: bool = True, **kwargs):
         super().__init__()
-        if not isinstance(loss, _PMLLoss):
-            raise TypeError("SelfSupervisedLoss here wraps metassl_fast.compat.pytorch_metric_learning's "
-                            f"NTXentLoss or SupConLoss, got {type(loss).__name__}")
-        if kwargs:
-            raise TypeError(f"SelfSupervisedLoss: unsupported arguments {sorted(kwargs)}")
         self.loss = loss
         self.symmetric = symmetric
+        self._original = None
+        if not isinstance(loss, _PMLLoss) or kwargs:
+            try:
+                cls = _original_class("SelfSupervisedLoss")
+            except ImportError as exc:
+                raise TypeError("SelfSupervisedLoss here wraps metassl_fast.compat.pytorch_metric_learning's "
+                                f"NTXentLoss or SupConLoss without extra arguments, got {type(loss).__name__} "
+                                f"and {sorted(kwargs)}; pytorch-metric-learning (which would run the others) is not "
+                                "installed") from exc
+            self._original = cls(loss, symmetric=symmetric, **kwargs)
 
     def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        if self._original is not None:
+            return self._original(embeddings, ref_emb)
         labels = torch.arange(embeddings.shape[0], device=embeddings.device)
         if self.symmetric:
             return self.loss(torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0))

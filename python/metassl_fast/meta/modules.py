@@ -1,6 +1,8 @@
 """nn.Module of the meta-learning heads."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,13 @@ class ANILHead(nn.Module):
                  learn_lr: bool = False, per_param_lr: bool = False, first_order: bool = False,
                  backend: str | None = None):
         super().__init__()
+        for name, value in (("in_features", in_features), ("n_way", n_way)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
+            raise ValueError(f"lr must be a finite float, got {lr!r}")
         self.linear = nn.Linear(in_features, n_way)
         self.steps = _validate.steps(steps)
         self.first_order = _validate.flag("first_order", first_order)

@@ -21,8 +21,8 @@ def proto_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_lab
     _validate.task_reduction(reduction)
     _validate.tasks("support", support)
     T, S, D = support.shape
-    if n_way is None:
-        n_way = int(support_labels.max()) + 1 if isinstance(support_labels, Tensor) else 0
+    if n_way is None:  # the labels first: a negative label is their error, not n_way's
+        n_way = int(_validate.int_labels("support_labels", support_labels, (T, S), None, support.device).max()) + 1
     if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 1:
         raise ValueError(f"n_way must be a positive int, got {n_way!r}")
     labels = _validate.int_labels("support_labels", support_labels, (T, S), n_way, support.device)

@@ -105,6 +105,20 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
             d_keys.addmm_(S[:, c0:c1].t(), rows[r0:r1], alpha=key_alpha)
 
 
+def one_device(op: str, *tensors: Tensor | None) -> None:
+    """Every tensor of a raw op call on one device (0-dim CPU tensors may join any, as in
+    torch), checked in the op and in its fake: a tensor on the meta device among CPU ones
+    sends the call to the fake, which would return uninitialised CPU memory."""
+    device = None
+    for t in tensors:
+        if t is None or (t.dim() == 0 and t.device.type == "cpu"):
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"metassl_fast::{op}: every tensor must be on one device, got {device} and {t.device}")
+
+
 def check_op(query: Tensor, key: Tensor | None, scale: Tensor, reduction: str | None = None,
              **others: Tensor | None) -> None:
     """What the row-sweep kernels assume of a direct torch.ops call (the public functions
@@ -240,14 +254,91 @@ class _RefuseBackward(torch.autograd.Function):
     is usable and only differentiating it again is refused.  `anchor` (an input of the
     op that requires grad) ties the result into the graph."""
 
+    generate_vmap_rule = True  # the forward is a view: torch.func vmaps it itself
+
     @staticmethod
-    def forward(ctx, what, x, anchor):
-        ctx.what = what
+    def forward(what, x, anchor):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.what = inputs[0]
 
     @staticmethod
     def backward(ctx, grad):
         raise double_backward_error(ctx.what)
+
+
+def loop_vmap(op):
+    """A vmap rule for `op`: one call per element of the batch, the outputs stacked along
+    dim 0.  Exact, not fast (the ops batch already: stack the batch into their leading
+    dimension, tasks or rows, and call once); jacrev and vmap-over-grad need it."""
+
+    def vmap(info, in_dims, *args):
+        outs = []
+        for i in range(info.batch_size):
+            outs.append(op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))))
+        if isinstance(outs[0], (tuple, list)):
+            stacked = tuple(torch.stack(list(parts)) for parts in zip(*outs))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(outs), 0
+
+    return vmap
+
+
+def transformable(op, setup_context, backward, name: str) -> type:
+    """An autograd.Function running the custom op `op` with the autograd formula registered
+    for it (the same setup_context and backward).  torch.library's own autograd wrapper has
+    no setup_context, so torch.func.grad / vjp / jacrev refuse a custom op; under those
+    transforms the entries call this instead (call_op).  vmap: loop_vmap."""
+
+    def forward(*args):
+        return op(*args)
+
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"metassl_fast: forward-mode AD (torch.func.jvp, jacfwd, hessian) of {name} is not "
+                           "supported; use backend='torch' for it")
+
+    return type(f"{name}_transformable", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward), "vmap": staticmethod(loop_vmap(op)), "jvp": staticmethod(jvp)})
+
+
+def func_transforms() -> bool:
+    """A torch.func transform (grad, vjp, jacrev, vmap) is active, in eager mode.  The entries
+    then call the ops through transformable() and never precompute a gradient in the
+    forward: torch.func runs every backward with create_graph=True, which a gradient formed
+    in the forward (a constant to autograd) must refuse; the recomputing backward gives the
+    first-order gradient and refuses only a second derivative."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
+_BACKWARD_FNS: dict = {}
+
+
+def backward_op(op, what: str, *args):
+    """op(*args) for a backward op, called inside an autograd formula.  Under a torch.func
+    transform (func_transforms) the call goes through an autograd.Function of the form
+    torch.func accepts, whose own backward refuses (double backward is not supported):
+    torch.library's wrapper of the op would be refused by the transform itself."""
+    if not func_transforms():
+        return op(*args)
+    fn = _BACKWARD_FNS.get(op)
+    if fn is None:
+        def backward(ctx, *grads):
+            raise double_backward_error(what)
+
+        fn = _BACKWARD_FNS[op] = type("backward_op_transformable", (torch.autograd.Function,), {
+            "forward": staticmethod(lambda *a: op(*a)),
+            "setup_context": staticmethod(lambda ctx, inputs, output: None),
+            "backward": staticmethod(backward), "vmap": staticmethod(loop_vmap(op))})
+    return fn.apply(*args)
+
+
+def call_op(op, fn: type, *args):
+    """op(*args), or through the torch.func-compatible Function fn when a torch.func transform
+    is active (func_transforms)."""
+    return fn.apply(*args) if func_transforms() else op(*args)
 
 
 def refuse_later(what: str, anchors, *grads):

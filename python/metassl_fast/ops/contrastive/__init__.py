@@ -22,8 +22,8 @@ from torch import Tensor
 from ... import distributed as _dist
 from ...reference.contrastive import contrastive_loss as _reference
 from .. import labeled as _labeled
-from .._common import (acc_dtype, backend_module, needs, refuse_create_graph, register_backward_op,
-                       scale_precomputed)
+from .._common import (acc_dtype, backend_module, backward_op, call_op, func_transforms, needs, one_device,
+                       refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 
 _WHAT = "the contrastive losses"
 
@@ -37,6 +37,7 @@ def contrastive_fwd(
     """Returns (loss, lse_row (N,), lse_col (N,) or (0,), dq, dk, dneg, dscale); the
     four gradients are those of the reduced loss for grad_output = 1 when precompute
     and the backend precomputes (cpu), else empty."""
+    one_device("contrastive_fwd", query, key, negatives, scale)
     impl = backend_module(__name__, "contrastive", backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
     return impl.forward(query, key, negatives, scale, symmetric, normalize, reduction,
@@ -50,6 +51,7 @@ def _precomputes(backend: str, precompute: bool) -> bool:
 @contrastive_fwd.register_fake
 def _(query, key, negatives, scale, symmetric, normalize, reduction, precompute, need_dq, need_dk,
       need_dneg, need_dscale, backend):
+    one_device("contrastive_fwd", query, key, negatives, scale)
     n = query.shape[0]
     acc = acc_dtype(query.dtype)
     precompute = _precomputes(backend, precompute)
@@ -73,6 +75,7 @@ def contrastive_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward (used when the forward did not precompute): (dq, dk, dneg,
     dscale), each empty where not needed."""
+    one_device("contrastive_bwd", grad, query, key, negatives, scale, lse_row, lse_col)
     impl = backend_module(__name__, "contrastive", backend)
     n, acc = query.shape[0], acc_dtype(query.dtype)
     for name, t, want in (("lse_row", lse_row, n), ("lse_col", lse_col, n if symmetric else None)):
@@ -89,6 +92,7 @@ def contrastive_bwd(
 @contrastive_bwd.register_fake
 def _(grad, query, key, negatives, scale, lse_row, lse_col, symmetric, normalize, reduction,
       need_dq, need_dk, need_dneg, need_dscale, backend):
+    one_device("contrastive_bwd", grad, query, key, negatives, scale, lse_row, lse_col)
     def like(x, needed):
         return x.new_empty(x.shape if needed else (0,))
 
@@ -122,14 +126,15 @@ def _backward(ctx, grad_loss, *_unused):
         outs = scale_precomputed(ctx.saved_tensors, grad_loss, (nq, nk, nn, ns))
     else:
         query, key, negatives, scale, lse_row, lse_col = ctx.saved_tensors
-        dq, dk, dneg, ds = contrastive_bwd(
-            grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
+        dq, dk, dneg, ds = backward_op(
+            contrastive_bwd, _WHAT, grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
             ctx.normalize, ctx.reduction, nq, nk, nn, ns, ctx.backend)
         outs = (dq if nq else None, dk if nk else None, dneg if nn else None, ds if ns else None)
     return outs + (None,) * 9
 
 
 torch.library.register_autograd("metassl_fast::contrastive_fwd", _backward, setup_context=_setup_context)
+_Transformable = transformable(torch.ops.metassl_fast.contrastive_fwd, _setup_context, _backward, "contrastive_fwd")
 register_backward_op("metassl_fast::contrastive_bwd", _WHAT)
 
 
@@ -159,9 +164,9 @@ def loss(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor, *,
                              reduction)
     need_dq, need_dk, need_dneg, need_ds = needs(query, key, negatives, scale)
     # the CPU backend forms the gradient of a scalar loss during the forward (one pass)
-    precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds)
-    return torch.ops.metassl_fast.contrastive_fwd(query, key, negatives, scale, symmetric, normalize, reduction,
-                                                  precompute, need_dq, need_dk, need_dneg, need_ds, backend)[0]
+    precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds) and not func_transforms()
+    return call_op(torch.ops.metassl_fast.contrastive_fwd, _Transformable, query, key, negatives, scale, symmetric,
+                   normalize, reduction, precompute, need_dq, need_dk, need_dneg, need_ds, backend)[0]
 
 
 def _paired_lse(query, negatives, scale, normalize):

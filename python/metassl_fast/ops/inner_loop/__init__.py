@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...reference.inner_loop import adapt_reference
-from .._common import backend_module, refuse_later, register_backward_op, scale_precomputed
+from .._common import (backend_module, backward_op, call_op, loop_vmap, one_device, refuse_later, register_backward_op,
+                       scale_precomputed, transformable)
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
@@ -37,11 +38,13 @@ def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
                    lr_b: Tensor, steps: int, first_order: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """support (T, S, D), labels (T, S) int64, weight (C, D), bias (C), lr_w (C, D), lr_b (C)
     -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
+    one_device("inner_loop_fwd", support, labels, weight, bias, lr_w, lr_b)
     return _impl(backend).adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps)
 
 
 @inner_loop_fwd.register_fake
 def _(support, labels, weight, bias, lr_w, lr_b, steps, first_order, backend):
+    one_device("inner_loop_fwd", support, labels, weight, bias, lr_w, lr_b)
     T, _, D = support.shape
     C = weight.shape[0]
     return (support.new_empty(T, C, D), support.new_empty(T, C), support.new_empty(T, steps + 1, C, D),
@@ -54,11 +57,13 @@ def inner_loop_bwd(dW_K: Tensor, db_K: Tensor, support: Tensor, labels: Tensor, 
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (d support (T, S, D), d weight (C, D), d bias (C), d lr_w (C, D), d lr_b (C)),
     the head and lr gradients summed over tasks."""
+    one_device("inner_loop_bwd", dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj)
     return _impl(backend).adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order)
 
 
 @inner_loop_bwd.register_fake
 def _(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, first_order, backend):
+    one_device("inner_loop_bwd", dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj)
     C, D = lr_w.shape
     return (torch.empty_like(support), support.new_empty(C, D), support.new_empty(C),
             support.new_empty(C, D), support.new_empty(C))
@@ -73,12 +78,14 @@ def _adapt_setup(ctx, inputs, output):
 
 def _adapt_backward(ctx, dW_K, db_K, _dWt, _dbt):
     support, labels, lr_w, lr_b, W_traj, b_traj = ctx.saved_tensors
-    dX, dW0, db0, daW, dab = inner_loop_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj,
+    dX, dW0, db0, daW, dab = backward_op(inner_loop_bwd, _WHAT, dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj,
                                             ctx.first_order, ctx.backend)
     return dX, None, dW0, db0, daW, dab, None, None, None
 
 
 torch.library.register_autograd("metassl_fast::inner_loop_fwd", _adapt_backward, setup_context=_adapt_setup)
+_AdaptTransformable = transformable(torch.ops.metassl_fast.inner_loop_fwd, _adapt_setup, _adapt_backward,
+                                   "inner_loop_fwd")
 register_backward_op("metassl_fast::inner_loop_bwd", _WHAT)
 
 
@@ -95,6 +102,7 @@ def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: 
     """-> (the loss: a scalar ("mean" over queries, then tasks) or (T,) ("none"); correct
     (T,): each task's number of queries the adapted head classifies right, from the
     logits the loss forms anyway; not differentiable)."""
+    one_device("anil_loss_fwd", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     correct = support.new_empty(support.shape[0])  # every task writes its count
     loss_t, _ = _impl(backend).anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
                                     first_order, False, True, correct)
@@ -104,6 +112,7 @@ def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: 
 @anil_loss_fwd.register_fake
 def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
       backend):
+    one_device("anil_loss_fwd", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     return support.new_empty(() if reduction == "mean" else (support.shape[0],)), support.new_empty(support.shape[0])
 
 
@@ -114,6 +123,7 @@ def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, 
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: gradients of sum_t w_t loss_t with w = grad (per task) or grad / T.
     need_dlr=False: the step sizes need no gradient (zeros are returned for them)."""
+    one_device("anil_loss_bwd", grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     T = support.shape[0]
     weights = (grad.to(support.dtype).contiguous() if reduction == "none"
                else (grad.to(support.dtype) / T).expand(T).contiguous())
@@ -125,6 +135,7 @@ def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, 
 @anil_loss_bwd.register_fake
 def _(grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, reduction,
       backend, need_dlr=True):
+    one_device("anil_loss_bwd", grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     return _grad_fakes(support, query, weight)
 
 
@@ -138,12 +149,13 @@ def _anil_setup(ctx, inputs, output):
 
 def _anil_backward(ctx, grad, _grad_correct):
     need_dlr = bool(ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
-    dX, dXq, dW, db, dlw, dlb = anil_loss_bwd(grad, *ctx.saved_tensors, ctx.steps, ctx.first_order,
+    dX, dXq, dW, db, dlw, dlb = backward_op(anil_loss_bwd, _WHAT, grad, *ctx.saved_tensors, ctx.steps, ctx.first_order,
                                               ctx.reduction, ctx.backend, need_dlr)
     return dX, None, dXq, None, dW, db, dlw, dlb, None, None, None, None
 
 
 torch.library.register_autograd("metassl_fast::anil_loss_fwd", _anil_backward, setup_context=_anil_setup)
+_AnilTransformable = transformable(torch.ops.metassl_fast.anil_loss_fwd, _anil_setup, _anil_backward, "anil_loss_fwd")
 register_backward_op("metassl_fast::anil_loss_bwd", _WHAT)
 
 
@@ -164,6 +176,7 @@ def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Te
     """-> (mean loss (), dW (C, D), db (C) for grad_output = 1, coef (T, S + 2C, S),
     lamK (T, C, D), dzqT (T, C, Q), WK (T, C, D), correct (T,)): coef .. WK feed
     anil_apply; correct counts each task's correctly classified queries."""
+    one_device("anil_loss_train", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
@@ -180,6 +193,7 @@ anil_loss_train = torch.library.custom_op("metassl_fast::anil_loss_train", _trai
 
 @anil_loss_train.register_fake
 def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order):
+    one_device("anil_loss_train", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     return (support.new_empty(()), support.new_empty(C, D), support.new_empty(C),
@@ -190,6 +204,7 @@ def _(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, fir
 def _apply_impl(grad: Tensor, support: Tensor, query: Tensor, weight: Tensor, coef: Tensor, lamK: Tensor,
                 dzqT: Tensor, WK: Tensor) -> tuple[Tensor, Tensor]:
     """-> (d support (T, S, D), d query (T, Q, D)) of anil_loss_train's loss, times grad ()."""
+    one_device("anil_apply", grad, support, query, weight, coef, lamK, dzqT, WK)
     return _impl("cpu").apply(grad, support, query, weight, coef, lamK, dzqT, WK)
 
 
@@ -198,6 +213,7 @@ anil_apply = torch.library.custom_op("metassl_fast::anil_apply", _apply_impl, mu
 
 @anil_apply.register_fake
 def _(grad, support, query, weight, coef, lamK, dzqT, WK):
+    one_device("anil_apply", grad, support, query, weight, coef, lamK, dzqT, WK)
     return torch.empty_like(support), torch.empty_like(query)
 
 
@@ -228,17 +244,27 @@ register_backward_op("metassl_fast::anil_apply", _WHAT)
 class _AnilTrainEager(torch.autograd.Function):
     """anil_loss_train's forward and backward without the dispatcher: in eager mode the
     custom op's Python dispatch costs ~0.2 ms a call here, a tenth of the whole step at
-    the benchmark's shape.  Same implementation functions; torch.compile gets the op."""
+    the benchmark's shape.  Same implementation functions; torch.compile gets the op.
+    (forward / setup_context apart: the form torch.func.grad and vjp accept.)"""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out = _train_impl(*inputs)
-        _train_setup(ctx, inputs, out)
-        return out
+    def forward(*inputs):
+        return _train_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _train_setup(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad, *_unused):
         return _train_backward(ctx, grad, apply=_apply_impl)
+
+    vmap = staticmethod(loop_vmap(_train_impl))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("metassl_fast: forward-mode AD (torch.func.jvp, jacfwd, hessian) of anil_loss is not "
+                           "supported; use backend='torch' for it")
 
 
 # ---------------------------------------------------------------------------
@@ -251,8 +277,8 @@ def adapt(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: T
     contiguous) on the resolved backend."""
     if backend == "torch":
         return adapt_reference(support, labels, weight, bias, lr_w, lr_b, steps, first_order)
-    W_t, b_t, _, _ = torch.ops.metassl_fast.inner_loop_fwd(support, labels, weight, bias, lr_w, lr_b, steps,
-                                                           first_order, backend)
+    W_t, b_t, _, _ = call_op(torch.ops.metassl_fast.inner_loop_fwd, _AdaptTransformable, support, labels, weight, bias,
+                             lr_w, lr_b, steps, first_order, backend)
     return W_t, b_t
 
 
@@ -321,5 +347,5 @@ def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, w
         inputs = (support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order)
         out = anil_loss_train(*inputs) if torch.compiler.is_compiling() else _AnilTrainEager.apply(*inputs)
         return out[0], out[-1]
-    return torch.ops.metassl_fast.anil_loss_fwd(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
-                                                steps, first_order, reduction, backend)
+    return call_op(torch.ops.metassl_fast.anil_loss_fwd, _AnilTransformable, support, labels, query, query_labels,
+                   weight, bias, lr_w, lr_b, steps, first_order, reduction, backend)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.labeled import labeled_contrastive_loss as _reference
-from .._common import (acc_dtype, backend_module, check_op, needs, refuse_create_graph, register_backward_op,
-                       scale_precomputed)
+from .._common import (acc_dtype, backend_module, backward_op, call_op, check_op, func_transforms, needs, one_device,
+                       refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_labeled, positives_per_row
 
 __all__ = ["explicit", "gathered", "labeled_bwd", "labeled_fwd", "loss", "positives_per_row"]
@@ -37,6 +37,7 @@ def labeled_fwd(
     positive of its row when ext_positive, else a term of the row's LSE only.
     self_offset >= 0 (with a key): anchor i is key row self_offset + i, left out of every
     set (keys gathered from all ranks); -1: no anchor is among the keys."""
+    one_device("labeled_fwd", query, key, labels, key_labels, pos_logit, scale)
     impl = backend_module(__name__, "labeled", backend)
     check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit)
     check_labeled(query, key, pos_logit, self_offset, pairwise)
@@ -52,6 +53,7 @@ def labeled_fwd(
 @labeled_fwd.register_fake
 def _(query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction, pairwise,
       precompute, need_dq, need_dk, need_dpos, need_dscale, backend):
+    one_device("labeled_fwd", query, key, labels, key_labels, pos_logit, scale)
     n = query.shape[0]
     k = query if key is None else key
     p = query if pos_logit is None else pos_logit
@@ -71,6 +73,7 @@ def labeled_bwd(
     pairwise: bool, need_dq: bool, need_dk: bool, need_dpos: bool, need_dscale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dpos, dscale), each empty where not needed."""
+    one_device("labeled_bwd", grad, query, key, labels, key_labels, pos_logit, scale)
     impl = backend_module(__name__, "labeled", backend)
     check_op(query, key, scale, reduction, labels=labels, key_labels=key_labels, pos_logit=pos_logit, grad=grad)
     check_labeled(query, key, pos_logit, self_offset, pairwise)
@@ -86,6 +89,7 @@ def labeled_bwd(
 @labeled_bwd.register_fake
 def _(grad, query, key, labels, key_labels, pos_logit, ext_positive, scale, self_offset, normalize, reduction,
       pairwise, need_dq, need_dk, need_dpos, need_dscale, backend):
+    one_device("labeled_bwd", grad, query, key, labels, key_labels, pos_logit, scale)
     k = query if key is None else key
     p = query if pos_logit is None else pos_logit
     return (query.new_empty(query.shape if need_dq else (0,)),
@@ -119,13 +123,14 @@ def _backward(ctx, grad_loss, *_unused):
         dq, dk, dp, ds = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
         query, key, labels, key_labels, pos_logit, scale = ctx.saved_tensors
-        outs = labeled_bwd(grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive, scale,
-                           *ctx.args[:4], *need, ctx.args[4])
+        outs = backward_op(labeled_bwd, _WHAT, grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive,
+                           scale, *ctx.args[:4], *need, ctx.args[4])
         dq, dk, dp, ds = (o if nd else None for o, nd in zip(outs, need))
     return (dq, dk, None, None, dp, None, ds) + (None,) * 10
 
 
 torch.library.register_autograd("metassl_fast::labeled_fwd", _backward, setup_context=_setup)
+_Transformable = transformable(torch.ops.metassl_fast.labeled_fwd, _setup, _backward, "labeled_fwd")
 register_backward_op("metassl_fast::labeled_bwd", _WHAT)
 
 
@@ -142,10 +147,10 @@ def loss(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor |
             raise ValueError("an extra logit per row (pos_logit) runs on the cpu, triton or cuda backend")
         return _reference(query, key, labels, key_labels, scale, normalize, reduction, pairwise, self_offset)
     need_dq, need_dk, need_dp, need_ds = needs(query, key, pos_logit, scale)
-    precompute = reduction != "none" and (need_dq or need_dk or need_dp or need_ds)
-    return torch.ops.metassl_fast.labeled_fwd(query, key, labels, key_labels, pos_logit, ext_positive, scale,
-                                              self_offset, normalize, reduction, pairwise, precompute, need_dq,
-                                              need_dk, need_dp, need_ds, backend)[0]
+    precompute = reduction != "none" and (need_dq or need_dk or need_dp or need_ds) and not func_transforms()
+    return call_op(torch.ops.metassl_fast.labeled_fwd, _Transformable, query, key, labels, key_labels, pos_logit,
+                   ext_positive, scale, self_offset, normalize, reduction, pairwise, precompute, need_dq, need_dk,
+                   need_dp, need_ds, backend)[0]
 
 
 def gathered(query: Tensor, labels: Tensor, scale: Tensor, normalize: bool, reduction: str, pairwise: bool,

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.siglip import siglip_loss as _reference
-from .._common import (backend_module, check_op, needs, refuse_create_graph, register_backward_op,
-                       scale_precomputed)
+from .._common import (backend_module, backward_op, call_op, check_op, func_transforms, needs, one_device,
+                       refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 
 _WHAT = "the contrastive family losses"
 
@@ -40,6 +40,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
     """(loss, dq, dk, dscale, dbias), the gradients for grad_output = 1 when precompute.
     query (N, D), key (M, D): query i's positive is key diag_offset + i; the loss is the
     sum over the N x M pairs divided by N (open_clip's per-rank normalisation)."""
+    one_device("siglip_fwd", query, key, scale, bias)
     impl = backend_module(__name__, "siglip", backend)
     _check(query, key, scale, bias, diag_offset)
     loss, grads = impl.run(query, key, scale, bias, diag_offset, None, precompute,
@@ -51,6 +52,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, diag_off
 
 @siglip_fwd.register_fake
 def _(query, key, scale, bias, diag_offset, precompute, need_dq, need_dk, need_dscale, need_dbias, backend):
+    one_device("siglip_fwd", query, key, scale, bias)
     def like(x, needed):
         return x.new_empty(x.shape if (precompute and needed) else (0,))
 
@@ -63,6 +65,7 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
                need_dq: bool, need_dk: bool, need_dscale: bool, need_dbias: bool, backend: str,
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Recomputing backward: (dq, dk, dscale, dbias), each empty where not needed."""
+    one_device("siglip_bwd", grad, query, key, scale, bias)
     impl = backend_module(__name__, "siglip", backend)
     _check(query, key, scale, bias, diag_offset, grad=grad)
     if grad.shape != ():
@@ -75,6 +78,7 @@ def siglip_bwd(grad: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Te
 
 @siglip_bwd.register_fake
 def _(grad, query, key, scale, bias, diag_offset, need_dq, need_dk, need_dscale, need_dbias, backend):
+    one_device("siglip_bwd", grad, query, key, scale, bias)
     return tuple(x.new_empty(x.shape if nd else (0,)) for x, nd in
                  ((query, need_dq), (key, need_dk), (scale, need_dscale), (bias, need_dbias)))
 
@@ -94,12 +98,13 @@ def _backward(ctx, grad_loss, *_unused):
         refuse_create_graph(_WHAT)
         outs = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
-        outs = siglip_bwd(grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
+        outs = backward_op(siglip_bwd, _WHAT, grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
         outs = tuple(o if nd else None for o, nd in zip(outs, need))
     return tuple(outs) + (None,) * 7
 
 
 torch.library.register_autograd("metassl_fast::siglip_fwd", _backward, setup_context=_setup)
+_Transformable = transformable(torch.ops.metassl_fast.siglip_fwd, _setup, _backward, "siglip_fwd")
 register_backward_op("metassl_fast::siglip_bwd", _WHAT)
 
 
@@ -115,4 +120,6 @@ def loss(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, *, backend: st
     if backend == "torch":
         return _reference(query, key, scale, bias, offset)
     need = needs(query, key, scale, bias)
-    return torch.ops.metassl_fast.siglip_fwd(query, key, scale, bias, offset, any(need), *need, backend)[0]
+    precompute = any(need) and not func_transforms()
+    return call_op(torch.ops.metassl_fast.siglip_fwd, _Transformable, query, key, scale, bias, offset, precompute,
+                   *need, backend)[0]

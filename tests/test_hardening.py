@@ -1,0 +1,342 @@
+"""No input crashes the process or returns garbage (issue 12's findings, one regression
+test each): size arithmetic that would wrap, C++ exceptions inside parallel regions,
+overflow to inf - inf, bounds checks of the raw module, raw ops with tensors on two
+devices, weak or missing errors, and torch.func transforms over the fused ops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import metassl_fast as m
+from metassl_fast import _ext, meta
+from metassl_fast.functional import labeled_contrastive
+
+needs_c = pytest.mark.skipif(not _ext.available("_C"), reason="_C not built")
+
+
+def _task(T=2, S=5, Q=4, D=8, C=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, S, D, generator=g, dtype=dtype)
+    y = torch.randint(0, C, (T, S), generator=g)
+    Xq = torch.randn(T, Q, D, generator=g, dtype=dtype)
+    yq = torch.randint(0, C, (T, Q), generator=g)
+    W = torch.randn(C, D, generator=g, dtype=dtype) * 0.1
+    b = torch.zeros(C, dtype=dtype)
+    return X, y, Xq, yq, W, b
+
+
+# --------------------------------------------------------------------------- 1, 2: steps, scratch, exceptions
+
+@pytest.mark.parametrize("steps", [2**31, 2**62, 10**30])
+def test_steps_past_the_bound_are_a_value_error_naming_steps(steps):
+    X, y, Xq, yq, W, b = _task()
+    with pytest.raises(ValueError, match="steps"):
+        meta.anil_loss(X, y, Xq, yq, W, b, steps=steps)
+    with pytest.raises(ValueError, match="steps"):
+        meta.adapt_linear_head(X, y, W, b, steps=steps)
+    with pytest.raises(ValueError, match="steps"):
+        meta.ANILHead(8, 3, steps=steps)
+
+
+@needs_c
+@pytest.mark.parametrize("op", ["anil_loss_fwd", "anil_loss_bwd", "anil_loss_train"])
+def test_raw_op_whose_scratch_size_would_wrap_raises_instead_of_writing_to_null(op):
+    X, y, Xq, yq, W, b = _task()
+    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
+    head = (X, y, Xq, yq, W, b, lr_w, lr_b)
+    call = {"anil_loss_fwd": lambda k: torch.ops.metassl_fast.anil_loss_fwd(*head, k, False, "mean", "cpu"),
+            "anil_loss_bwd": lambda k: torch.ops.metassl_fast.anil_loss_bwd(torch.tensor(1.0), *head, k, False,
+                                                                            "mean", "cpu"),
+            "anil_loss_train": lambda k: torch.ops.metassl_fast.anil_loss_train(*head, k, False)}[op]
+    with pytest.raises(ValueError, match="overflow"):
+        call(2**62)  # (K + 1) C D wraps int64: refused by the bindings' checked arithmetic
+
+
+@needs_c
+def test_allocation_failure_inside_a_parallel_region_is_a_memory_error():
+    """steps=10**12: each task's scratch (K S C floats) is ~60 TB; std::bad_alloc is thrown
+    inside the OpenMP region by both threads' chunks and must surface as MemoryError,
+    not std::terminate."""
+    X, y, Xq, yq, W, b = _task(T=4)
+    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
+    with pytest.raises(MemoryError):
+        torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 10**12, False, "mean", "cpu")
+    # and the process (and the module) still work
+    loss, _ = torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 2, False, "mean", "cpu")
+    assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------- 3: SigLIP at huge logit scales
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_siglip_huge_scale_is_never_nan(dtype):
+    # the positives' logits overflow float32 (16 * 1e38), the negatives' are 0: the loss is
+    # finite, (N - 1) log 2 per row; summing the sweep and swapping the diagonal gave inf - inf
+    x = torch.tensor([[4.0, 0.0], [0.0, 4.0]], dtype=dtype)
+    ours = m.siglip_loss(x, x, 1e38, 0.0, backend="cpu")
+    ref = m.siglip_loss(x, x, 1e38, 0.0, backend="torch")
+    assert not torch.isnan(ours)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours, torch.tensor(math.log(2), dtype=dtype))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=dtype)
+    ours, ref = (m.siglip_loss(x, x, 1e38, 0.0, backend=be) for be in ("cpu", "torch"))
+    assert not torch.isnan(ours) and bool(ours == ref), (ours, ref)  # inf where float32's true value is
+
+
+# --------------------------------------------------------------------------- 4: the raw module's own checks
+
+@needs_c
+def test_raw_module_bounds_checks_cannot_overflow():
+    C_ = _ext.require("_C")
+    S = torch.zeros(2, 4)
+    p, n = S.data_ptr(), S.numel()
+    with pytest.raises(ValueError, match="diagonal rows"):  # row0 + B wrapped past INT64_MAX
+        C_.block_sigmoid(0, p, n, 2, 4, 4, 2**63 - 1, 1.0, 0.0, 1.0, True, 1)
+    with pytest.raises(ValueError, match="overflow"):  # (B - 1) * ld + C wrapped
+        C_.block_sigmoid(0, p, n, 2**40, 2**40, 2**40, 0, 1.0, 0.0, 1.0, True, 1)
+    with pytest.raises(ValueError):
+        C_.block_rows(0, p, n, 2, 4, 4, 2**63 - 1, 4, p, 2, True, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 1)
+    with pytest.raises(ValueError, match="overflow"):
+        C_.block_col_stats(0, p, n, 2**62, 4, 2**62, p, p, 4, 1)
+
+
+# --------------------------------------------------------------------------- 5: raw ops on two devices
+
+class _Record(TorchDispatchMode):
+    """The first call of every metassl_fast op under it: (op, args)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "metassl_fast":
+            self.calls.setdefault(func._opname, (func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def _raw_calls():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(2))
+    lab = torch.tensor([0, 1, 0, 1, 2, 2])
+    X, y, Xq, yq, W, b = _task()
+    W.requires_grad_()
+    lr = torch.tensor(0.3, requires_grad=True)
+    rec = _Record()
+    with rec:
+        m.info_nce(q, k, reduction="none").sum().backward()
+        m.supcon_loss(q, lab, reduction="none").sum().backward()
+        m.siglip_loss(q, k, 2.0, -1.0).backward()
+        meta.adapt_linear_head(X, y, W, b, steps=2)[0].sum().backward()
+        meta.anil_loss(X, y, Xq, yq, W, b, lr=lr, steps=2).backward()
+    calls = dict(rec.calls)
+    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
+    train = (X, y, Xq, yq, W.detach(), b, lr_w, lr_b, 2, False)
+    out = torch.ops.metassl_fast.anil_loss_train(*train)
+    ops = torch.ops.metassl_fast
+    calls["anil_loss_train"] = (ops.anil_loss_train.default, train)
+    calls["anil_apply"] = (ops.anil_apply.default, (torch.tensor(1.0), X, Xq, W.detach(), *out[3:7]))
+    s = torch.tensor(2.0)
+    calls["siglip_bwd"] = (ops.siglip_bwd.default, (torch.tensor(1.0), q.detach(), k.detach(), s, torch.tensor(-1.0),
+                                                    0, True, True, True, True, "cpu"))
+    return calls
+
+
+_RAW = None
+
+
+def _raw():
+    global _RAW
+    if _RAW is None:
+        _RAW = _raw_calls()
+    return _RAW
+
+
+@needs_c
+def test_every_registered_op_is_in_the_mixed_device_test():
+    registered = {name for name in torch.ops.metassl_fast if not name.startswith("_")
+                  and hasattr(getattr(torch.ops.metassl_fast, name), "default")}
+    assert registered <= set(_raw()), sorted(registered - set(_raw()))
+
+
+@needs_c
+@pytest.mark.parametrize("op", ["contrastive_fwd", "contrastive_bwd", "labeled_fwd", "labeled_bwd", "siglip_fwd",
+                                "siglip_bwd", "inner_loop_fwd", "inner_loop_bwd", "anil_loss_fwd", "anil_loss_bwd",
+                                "anil_loss_train", "anil_apply"])
+def test_raw_op_with_one_tensor_on_the_meta_device_is_refused(op):
+    func, args = _raw()[op]
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 0]
+    assert positions
+    for i in positions:
+        mixed = list(args)
+        mixed[i] = args[i].to("meta")
+        with pytest.raises(ValueError, match="one device"):
+            func(*mixed)
+    # all on meta: shapes only (the fake), no error
+    func(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+
+
+# --------------------------------------------------------------------------- 7: weak errors
+
+@needs_c
+def test_sparse_and_mkldnn_tensors_are_refused_by_name():
+    x = torch.randn(4, 3)
+    for bad in (x.to_sparse(), x.to_mkldnn()):
+        with pytest.raises(TypeError, match="query must be a dense"):
+            m.info_nce(bad, x)
+        with pytest.raises(TypeError, match="key must be a dense"):
+            m.info_nce(x, bad)
+    with pytest.raises(TypeError, match="labels must be a dense"):
+        m.supcon_loss(x, torch.tensor([0, 1, 0, 1]).to_sparse())
+    X, y, Xq, yq, W, b = _task()
+    with pytest.raises(TypeError, match="support must be a dense"):
+        meta.anil_loss(X.to_sparse(), y, Xq, yq, W, b)
+    with pytest.raises(TypeError, match="weight must be a dense"):
+        meta.anil_loss(X, y, Xq, yq, W.to_sparse(), b)
+
+
+@needs_c
+def test_temperatures_that_overflow_are_value_errors_or_computed():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        m.info_nce(x, x, temperature=10**400)
+    with pytest.raises(ValueError, match="temperature"):
+        m.nt_xent(x, x, temperature=1e-310)  # > 0, but 1 / it is inf
+    with pytest.raises(ValueError, match="logit_bias"):
+        m.siglip_loss(x, x, 1.0, -(10**400))
+    # a float16 temperature of 1e-5: 1 / t overflows float16, not the float32 the op uses
+    t = torch.tensor(1e-5, dtype=torch.float16, requires_grad=True)
+    got = m.info_nce(x, x, temperature=t)
+    ref = m.info_nce(x, x, temperature=t.detach().float(), backend="torch")
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    assert t.grad is not None and t.grad.dtype == torch.float16
+
+
+def test_anil_loss_with_none_names_support():
+    X, y, Xq, yq, W, b = _task()
+    with pytest.raises(TypeError, match="support"):
+        meta.anil_loss(None, y, Xq, yq, W, b)
+
+
+def test_proto_loss_negative_labels_blame_the_labels():
+    X, y, Xq, yq, _, _ = _task()
+    with pytest.raises(ValueError, match="support_labels"):
+        meta.proto_loss(X, torch.full_like(y, -1), Xq, yq)
+    with pytest.raises(ValueError, match="support_labels"):
+        meta.proto_loss(X, y - 1, Xq, yq)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_labels_are_taken(dtype):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lab = torch.tensor([0, 1, 0, 1])
+    torch.testing.assert_close(m.supcon_loss(x, lab.to(dtype)), m.supcon_loss(x, lab))
+    X, y, Xq, yq, W, b = _task(dtype=torch.float64)
+    torch.testing.assert_close(meta.anil_loss(X, y.to(dtype), Xq, yq.to(dtype), W, b),
+                               meta.anil_loss(X, y, Xq, yq, W, b))
+
+
+def test_uint64_labels_past_int64_are_out_of_range():
+    X, y, Xq, yq, W, b = _task()
+    big = torch.tensor([2**64 - 1], dtype=torch.uint64).expand(y.shape).clone()
+    with pytest.raises(ValueError, match="support_labels"):
+        meta.anil_loss(X, big, Xq, yq, W, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_features=0, n_way=3), "in_features"), (dict(in_features=8, n_way=0), "n_way"),
+    (dict(in_features=8.0, n_way=3), "in_features"), (dict(in_features=8, n_way=3, lr=float("nan")), "lr"),
+])
+def test_anil_head_refuses_empty_or_bad_sizes(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        meta.ANILHead(**kwargs)
+
+
+@needs_c
+def test_self_offset_below_minus_one_is_refused():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="self_offset"):
+        labeled_contrastive(x, torch.arange(4), x, torch.arange(4), self_offset=-5)
+
+
+# --------------------------------------------------------------------------- 8: torch.func
+
+def _func_cases():
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    lab = torch.tensor([0, 1, 0, 1, 2, 2])
+    X, y, Xq, yq, W, b = _task(T=3, S=6, Q=4, D=5, dtype=torch.float64, seed=2)
+    lr = torch.full((3, 5), 0.4, dtype=torch.float64), torch.full((3,), 0.3, dtype=torch.float64)
+    return {
+        "info_nce": lambda a, be: m.info_nce(a, k, backend=be),
+        "info_nce_none": lambda a, be: m.info_nce(a, k, symmetric=True, reduction="none", backend=be).sum(),
+        "info_nce_queue": lambda a, be: m.info_nce(a, k, negatives=k.flip(0), backend=be),
+        "clip_loss": lambda a, be: m.clip_loss(a, k, 3.0, backend=be),
+        "nt_xent": lambda a, be: m.nt_xent(a, k, backend=be),
+        "supcon_loss": lambda a, be: m.supcon_loss(a, lab, backend=be),
+        "supcon_none": lambda a, be: m.supcon_loss(a, lab, reduction="none", backend=be).sum(),
+        "siglip_loss": lambda a, be: m.siglip_loss(a, k, 2.0, -1.0, backend=be),
+        "anil_loss": lambda a, be: meta.anil_loss(X, y, Xq, yq, a[:3], b, steps=3, backend=be),
+        "anil_loss_none": lambda a, be: meta.anil_loss(X, y, Xq, yq, a[:3], b, steps=3, reduction="none",
+                                                       backend=be).sum(),
+        "anil_meta_sgd": lambda a, be: meta.anil_loss(X, y, Xq, yq, a[:3], b, lr=lr, steps=2, backend=be),
+        "adapt_linear_head": lambda a, be: meta.adapt_linear_head(X, y, a[:3], b, steps=3, backend=be)[0].sum(),
+    }
+
+
+@needs_c
+@pytest.mark.parametrize("name", list(_func_cases()))
+def test_torch_func_grad_matches_the_reference(name):
+    """torch.func.grad (what torch.func-based MAML runs) over every fused public op, against
+    plain autograd through the float64 reference; jacrev (reverse mode) too."""
+    f = _func_cases()[name]
+    a = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = torch.func.grad(lambda t: f(t, "cpu"))(a)
+    ar = a.clone().requires_grad_()
+    (want,) = torch.autograd.grad(f(ar, "torch"), ar)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(lambda t: f(t, "cpu"))(a), want, rtol=1e-10, atol=1e-12)
+
+
+@needs_c
+def test_torch_func_vjp_vmap_and_a_clear_error_for_forward_mode():
+    a, k = (torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (4, 5))
+    out, vjp = torch.func.vjp(lambda t: m.info_nce(t, k, reduction="none"), a)
+    ct = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    ar = a.clone().requires_grad_()
+    (want,) = torch.autograd.grad(m.info_nce(ar, k, reduction="none", backend="torch"), ar, ct)
+    torch.testing.assert_close(vjp(ct)[0], want)
+    # vmap (one op call per element: exact), also of a gradient (per-sample gradients)
+    batch = torch.stack([a, a.flip(0), 2 * a])
+    torch.testing.assert_close(torch.func.vmap(lambda t: m.info_nce(t, k))(batch),
+                               torch.stack([m.info_nce(t, k, backend="torch") for t in batch]))
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: m.info_nce(t, k)))(batch)
+    for t, g in zip(batch, per_sample):
+        tr = t.clone().requires_grad_()
+        torch.testing.assert_close(g, torch.autograd.grad(m.info_nce(tr, k, backend="torch"), tr)[0])
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.hessian(lambda t: m.info_nce(t, k))(a)
+    X, y, Xq, yq, W, b = _task(dtype=torch.float64)
+    tasks = torch.stack([X, 0.5 * X])
+    torch.testing.assert_close(torch.func.vmap(lambda s: meta.anil_loss(s, y, Xq, yq, W, b))(tasks),
+                               torch.stack([meta.anil_loss(s, y, Xq, yq, W, b, backend="torch") for s in tasks]))
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.jvp(lambda w: meta.anil_loss(X, y, Xq, yq, w, b), (W,), (torch.ones_like(W),))
+
+
+@needs_c
+def test_plain_autograd_is_unchanged_by_the_func_path():
+    """Outside torch.func the ops still precompute (the one-pass forward): same numbers."""
+    a, k = (torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (6, 7))
+    ar = a.clone().requires_grad_()
+    (eager,) = torch.autograd.grad(m.info_nce(ar, k), ar)
+    torch.testing.assert_close(torch.func.grad(lambda t: m.info_nce(t, k))(a), eager, rtol=1e-12, atol=1e-14)
