@@ -87,10 +87,11 @@ def positive_scalar(name: str, value: object, device: torch.device) -> Tensor:
 
 
 def inverse_temperature(name: str, value: object, device: torch.device) -> Tensor:
-    """1 / temperature as a 0-dim tensor (differentiable), the temperature validated as in
-    positive_scalar and its reciprocal finite too (a float64 temperature of 1e-310 is > 0,
+    """1 / temperature as a 0-dim float64 tensor (differentiable), the temperature validated as
+    in positive_scalar and its reciprocal finite too (a float64 temperature of 1e-310 is > 0,
     but 1 / it is inf)."""
-    scale = 1.0 / positive_scalar(name, value, device)
+    t = positive_scalar(name, value, device)
+    scale = 1.0 / (t if t.dtype == torch.float64 else t.double())  # in float64: a float32 1 / t loses digits
     if not _compiling() and not math.isfinite(float(scale.detach())):
         raise ValueError(f"{name} is too small: 1 / {name} overflows {scale.dtype}")
     return scale

@@ -24,6 +24,7 @@ from ...reference.contrastive import contrastive_loss as _reference
 from .. import labeled as _labeled
 from .._common import (acc_dtype, backend_module, backward_op, call_op, func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
+from ._shared import check_contrastive
 
 _WHAT = "the contrastive losses"
 
@@ -38,6 +39,7 @@ def contrastive_fwd(
     four gradients are those of the reduced loss for grad_output = 1 when precompute
     and the backend precomputes (cpu), else empty."""
     one_device("contrastive_fwd", query, key, negatives, scale)
+    check_contrastive(query, key, negatives, scale, reduction)
     impl = backend_module(__name__, "contrastive", backend)
     need = (need_dq, need_dk, need_dneg, need_dscale)
     return impl.forward(query, key, negatives, scale, symmetric, normalize, reduction,
@@ -76,6 +78,7 @@ def contrastive_bwd(
     """Recomputing backward (used when the forward did not precompute): (dq, dk, dneg,
     dscale), each empty where not needed."""
     one_device("contrastive_bwd", grad, query, key, negatives, scale, lse_row, lse_col)
+    check_contrastive(query, key, negatives, scale, reduction)
     impl = backend_module(__name__, "contrastive", backend)
     n, acc = query.shape[0], acc_dtype(query.dtype)
     for name, t, want in (("lse_row", lse_row, n), ("lse_col", lse_col, n if symmetric else None)):

@@ -5,7 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import acc_dtype, normalize_backward, normalized
+from .._common import acc_dtype, check_op, normalize_backward, normalized
+
+
+def check_contrastive(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor, reduction: str) -> None:
+    """What the op assumes of a direct torch.ops call (the public functions ensure it): as
+    check_op, key (N, D) row for row with query, negatives (M, D) or (N, M, D) with
+    M >= 1, and one floating dtype for the features."""
+    check_op(query, key, scale, reduction, negatives=negatives)
+    n, d = query.shape
+    if key.shape[0] != n:
+        raise ValueError(f"key must be (N={n}, D={d}): row i is the positive of query row i, got {tuple(key.shape)}")
+    if negatives is not None:
+        ok = (negatives.dim() == 2 and negatives.shape[1] == d) or (negatives.dim() == 3 and negatives.shape[0] == n
+                                                                      and negatives.shape[2] == d)
+        if not ok or negatives.shape[-2] == 0:
+            raise ValueError(f"negatives must be (M, D={d}) or (N={n}, M, D={d}) with M >= 1, got "
+                             f"{tuple(negatives.shape)}")
+    for name, t in (("query", query), ("key", key), ("negatives", negatives)):
+        if t is not None and (not t.dtype.is_floating_point or t.dtype != query.dtype):
+            raise TypeError(f"{name} has dtype {t.dtype}: query, key and negatives take one floating dtype")
 
 
 def inputs(query, key, negatives, normalize):

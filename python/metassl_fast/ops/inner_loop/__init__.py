@@ -25,6 +25,7 @@ from torch import Tensor
 from ...reference.inner_loop import adapt_reference
 from .._common import (backend_module, backward_op, call_op, loop_vmap, one_device, refuse_later, register_backward_op,
                        scale_precomputed, transformable)
+from ._shared import check_op_sizes
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
 
@@ -39,6 +40,7 @@ def inner_loop_fwd(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
     """support (T, S, D), labels (T, S) int64, weight (C, D), bias (C), lr_w (C, D), lr_b (C)
     -> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
     one_device("inner_loop_fwd", support, labels, weight, bias, lr_w, lr_b)
+    check_op_sizes(support, weight, steps)
     return _impl(backend).adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps)
 
 
@@ -103,6 +105,7 @@ def anil_loss_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: 
     (T,): each task's number of queries the adapted head classifies right, from the
     logits the loss forms anyway; not differentiable)."""
     one_device("anil_loss_fwd", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
+    check_op_sizes(support, weight, steps)
     correct = support.new_empty(support.shape[0])  # every task writes its count
     loss_t, _ = _impl(backend).anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, None, steps,
                                     first_order, False, True, correct)
@@ -124,6 +127,7 @@ def anil_loss_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, 
     """Recomputing backward: gradients of sum_t w_t loss_t with w = grad (per task) or grad / T.
     need_dlr=False: the step sizes need no gradient (zeros are returned for them)."""
     one_device("anil_loss_bwd", grad, support, labels, query, query_labels, weight, bias, lr_w, lr_b)
+    check_op_sizes(support, weight, steps)
     T = support.shape[0]
     weights = (grad.to(support.dtype).contiguous() if reduction == "none"
                else (grad.to(support.dtype) / T).expand(T).contiguous())
@@ -177,6 +181,7 @@ def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Te
     lamK (T, C, D), dzqT (T, C, Q), WK (T, C, D), correct (T,)): coef .. WK feed
     anil_apply; correct counts each task's correctly classified queries."""
     one_device("anil_loss_train", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
+    check_op_sizes(support, weight, steps)
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),

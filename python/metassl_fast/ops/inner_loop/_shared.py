@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from ..._validate import MAX_STEPS
 
 MAX_TRITON_ROWS = 128  # support / query rows per task on the Triton backend
 MAX_TRITON_CLASSES = 64
@@ -87,3 +88,17 @@ def check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, tri
 def f32(*xs):
     """The GPU kernels compute in float32: contiguous float32 copies (or the tensors)."""
     return tuple(x.to(torch.float32).contiguous() for x in xs)
+
+
+
+def check_op_sizes(support, weight, steps) -> None:
+    """What every inner-loop op needs before anything is allocated from its sizes (a direct
+    torch.ops call; the public functions ensure it): support (T, S, D) and weight (C, D)
+    non-empty with one D, and steps in [0, MAX_STEPS] (a trajectory (T, steps + 1, C, D)
+    past it overflows the allocator's stride arithmetic)."""
+    if support.dim() != 3 or min(support.shape) < 1:
+        raise ValueError(f"support must be (T, S, D) with T, S, D >= 1, got shape {tuple(support.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != support.shape[2]:
+        raise ValueError(f"weight must be (C, D={support.shape[2]}) with C >= 1, got shape {tuple(weight.shape)}")
+    if not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [0, {MAX_STEPS}], got {steps}")
