@@ -5,6 +5,7 @@ devices, weak or missing errors, and torch.func transforms over the fused ops.""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -42,28 +43,52 @@ def test_steps_past_the_bound_are_a_value_error_naming_steps(steps):
 
 
 @needs_c
-@pytest.mark.parametrize("op", ["anil_loss_fwd", "anil_loss_bwd", "anil_loss_train"])
-def test_raw_op_whose_scratch_size_would_wrap_raises_instead_of_writing_to_null(op):
+@pytest.mark.parametrize("op", ["anil_loss_fwd", "anil_loss_bwd", "anil_loss_train", "inner_loop_fwd"])
+def test_raw_op_steps_past_the_bound_are_refused_before_any_allocation(op):
     X, y, Xq, yq, W, b = _task()
     lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
     head = (X, y, Xq, yq, W, b, lr_w, lr_b)
-    call = {"anil_loss_fwd": lambda k: torch.ops.metassl_fast.anil_loss_fwd(*head, k, False, "mean", "cpu"),
-            "anil_loss_bwd": lambda k: torch.ops.metassl_fast.anil_loss_bwd(torch.tensor(1.0), *head, k, False,
-                                                                            "mean", "cpu"),
-            "anil_loss_train": lambda k: torch.ops.metassl_fast.anil_loss_train(*head, k, False)}[op]
-    with pytest.raises(ValueError, match="overflow"):
-        call(2**62)  # (K + 1) C D wraps int64: refused by the bindings' checked arithmetic
+    ops = torch.ops.metassl_fast
+    call = {"anil_loss_fwd": lambda k: ops.anil_loss_fwd(*head, k, False, "mean", "cpu"),
+            "anil_loss_bwd": lambda k: ops.anil_loss_bwd(torch.tensor(1.0), *head, k, False, "mean", "cpu"),
+            "anil_loss_train": lambda k: ops.anil_loss_train(*head, k, False),
+            "inner_loop_fwd": lambda k: ops.inner_loop_fwd(X, y, W, b, lr_w, lr_b, k, False, "cpu")}[op]
+    for k in (2**31, 2**62):  # the trajectory (T, k + 1, C, D) overflowed torch's stride arithmetic
+        with pytest.raises(ValueError, match="steps"):
+            call(k)
 
 
 @needs_c
+def test_raw_module_size_products_that_wrap_are_refused():
+    """The bindings' own check, whatever Python passes: (K + 1) C D and K S C wrapped int64
+    at K = 2**62 and a copy wrote to null (SIGSEGV)."""
+    C_ = _ext.require("_C")
+    X, y, _, _, W, b = _task()
+    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
+    Wt, bt = torch.empty(2, 3, 3, 8), torch.empty(2, 3, 3)
+    ptr = {n: (t.data_ptr(), t.numel()) for n, t in dict(X=X, y=y, W0=W, b0=b, aW=lr_w, ab=lr_b, W_traj=Wt,
+                                                          b_traj=bt).items()}
+    flat = {}
+    for n, (p, k) in ptr.items():
+        flat[n], flat[n + "_numel"] = p, k
+    with pytest.raises(ValueError, match="overflow"):
+        C_.inner_loop_forward(dtype=0, **flat, T=2, S=5, D=8, C=3, K=2**62, nthreads=1)
+    with pytest.raises(ValueError, match="W_traj"):  # a K that fits int64 but not the buffer passed
+        C_.inner_loop_forward(dtype=0, **flat, T=2, S=5, D=8, C=3, K=2**40, nthreads=1)
+
+
+@needs_c
+@pytest.mark.skipif(os.environ.get("METASSL_SANITIZE") == "1",
+                    reason="under ASan (scripts/sanitize.sh) a failed operator new is reported and aborts "
+                           "instead of throwing std::bad_alloc, whatever allocator_may_return_null says")
 def test_allocation_failure_inside_a_parallel_region_is_a_memory_error():
-    """steps=10**12: each task's scratch (K S C floats) is ~60 TB; std::bad_alloc is thrown
+    """steps=2**31 - 1: each task's scratch (K S C floats) is ~12 TB; std::bad_alloc is thrown
     inside the OpenMP region by both threads' chunks and must surface as MemoryError,
     not std::terminate."""
-    X, y, Xq, yq, W, b = _task(T=4)
+    X, y, Xq, yq, W, b = _task(T=4, S=500)
     lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
-    with pytest.raises(MemoryError):
-        torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 10**12, False, "mean", "cpu")
+    with pytest.raises(MemoryError):  # K S C floats = 2**31 * 1500 * 4 B = 12 TB per task
+        torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 2**31 - 1, False, "mean", "cpu")
     # and the process (and the module) still work
     loss, _ = torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 2, False, "mean", "cpu")
     assert torch.isfinite(loss)
