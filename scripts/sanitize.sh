@@ -30,6 +30,9 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1:detect_odr_violation=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$PWD/$STAGE" METASSL_SANITIZE=1
+# the fuzzer's examples under the sanitizers (instrumented kernels run ~2-3x slower): its
+# default 200 run in the plain suite already
+export METASSL_FUZZ_EXAMPLES=${METASSL_FUZZ_EXAMPLES:-60}
 # The tests that reach _C: the CPU backend's parametrisations of the per-op suites, the
 # drop-ins, the hardening regressions and the fuzzer.  (Triton and CUDA cases, which do
 # not call _C, are deselected: under the interpreter they would only cost time here.)

@@ -174,6 +174,10 @@ def test_pml_self_supervised_swapped_wraps_any_loss(pml_swapped, symmetric):
           orig["SelfSupervisedLoss"](TripletMarginLoss(), symmetric=symmetric), [a, b], "our wrapper, pml's loss")
     with pytest.raises(Exception, match="not supported"):  # the original's own refusal, unchanged
         pml.SelfSupervisedLoss(torch.nn.MSELoss())
+    # the original's class-level API, which its own tests call on the swapped-in class
+    assert pml.SelfSupervisedLoss.supported_losses() == orig["SelfSupervisedLoss"].supported_losses()
+    with pytest.raises(Exception, match="not supported"):
+        pml.SelfSupervisedLoss.check_loss_support("MSELoss")
 
 
 @pytest.mark.parametrize("temperature", [-0.5, 0.0, float("inf")])

@@ -224,6 +224,19 @@ class SelfSupervisedLoss(nn.Module):
                                 "installed") from exc
             self._original = cls(loss, symmetric=symmetric, **kwargs)
 
+    @staticmethod
+    def supported_losses() -> list[str]:
+        """The original's list (its own API, which code written for it calls)."""
+        try:
+            return _original_class("SelfSupervisedLoss").supported_losses()
+        except ImportError:
+            return ["NTXentLoss", "SupConLoss"]
+
+    @classmethod
+    def check_loss_support(cls, loss_name: str) -> None:
+        if loss_name not in cls.supported_losses():
+            raise Exception(f"SelfSupervisedLoss not supported for {loss_name}")  # the original's type and text
+
     def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
         if self._original is not None:
             return self._original(embeddings, ref_emb)
