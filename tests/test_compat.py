@@ -207,6 +207,28 @@ def test_lightly_constructor_checks_match_lightly(monkeypatch):
         c_lightly.NTXentLoss(gather_distributed=True)
 
 
+@pytest.mark.parametrize("temperature", [float("inf"), 10**400])
+def test_lightly_other_temperatures_it_accepts_go_to_lightly(temperature):
+    orig = originals.lightly_ntxent()
+    a, b = _leaves((6, 4), (6, 4), seed=7)
+    with pytest.warns(UserWarning, match="no fused path"):
+        ours = c_lightly.NTXentLoss(temperature=temperature)
+    try:
+        want = orig(temperature=temperature)(a, b)
+    except Exception as exc:  # noqa: BLE001 - whatever lightly raises, ours raises the same
+        with pytest.raises(type(exc)):
+            ours(a, b)
+        return
+    torch.testing.assert_close(ours(a, b), want)
+
+
+def test_pml_temperature_whose_inverse_overflows_goes_to_the_original(pml_swapped):
+    pml, orig = pml_swapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert pml.NTXentLoss(temperature=1e-310)._original is not None
+
+
 @pytest.mark.parametrize("bank", [0, (16, 5)])
 def test_lightly_negative_temperature_is_computed_not_refused(monkeypatch, bank):
     orig = originals.lightly_ntxent()

@@ -85,12 +85,17 @@ def test_allocation_failure_inside_a_parallel_region_is_a_memory_error():
     """steps=2**31 - 1: each task's scratch (K S C floats) is ~12 TB; std::bad_alloc is thrown
     inside the OpenMP region by both threads' chunks and must surface as MemoryError,
     not std::terminate."""
-    X, y, Xq, yq, W, b = _task(T=4, S=500)
-    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
-    with pytest.raises(MemoryError):  # K S C floats = 2**31 * 1500 * 4 B = 12 TB per task
+    X, y, Xq, yq, W, b = _task(T=4, S=200, C=100)
+    lr_w, lr_b = torch.full((100, 8), 0.5), torch.full((100,), 0.5)
+    # K S C floats = 2**31 * 2e4 * 4 B = 172 TB per task: past the 2**47-byte user address
+    # space, so the allocation fails whatever the host's overcommit setting
+    with pytest.raises(MemoryError):
         torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 2**31 - 1, False, "mean", "cpu")
     # and the process (and the module) still work
     loss, _ = torch.ops.metassl_fast.anil_loss_fwd(X, y, Xq, yq, W, b, lr_w, lr_b, 2, False, "mean", "cpu")
+    assert torch.isfinite(loss)
+    loss, _ = torch.ops.metassl_fast.anil_loss_fwd(*_task(T=4)[:6], torch.full((3, 8), 0.5), torch.full((3,), 0.5),
+                                                   2, False, "mean", "cpu")
     assert torch.isfinite(loss)
 
 
@@ -124,7 +129,7 @@ def test_raw_module_bounds_checks_cannot_overflow():
         C_.block_sigmoid(0, p, n, 2, 4, 4, 2**63 - 1, 1.0, 0.0, 1.0, True, 1)
     with pytest.raises(ValueError, match="overflow"):  # (B - 1) * ld + C wrapped
         C_.block_sigmoid(0, p, n, 2**40, 2**40, 2**40, 0, 1.0, 0.0, 1.0, True, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positive pairs"):
         C_.block_rows(0, p, n, 2, 4, 4, 2**63 - 1, 4, p, 2, True, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 1)
     with pytest.raises(ValueError, match="overflow"):
         C_.block_col_stats(0, p, n, 2**62, 4, 2**62, p, p, 4, 1)
@@ -280,10 +285,42 @@ def test_uint64_labels_past_int64_are_out_of_range():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(in_features=0, n_way=3), "in_features"), (dict(in_features=8, n_way=0), "n_way"),
     (dict(in_features=8.0, n_way=3), "in_features"), (dict(in_features=8, n_way=3, lr=float("nan")), "lr"),
+    (dict(in_features=8, n_way=3, lr=10**400), "lr"), (dict(in_features=8, n_way=3, lr="fast"), "lr"),
 ])
 def test_anil_head_refuses_empty_or_bad_sizes(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         meta.ANILHead(**kwargs)
+
+
+def test_anil_head_takes_a_tensor_step_size():
+    head = meta.ANILHead(8, 3, lr=torch.tensor(0.25))
+    assert float(head.lr) == 0.25
+
+
+@needs_c
+@pytest.mark.parametrize("bad", ["query_d", "flat_labels", "bias", "coef"])
+def test_raw_cpu_inner_loop_ops_check_the_layout_they_read(bad):
+    """In bounds is not enough: a query of another D or flattened labels were read in the
+    wrong layout and gave a number."""
+    X, y, Xq, yq, W, b = _task()
+    lr_w, lr_b = torch.full((3, 8), 0.5), torch.full((3,), 0.5)
+    ops = torch.ops.metassl_fast
+    if bad == "coef":
+        out = ops.anil_loss_train(X, y, Xq, yq, W, b, lr_w, lr_b, 2, False)
+        coef = out[3].reshape(out[3].shape[0], -1)
+        with pytest.raises(ValueError, match="coef"):
+            ops.anil_apply(torch.tensor(1.0), X, Xq, W, coef, *out[4:7])
+        return
+    args = {"query_d": (X, y, torch.randn(2, 4, 11), yq, W, b), "flat_labels": (X, y.reshape(-1), Xq, yq, W, b),
+            "bias": (X, y, Xq, yq, W, torch.zeros(5))}[bad]
+    with pytest.raises(ValueError, match={"query_d": "query", "flat_labels": "labels", "bias": "bias"}[bad]):
+        ops.anil_loss_fwd(*args, lr_w, lr_b, 2, False, "mean", "cpu")
+
+
+def test_vmap_over_an_empty_batch_is_a_value_error():
+    k = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="size 0"):
+        torch.func.vmap(lambda t: m.info_nce(t, k))(torch.randn(0, 6, 5, dtype=torch.float64))
 
 
 @needs_c
@@ -294,6 +331,17 @@ def test_self_offset_below_minus_one_is_refused():
 
 
 # --------------------------------------------------------------------------- 8: torch.func
+
+_HEADS = {}
+
+
+def _head(backend):
+    """One ANILHead per backend, built outside the transforms (same initial weights)."""
+    if backend not in _HEADS:
+        torch.manual_seed(0)
+        _HEADS[backend] = meta.ANILHead(5, 3, steps=2, backend=backend).double()
+    return _HEADS[backend]
+
 
 def _func_cases():
     g = torch.Generator().manual_seed(1)
@@ -315,6 +363,13 @@ def _func_cases():
                                                        backend=be).sum(),
         "anil_meta_sgd": lambda a, be: meta.anil_loss(X, y, Xq, yq, a[:3], b, lr=lr, steps=2, backend=be),
         "adapt_linear_head": lambda a, be: meta.adapt_linear_head(X, y, a[:3], b, steps=3, backend=be)[0].sum(),
+        # with respect to the features (backbone MAML, ANILHead): the one-pass training path
+        # outside torch.func, the recomputing one under it
+        "anil_wrt_support": lambda a, be: meta.anil_loss(a.reshape(3, 2, 5).repeat(1, 3, 1), y, Xq, yq, W, b, steps=3,
+                                                         backend=be),
+        "anil_wrt_query": lambda a, be: meta.anil_loss(X, y, a[:4].expand(3, 4, 5), yq, W, b, lr=torch.tensor(0.3),
+                                                       steps=2, backend=be),
+        "anil_head": lambda a, be: _head(be)(a.reshape(3, 2, 5).repeat(1, 3, 1), y, Xq, yq)[0],
     }
 
 
@@ -324,12 +379,17 @@ def test_torch_func_grad_matches_the_reference(name):
     """torch.func.grad (what torch.func-based MAML runs) over every fused public op, against
     plain autograd through the float64 reference; jacrev (reverse mode) too."""
     f = _func_cases()[name]
+    _head("cpu"), _head("torch")
     a = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     got = torch.func.grad(lambda t: f(t, "cpu"))(a)
     ar = a.clone().requires_grad_()
     (want,) = torch.autograd.grad(f(ar, "torch"), ar)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.func.jacrev(lambda t: f(t, "cpu"))(a), want, rtol=1e-10, atol=1e-12)
+    # per-sample gradients: vmap of grad over a batch of two inputs
+    per = torch.func.vmap(torch.func.grad(lambda t: f(t, "cpu")))(torch.stack([a, 0.5 * a]))
+    ar2 = (0.5 * a).clone().requires_grad_()
+    torch.testing.assert_close(per[1], torch.autograd.grad(f(ar2, "torch"), ar2)[0], rtol=1e-10, atol=1e-12)
 
 
 @needs_c

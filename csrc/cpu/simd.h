@@ -11,6 +11,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <omp.h>
 #include <type_traits>
 #include <vector>
 
@@ -119,7 +120,8 @@ inline Vec<double>::V log1p_unit(Vec<double>::V u) {
 // is rethrown here, after the region, where pybind11 turns it into a Python exception.
 template <typename F>
 void parallel_chunks(int64_t n, int nthreads, F&& fn) {
-  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
+  // at most the runtime's own thread count, whatever the caller asks (a raw call may pass any int)
+  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({nthreads, n, omp_get_max_threads()})));
   const int64_t step = (n + t - 1) / t;
   std::vector<std::exception_ptr> failed(static_cast<size_t>(t));
 #pragma omp parallel for num_threads(t) schedule(static, 1)

@@ -27,6 +27,17 @@ from .. import functional as _f
 __all__ = ["NTXentLoss"]
 
 
+def _fused(temperature) -> bool:
+    """A temperature the fused op takes: finite, > 0, with a finite reciprocal.  Lightly takes
+    any |temperature| >= 1e-8 (negative, inf, an int too large for a float): its own class
+    computes the others."""
+    try:
+        _validate.inverse_temperature("temperature", temperature, torch.device("cpu"))
+        return True
+    except ValueError:
+        return False
+
+
 def _original_class() -> type:
     """lightly's NTXentLoss from its defining module, never through ``lightly.loss``, where a
     user may have assigned this drop-in in its place."""
@@ -44,33 +55,31 @@ class NTXentLoss(nn.Module):
     """lightly.loss.NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False);
     forward(out0 (N, D), out1 (N, D)) -> scalar.  Constructor checks as lightly's:
     |temperature| < 1e-8 and gather_distributed=True without torch.distributed are
-    ValueErrors.  A negative temperature, which lightly accepts, has no fused path (the
-    ops take a scale > 0): lightly's own class computes it (a warning says so); without
-    lightly installed it is a TypeError."""
+    ValueErrors.  A temperature lightly accepts that has no fused path (negative, inf: the
+    ops take a finite scale > 0) is computed by lightly's own class (a warning says so);
+    without lightly installed it is a TypeError."""
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False, backend: str | None = None):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
             raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if abs(float(temperature)) < 1e-8:  # lightly's own check and message
+        if abs(temperature) < 1e-8:  # lightly's own check and message (abs: no float() of a huge int)
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
                              "gather_distributed=False or install a torch version with distributed support.")
         self._original = None
-        if not float(temperature) > 0:
+        if not _fused(temperature):
             try:
                 original = _original_class()
             except ImportError as exc:
-                raise TypeError(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} (< 0) has no "
+                raise TypeError(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} has no "
                                 "fused path, and lightly (which computes it) is not installed") from exc
-            warnings.warn(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} (< 0) has no fused "
+            warnings.warn(f"metassl_fast.compat.lightly.NTXentLoss: temperature={temperature} has no fused "
                           "path; running lightly's own NTXentLoss (same numbers, its memory and speed)",
                           stacklevel=2)
             self._original = original(temperature, memory_bank_size, gather_distributed)
-        else:
-            _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
         self.temperature = temperature
         self.gather_distributed = _validate.flag("gather_distributed", gather_distributed)
         self.backend = backend

@@ -60,7 +60,7 @@ def _fused_temperature(temperature: object) -> bool:
     """A temperature the fused op takes (a finite float > 0); pytorch-metric-learning takes
     any number (the original class computes the others, as it would)."""
     try:
-        _validate.positive_scalar("temperature", temperature, torch.device("cpu"))
+        _validate.inverse_temperature("temperature", temperature, torch.device("cpu"))
         return True
     except ValueError:
         return isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()

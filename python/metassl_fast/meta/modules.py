@@ -1,8 +1,6 @@
 """nn.Module of the meta-learning heads."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +22,9 @@ class ANILHead(nn.Module):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
-            raise ValueError(f"lr must be a finite float, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise TypeError(f"lr must be a float, got {type(lr).__name__}")
+        _validate.scalar("lr", lr, torch.device("cpu"))  # finite (a huge int, NaN or inf: ValueError)
         self.linear = nn.Linear(in_features, n_way)
         self.steps = _validate.steps(steps)
         self.first_order = _validate.flag("first_order", first_order)

@@ -275,6 +275,8 @@ def loop_vmap(op):
     dimension, tasks or rows, and call once); jacrev and vmap-over-grad need it."""
 
     def vmap(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError("metassl_fast: vmap over a batch of size 0 (the ops take no empty batch)")
         outs = []
         for i in range(info.batch_size):
             outs.append(op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))))

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...reference.inner_loop import adapt_reference
-from .._common import (backend_module, backward_op, call_op, loop_vmap, one_device, refuse_later, register_backward_op,
-                       scale_precomputed, transformable)
+from .._common import (backend_module, backward_op, call_op, func_transforms, loop_vmap, one_device, refuse_later,
+                       register_backward_op, scale_precomputed, transformable)
 from ._shared import check_op_sizes
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
@@ -306,9 +306,10 @@ def one_pass(backend: str, reduction: str, lr_is_constant: bool, inputs: tuple) 
     kernel forms the gradient during the forward (anil_loss_train) instead of re-running
     the inner loop in the backward.  Taken whenever grad mode is on and an input
     requires grad, so a forward that is never backpropagated (an evaluation loop without
-    torch.no_grad) pays for the gradient too."""
+    torch.no_grad) pays for the gradient too.  Not under torch.func (func_transforms): its
+    apply step reads raw pointers, which functorch's wrapper tensors do not have."""
     return (backend == "cpu" and reduction == "mean" and lr_is_constant and torch.is_grad_enabled()
-            and any(t.requires_grad for t in inputs))
+            and any(t.requires_grad for t in inputs) and not func_transforms())
 
 
 def _fused_fits(backend: str, S: int, Q: int, C: int) -> bool:

@@ -31,7 +31,7 @@ def check_cpu(labels: tuple, **tensors) -> None:
 
 
 def check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight,
-                      triton_caps=True):
+                      triton_caps=True, label_values=True):
     """The C++ kernel checks every buffer's size itself; the GPU kernels cannot, so a
     direct call of the op is checked here: shapes, one device, float features, int64
     labels in [0, C)."""
@@ -62,22 +62,24 @@ def check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, 
     for name, y in (("labels", labels), ("query_labels", query_labels)):
         if y.dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {y.dtype}")
-        if bool((y < 0).any() | (y >= C).any()):
+        if label_values and bool((y < 0).any() | (y >= C).any()):  # the C++ kernel checks its own
             raise ValueError(f"{name} must be in [0, {C})")
 
 
-def check_adapt_fwd(support, labels, weight, bias, lr_w, lr_b, triton_caps=True):
+def check_adapt_fwd(support, labels, weight, bias, lr_w, lr_b, triton_caps=True, label_values=True):
     check_anil_shapes(support, labels, support[:, :1], labels[:, :1], weight, bias, lr_w, lr_b, None,
-                      triton_caps=triton_caps)
+                      triton_caps=triton_caps, label_values=label_values)
 
 
-def check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=True):
+def check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=True, label_values=True):
     """The GPU kernels read these raw: -> (T, S, D, C, steps) once every shape is checked."""
+    if support.dim() != 3 or lr_w.dim() != 2 or W_traj.dim() != 4:
+        raise ValueError("support (T, S, D), lr_w (C, D) and W_traj (T, K+1, C, D) have the wrong rank")
     T, S, D = support.shape
     C = lr_w.shape[0]
     steps = W_traj.shape[1] - 1
     check_anil_shapes(support, labels, support[:, :1], labels[:, :1], lr_w, lr_b, lr_w, lr_b, None,
-                      triton_caps=triton_caps)
+                      triton_caps=triton_caps, label_values=label_values)
     for name, t, shape in (("dW_K", dW_K, (T, C, D)), ("db_K", db_K, (T, C)), ("W_traj", W_traj, (T, steps + 1, C, D)),
                            ("b_traj", b_traj, (T, steps + 1, C))):
         if tuple(t.shape) != shape or t.device != support.device:
@@ -102,3 +104,19 @@ def check_op_sizes(support, weight, steps) -> None:
         raise ValueError(f"weight must be (C, D={support.shape[2]}) with C >= 1, got shape {tuple(weight.shape)}")
     if not 0 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be in [0, {MAX_STEPS}], got {steps}")
+
+
+def check_apply_shapes(grad, support, query, weight, coef, lamK, dzqT, WK) -> None:
+    """anil_apply's operands are anil_loss_train's outputs: (T, S + 2C, S), (T, C, D),
+    (T, C, Q), (T, C, D) for support (T, S, D), query (T, Q, D), weight (C, D) and a 0-dim
+    grad.  (The C++ side checks sizes; these shapes fix the layout it reads.)"""
+    if support.dim() != 3 or query.dim() != 3 or weight.dim() != 2:
+        raise ValueError("support (T, S, D), query (T, Q, D) and weight (C, D) have the wrong rank")
+    T, S, D = support.shape
+    Q, C = query.shape[1], weight.shape[0]
+    want = {"grad": (grad, ()), "query": (query, (T, Q, D)), "weight": (weight, (C, D)),
+            "coef": (coef, (T, S + 2 * C, S)), "lamK": (lamK, (T, C, D)), "dzqT": (dzqT, (T, C, Q)),
+            "WK": (WK, (T, C, D))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")

@@ -8,13 +8,14 @@ import torch
 
 from ... import _ext
 from .._common import nthreads, ptr_args
-from ._shared import check_cpu
+from ._shared import check_adapt_bwd, check_adapt_fwd, check_anil_shapes, check_apply_shapes, check_cpu
 
 
 def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
     """-> (W_K (T, C, D), b_K (T, C), W_traj (T, K+1, C, D), b_traj (T, K+1, C))."""
     C_ext = _ext.require("_C")
     check_cpu((labels,), support=support, weight=weight, bias=bias, lr_w=lr_w, lr_b=lr_b)
+    check_adapt_fwd(support, labels, weight, bias, lr_w, lr_b, triton_caps=False, label_values=False)
     T, S, D = support.shape
     C = weight.shape[0]
     W_traj = support.new_empty(T, steps + 1, C, D)
@@ -32,6 +33,7 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
     dW_K, db_K = dW_K.to(support.dtype).contiguous(), db_K.to(support.dtype).contiguous()
     check_cpu((labels,), support=support, lr_w=lr_w, lr_b=lr_b, W_traj=W_traj, b_traj=b_traj, dW_K=dW_K,
               db_K=db_K)
+    check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, triton_caps=False, label_values=False)
     T, S, D = support.shape
     C = lr_w.shape[0]
     steps = W_traj.shape[1] - 1
@@ -57,6 +59,8 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     C_ext = _ext.require("_C")
     check_cpu((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
               lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
+    check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, triton_caps=False,
+                      label_values=False)  # the layout the kernel reads; it checks sizes and label values itself
     T, S, D = support.shape
     Q = query.shape[1]
     C = weight.shape[0]
@@ -94,6 +98,7 @@ def apply(grad, support, query, weight, coef, lamK, dzqT, WK):
     """-> (d support (T, S, D), d query (T, Q, D)) of the one-pass training loss, times grad ()."""
     C_ext = _ext.require("_C")
     check_cpu((), support=support, query=query, weight=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK)
+    check_apply_shapes(grad, support, query, weight, coef, lamK, dzqT, WK)
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     dX, dXq = torch.empty_like(support), torch.empty_like(query)
