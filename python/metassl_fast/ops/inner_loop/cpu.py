@@ -8,7 +8,7 @@ import torch
 
 from ... import _ext
 from .._common import nthreads, ptr_args
-from ._shared import check_adapt_bwd, check_adapt_fwd, check_anil_shapes, check_apply_shapes, check_cpu
+from ._shared import check_adapt_bwd, check_adapt_fwd, check_apply_shapes, check_cpu, check_cpu_layout
 
 
 def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
@@ -59,8 +59,7 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     C_ext = _ext.require("_C")
     check_cpu((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
               lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
-    check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, triton_caps=False,
-                      label_values=False)  # the layout the kernel reads; it checks sizes and label values itself
+    check_cpu_layout(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight)
     T, S, D = support.shape
     Q = query.shape[1]
     C = weight.shape[0]
