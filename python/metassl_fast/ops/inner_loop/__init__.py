@@ -280,6 +280,8 @@ def adapt(support: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr_w: T
           first_order: bool, backend: str) -> tuple[Tensor, Tensor]:
     """The adapted heads (T, C, D), (T, C) of validated inputs (in the accumulation dtype,
     contiguous) on the resolved backend."""
+    if steps == 0:  # no inner step: the support does not enter (d support is 0, not 0 * inf = NaN)
+        support = support.detach()
     if backend == "torch":
         return adapt_reference(support, labels, weight, bias, lr_w, lr_b, steps, first_order)
     W_t, b_t, _, _ = call_op(torch.ops.metassl_fast.inner_loop_fwd, _AdaptTransformable, support, labels, weight, bias,
@@ -343,6 +345,8 @@ def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, w
     gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted
     heads to it).  any_query_count (ANILHead): where the GPU kernel of the fused loss
     cannot hold the query rows, adapt with the kernel and score the queries in torch."""
+    if steps == 0:  # no inner step: the support does not enter (d support is 0, not 0 * inf = NaN)
+        support = support.detach()
     if backend == "torch":
         W_t, b_t = adapt_reference(support, labels, weight, bias, lr_w, lr_b, steps, first_order)
         return _unfused(W_t, b_t, query, query_labels, reduction, head_dtype)
