@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VPY=$PWD/.venv/bin/python
+# CMake needs pybind11's config in the venv (pip's isolated build env had its own)
+"$VPY" -c "import pybind11" 2>/dev/null || "$VPY" -m pip install -q "pybind11>=2.12"
 BUILD=build/sanitize
 STAGE=$BUILD/pkg
 cmake -S . -B "$BUILD" -DPython_EXECUTABLE="$VPY" -Dpybind11_DIR="$("$VPY" -m pybind11 --cmakedir)" \
