@@ -289,10 +289,11 @@ def loop_vmap(op):
 
 
 def transformable(op, setup_context, backward, name: str) -> type:
-    """An autograd.Function running the custom op `op` with the autograd formula registered
-    for it (the same setup_context and backward).  torch.library's own autograd wrapper has
-    no setup_context, so torch.func.grad / vjp / jacrev refuse a custom op; under those
-    transforms the entries call this instead (call_op).  vmap: loop_vmap."""
+    """An autograd.Function running `op` (a custom op, or an implementation function) with
+    the autograd formula registered for it (the same setup_context and backward).
+    torch.library's own autograd wrapper has no setup_context, so torch.func.grad / vjp /
+    jacrev refuse a custom op; under those transforms the entries call this instead
+    (call_op).  vmap: loop_vmap; forward mode: a clear error."""
 
     def forward(*args):
         return op(*args)
@@ -327,13 +328,8 @@ def backward_op(op, what: str, *args):
         return op(*args)
     fn = _BACKWARD_FNS.get(op)
     if fn is None:
-        def backward(ctx, *grads):
-            raise double_backward_error(what)
-
-        fn = _BACKWARD_FNS[op] = type("backward_op_transformable", (torch.autograd.Function,), {
-            "forward": staticmethod(lambda *a: op(*a)),
-            "setup_context": staticmethod(lambda ctx, inputs, output: None),
-            "backward": staticmethod(backward), "vmap": staticmethod(loop_vmap(op))})
+        fn = _BACKWARD_FNS[op] = transformable(op, lambda ctx, inputs, output: None, refuse_double_backward(what),
+                                               "backward_op")
     return fn.apply(*args)
 
 
