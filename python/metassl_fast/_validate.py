@@ -57,24 +57,32 @@ def same_dtype_device(ref_name: str, ref: Tensor, name: str, x: Tensor) -> None:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def positive_scalar(name: str, value: object, device: torch.device) -> Tensor:
-    """A float or a 0-dim (or one-element) floating tensor that is finite and > 0,
-    returned as a 0-dim tensor on `device` (kept in the autograd graph).  A float16 or
-    bfloat16 tensor comes back in float32: the ops form 1 / value or value * S from it,
-    which overflow in 16 bits (a float16 temperature of 1e-5 gave NaN)."""
+def _scalar_tensor(name: str, value: object, device: torch.device) -> Tensor | None:
+    """What positive_scalar and scalar check of the value's type: a Python number (-> None,
+    the caller checks its value) or a dense one-element floating tensor, returned 0-dim on
+    `device`, float16 / bfloat16 in float32 (the ops form 1 / value or value * S from it,
+    which overflow in 16 bits: a float16 temperature of 1e-5 gave NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        dense(name, value)
-        if value.dim() > 1 or value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        t = value.reshape(())
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-        if t.device != device:
-            t = t.to(device)
+    if not isinstance(value, Tensor):
+        return None
+    dense(name, value)
+    if value.dim() > 1 or value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    t = value.reshape(())
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.to(device) if t.device != device else t
+
+
+def positive_scalar(name: str, value: object, device: torch.device) -> Tensor:
+    """A float or a 0-dim (or one-element) floating tensor that is finite and > 0,
+    returned as a 0-dim tensor on `device` (kept in the autograd graph; float16 / bfloat16
+    in float32, see _scalar_tensor)."""
+    t = _scalar_tensor(name, value, device)
+    if t is not None:
         if not _compiling():  # a value check is data-dependent: skipped inside torch.compile
             v = float(t.detach())
             if not (math.isfinite(v) and v > 0):
@@ -95,6 +103,16 @@ def inverse_temperature(name: str, value: object, device: torch.device) -> Tenso
     if not _compiling() and not math.isfinite(float(scale.detach())):
         raise ValueError(f"{name} is too small: 1 / {name} overflows {scale.dtype}")
     return scale
+
+
+def takes_temperature(value: object) -> bool:
+    """Whether the fused ops take this temperature (inverse_temperature accepts it): the
+    drop-ins hand any other value their original accepts to the original class."""
+    try:
+        inverse_temperature("temperature", value, torch.device("cpu"))
+        return True
+    except ValueError:
+        return False
 
 
 def reduction(value: object) -> str:
@@ -130,18 +148,8 @@ def labels(name: str, y: object, n: int, device: torch.device, n_name: str = "ro
 def scalar(name: str, value: object, device: torch.device) -> Tensor:
     """A finite float or 0-dim floating tensor of any sign, as a 0-dim tensor on `device`
     (float16 / bfloat16 in float32, as positive_scalar)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        dense(name, value)
-        if value.numel() != 1 or value.dim() > 1:
-            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        t = value.reshape(())
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-        t = t.to(device) if t.device != device else t
+    t = _scalar_tensor(name, value, device)
+    if t is not None:
         if not _compiling() and not math.isfinite(float(t.detach())):
             raise ValueError(f"{name} must be finite, got {float(t.detach())}")
         return t

@@ -27,17 +27,6 @@ from .. import functional as _f
 __all__ = ["NTXentLoss"]
 
 
-def _fused(temperature) -> bool:
-    """A temperature the fused op takes: finite, > 0, with a finite reciprocal.  Lightly takes
-    any |temperature| >= 1e-8 (negative, inf, an int too large for a float): its own class
-    computes the others."""
-    try:
-        _validate.inverse_temperature("temperature", temperature, torch.device("cpu"))
-        return True
-    except ValueError:
-        return False
-
-
 def _original_class() -> type:
     """lightly's NTXentLoss from its defining module, never through ``lightly.loss``, where a
     user may have assigned this drop-in in its place."""
@@ -70,7 +59,7 @@ class NTXentLoss(nn.Module):
             raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
                              "gather_distributed=False or install a torch version with distributed support.")
         self._original = None
-        if not _fused(temperature):
+        if not _validate.takes_temperature(temperature):
             try:
                 original = _original_class()
             except ImportError as exc:

@@ -56,16 +56,6 @@ def _original_class(name: str) -> type:
     return cls
 
 
-def _fused_temperature(temperature: object) -> bool:
-    """A temperature the fused op takes (a finite float > 0); pytorch-metric-learning takes
-    any number (the original class computes the others, as it would)."""
-    try:
-        _validate.inverse_temperature("temperature", temperature, torch.device("cpu"))
-        return True
-    except ValueError:
-        return isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
-
-
 class _PMLLoss(nn.Module):
     _pairwise: bool
     _name: str
@@ -78,7 +68,7 @@ class _PMLLoss(nn.Module):
         self._original = None
         if kwargs:
             self._original = self._original_loss(f"constructor arguments {sorted(kwargs)}")
-        elif not _fused_temperature(temperature):
+        elif not _validate.takes_temperature(temperature):
             self._original = self._original_loss(f"temperature={temperature!r} (not a finite value > 0)")
 
     def _original_loss(self, why: str) -> nn.Module:
