@@ -259,13 +259,19 @@ _PAIR_NAMES = ("query", "key", "temperature", "negatives", "reduction", "logit_s
                "image_features", "text_features", "z1", "z2", "features", "labels", "z1/z2")
 
 
+def _rows(data):
+    """The draws the two-tower tests start with: -> (adversarial?, N, D, dtype, the first
+    (N, D) features, requiring grad).  30% of examples adversarial, 70% valid (edge cases too)."""
+    adv = data.draw(st.integers(0, 9)) < 3
+    n, d = data.draw(sizes(adversarial=adv)), data.draw(sizes(adversarial=adv))
+    dtype = data.draw(st.sampled_from(FLOATS))
+    return adv, n, d, dtype, _grad(data.draw(tensors((n, d), dtype=dtype)), True)
+
+
 @FUZZ
 @given(st.data())
 def test_fuzz_info_nce(data):
-    adv = data.draw(st.integers(0, 9)) < 3  # 30% adversarial inputs, 70% valid ones (also edge cases)
-    n, d = data.draw(sizes(adversarial=adv)), data.draw(sizes(adversarial=adv))
-    dtype = data.draw(st.sampled_from(FLOATS))
-    q = _grad(data.draw(tensors((n, d), dtype=dtype)), True)
+    adv, n, d, dtype, q = _rows(data)
     kshape = data.draw(st.sampled_from(((n, d), (n, d), (n, d), (n + 1, d), (n, d + 1), (n,)) if adv else ((n, d),)))
     k = _grad(data.draw(tensors(kshape, dtype=dtype)), data.draw(st.booleans()))
     neg_kind = data.draw(st.sampled_from((None, None, "queue", "paired")))
@@ -289,10 +295,7 @@ def test_fuzz_info_nce(data):
 @FUZZ
 @given(st.data())
 def test_fuzz_clip_nt_xent_siglip(data):
-    adv = data.draw(st.integers(0, 9)) < 3  # 30% adversarial inputs, 70% valid ones (also edge cases)
-    n, d = data.draw(sizes(adversarial=adv)), data.draw(sizes(adversarial=adv))
-    dtype = data.draw(st.sampled_from(FLOATS))
-    a = _grad(data.draw(tensors((n, d), dtype=dtype)), True)
+    adv, n, d, dtype, a = _rows(data)
     b = _grad(data.draw(tensors(data.draw(st.sampled_from(((n, d), (n, d), (n + 2, d)) if adv else ((n, d),))),
                                 dtype=dtype)), True)
     which = data.draw(st.sampled_from(("clip", "nt_xent", "siglip")))
