@@ -6,10 +6,12 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "cpu/contrastive.h"
+#include "cpu/convex.h"
 #include "cpu/inner_loop.h"
 #include "cpu/labeled.h"
 #include "cpu/siglip.h"
@@ -371,6 +373,95 @@ void anil_apply(int dtype, uintptr_t X, int64_t X_numel, uintptr_t W0, int64_t W
   });
 }
 
+// What both convex-head entries check: sizes, scalars, the support block and labels, the
+// saved solution (A, b, W, fac) and, with a query set, its labels and probabilities.
+msf::ConvexArgs convex_args(int64_t T, int64_t S, int64_t Q, int64_t D, int64_t C, int kind, double reg,
+                            double scale, double label_smoothing, double dual_reg, double tol, int64_t max_iter,
+                            int nthreads) {
+  require(T >= 1 && S >= 1 && D >= 1 && C >= 1 && Q >= 0, "need T, S, D, C >= 1 and Q >= 0");
+  require(kind >= 0 && kind <= 2, "kind must be 0 (ridge), 1 (svm) or 2 (logreg)");
+  require(std::isfinite(reg) && reg > 0 && std::isfinite(scale) && scale > 0, "reg and scale must be finite and > 0");
+  require(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1]");
+  require(std::isfinite(dual_reg) && dual_reg > 0, "dual_reg must be finite and > 0");
+  require(tol > 0 && tol < 1 && max_iter >= 1, "need tol in (0, 1) and max_iter >= 1");
+  require(nthreads >= 1, "nthreads must be >= 1");
+  // per-task scratch: S x S (Gram, Schur complement), C inverses of up to S x S (svm), S x C
+  prod(C, S, S);
+  prod(S, D);
+  prod(add(S, Q), C);
+  msf::ConvexArgs a;
+  a.T = T, a.S = S, a.Q = Q, a.D = D, a.C = C, a.kind = kind, a.reg = reg, a.scale = scale;
+  a.label_smoothing = label_smoothing, a.dual_reg = dual_reg, a.tol = tol, a.max_iter = max_iter;
+  return a;
+}
+
+void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
+                    int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t A, int64_t A_numel, uintptr_t b,
+                    int64_t b_numel, uintptr_t W, int64_t W_numel, uintptr_t fac, int64_t fac_numel,
+                    uintptr_t probs, int64_t probs_numel, uintptr_t loss, int64_t loss_numel, uintptr_t correct,
+                    int64_t correct_numel, uintptr_t residual, int64_t residual_numel, int64_t T, int64_t S,
+                    int64_t Q, int64_t D, int64_t C, int kind, double reg, double scale, double label_smoothing,
+                    double dual_reg, double tol, int64_t max_iter, int nthreads) {
+  require_dtype(dtype);
+  const msf::ConvexArgs a = convex_args(T, S, Xq ? Q : 0, D, C, kind, reg, scale, label_smoothing, dual_reg, tol,
+                                        max_iter, nthreads);
+  require_buffer(X, X_numel, prod(T, S, D), "X");
+  require_labels(y, y_numel, prod(T, S), C);
+  require_buffer(A, A_numel, prod(T, S, C), "A");
+  require_buffer(b, b_numel, prod(T, C), "b");
+  require_buffer(W, W_numel, prod(T, C, D), "W");
+  require_buffer(residual, residual_numel, T, "residual");
+  if (fac || Xq) require_buffer(fac, fac_numel, prod(T, S, S), "fac");
+  if (Xq) {
+    require(Q >= 1, "a query set needs Q >= 1");
+    require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
+    require_labels(yq, yq_numel, prod(T, Q), C);
+    require_buffer(probs, probs_numel, prod(T, Q, C), "probs");
+    require_buffer(loss, loss_numel, T, "loss");
+    require_buffer(correct, correct_numel, T, "correct");
+  }
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    msf::convex_forward<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), out<double>(A), out<double>(b),
+                           out<F>(W), out<double>(fac), out<F>(probs), out<F>(loss), out<F>(correct),
+                           out<double>(residual), a, nthreads);
+  });
+}
+
+void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
+                     int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t A, int64_t A_numel, uintptr_t b,
+                     int64_t b_numel, uintptr_t W, int64_t W_numel, uintptr_t fac, int64_t fac_numel,
+                     uintptr_t probs, int64_t probs_numel, uintptr_t g, int64_t g_numel, uintptr_t dX,
+                     int64_t dX_numel, uintptr_t dXq, int64_t dXq_numel, uintptr_t dreg, int64_t dreg_numel,
+                     uintptr_t dscale, int64_t dscale_numel, int64_t T, int64_t S, int64_t Q, int64_t D, int64_t C,
+                     int kind, double reg, double scale, double label_smoothing, double dual_reg, int nthreads) {
+  require_dtype(dtype);
+  const msf::ConvexArgs a = convex_args(T, S, Q, D, C, kind, reg, scale, label_smoothing, dual_reg, 0.5, 1, nthreads);
+  require(Q >= 1, "need Q >= 1");
+  require_buffer(X, X_numel, prod(T, S, D), "X");
+  require_labels(y, y_numel, prod(T, S), C);
+  require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
+  require_labels(yq, yq_numel, prod(T, Q), C);
+  require_buffer(A, A_numel, prod(T, S, C), "A");
+  require_buffer(b, b_numel, prod(T, C), "b");
+  require_buffer(W, W_numel, prod(T, C, D), "W");
+  require_buffer(fac, fac_numel, prod(T, S, S), "fac");
+  require_buffer(probs, probs_numel, prod(T, Q, C), "probs");
+  require_buffer(g, g_numel, T, "g");
+  require_buffer(dX, dX_numel, prod(T, S, D), "dX");
+  require_buffer(dXq, dXq_numel, prod(T, Q, D), "dXq");
+  require_buffer(dreg, dreg_numel, T, "dreg");
+  require_buffer(dscale, dscale_numel, T, "dscale");
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    msf::convex_backward<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), in<double>(A), in<double>(b),
+                            in<F>(W), in<double>(fac), in<F>(probs), in<F>(g), out<F>(dX), out<F>(dXq),
+                            out<double>(dreg), out<double>(dscale), a, nthreads);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -436,6 +527,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("T"), py::arg("S"), py::arg("Q"),
         py::arg("D"), py::arg("C"), py::arg("nthreads"),
         "dX and dXq from the coefficients a deferred anil_loss call left (csrc/cpu/inner_loop.h).");
+  m.def("convex_forward", &convex_forward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
+        py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("A"),
+        py::arg("A_numel"), py::arg("b"), py::arg("b_numel"), py::arg("W"), py::arg("W_numel"), py::arg("fac"),
+        py::arg("fac_numel"), py::arg("probs"), py::arg("probs_numel"), py::arg("loss"), py::arg("loss_numel"),
+        py::arg("correct"), py::arg("correct_numel"), py::arg("residual"), py::arg("residual_numel"), py::arg("T"),
+        py::arg("S"), py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"),
+        py::arg("label_smoothing"), py::arg("dual_reg"), py::arg("tol"), py::arg("max_iter"), py::arg("nthreads"),
+        "Convex few-shot heads (ridge, svm, logreg) per task: the solution and, with a query set, the "
+        "query loss (csrc/cpu/convex.h).");
+  m.def("convex_backward", &convex_backward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
+        py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("A"),
+        py::arg("A_numel"), py::arg("b"), py::arg("b_numel"), py::arg("W"), py::arg("W_numel"), py::arg("fac"),
+        py::arg("fac_numel"), py::arg("probs"), py::arg("probs_numel"), py::arg("g"), py::arg("g_numel"),
+        py::arg("dX"), py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("dreg"),
+        py::arg("dreg_numel"), py::arg("dscale"), py::arg("dscale_numel"), py::arg("T"), py::arg("S"), py::arg("Q"),
+        py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"), py::arg("label_smoothing"),
+        py::arg("dual_reg"), py::arg("nthreads"),
+        "The exact gradient of sum_t g_t loss_t of convex_forward's heads (csrc/cpu/convex.h).");
 #ifdef __AVX2__
   m.attr("simd") = "avx2";
 #else

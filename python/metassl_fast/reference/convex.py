@@ -117,7 +117,7 @@ def svm_active_solve(K: Tensor, Y: Tensor, C_box: Tensor, r: float, A0: Tensor) 
 def svm_dual(X: Tensor, Y: Tensor, C_box: Tensor, r: float) -> Tensor:
     """A (T, S, C) of the Crammer-Singer dual, differentiable in X and C_box."""
     K = X @ X.transpose(1, 2)
-    A0 = svm_dual_solve(K.detach().double(), Y.double(), float(C_box), r).to(X.dtype)
+    A0 = svm_dual_solve(K.detach().double(), Y.double(), float(C_box.detach()), r).to(X.dtype)
     return svm_active_solve(K, Y, C_box, r, A0)
 
 

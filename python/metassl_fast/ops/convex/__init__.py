@@ -78,8 +78,10 @@ def convex_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, que
     one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs)
     check_convex(support, labels, query, query_labels, kind, n_way, reg, scale, label_smoothing, dual_reg, 0.5, 1,
                  grad=grad, A=A, b=b, W=W, factor=factor, probs=probs)
-    return _impl(backend).backward(grad, support, labels, query, query_labels, float(reg), float(scale), A, b, W,
-                                   factor, probs, kind, n_way, label_smoothing, dual_reg)
+    dX, dXq, dreg, dscale = _impl(backend).backward(grad, support, labels, query, query_labels, float(reg),
+                                                    float(scale), A, b, W, factor, probs, kind, n_way,
+                                                    label_smoothing, dual_reg)
+    return dX, dXq, dreg.to(reg.dtype), dscale.to(scale.dtype)
 
 
 @convex_bwd.register_fake

@@ -1,0 +1,617 @@
+// Convex few-shot heads; math and layout in convex.h.
+//
+// A task's problem is small (S <= a few hundred support rows, C classes): the Gram
+// matrix and the D-long products use the SIMD kernels of cpu/_products.h, the solvers
+// run in float64 on S x S and S x C arrays that stay in cache; tasks run in parallel.
+#include "cpu/convex.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu/_products.h"
+#include "cpu/simd.h"
+
+namespace msf {
+namespace {
+
+using products::atx;
+using products::aw_add;
+using products::gram_matrix;
+using products::xwt;
+using dvec = std::vector<double>;
+
+constexpr double kTiny = 1e-300;
+
+// ---------------------------------------------------------------------------
+// dense float64 helpers (row-major)
+// ---------------------------------------------------------------------------
+
+// In place: the lower triangle of M (n x n) becomes L with L L^T = M.  A pivot that
+// rounding made <= 0 (M is positive definite in exact arithmetic wherever this is called)
+// is raised to eps times the largest diagonal entry, so the factor stays finite.
+void cholesky(double* M, int64_t n) {
+  double dmax = 0;
+  for (int64_t i = 0; i < n; ++i) dmax = std::max(dmax, std::fabs(M[i * n + i]));
+  const double floor = std::max(kTiny, 1e-15 * dmax);
+  for (int64_t j = 0; j < n; ++j) {
+    double* Lj = M + j * n;
+    double d = Lj[j];
+    for (int64_t k = 0; k < j; ++k) d -= Lj[k] * Lj[k];
+    d = d > floor ? std::sqrt(d) : std::sqrt(floor);
+    Lj[j] = d;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double* Li = M + i * n;
+      double s = Li[j];
+      for (int64_t k = 0; k < j; ++k) s -= Li[k] * Lj[k];
+      Li[j] = s / d;
+    }
+  }
+}
+
+// B (n x m) <- M^-1 B for M = L L^T (L from cholesky, leading dimension n).
+void chol_solve(const double* L, int64_t n, double* B, int64_t m) {
+  for (int64_t i = 0; i < n; ++i) {  // L z = B
+    double* bi = B + i * m;
+    for (int64_t k = 0; k < i; ++k) {
+      const double l = L[i * n + k];
+      const double* bk = B + k * m;
+      for (int64_t c = 0; c < m; ++c) bi[c] -= l * bk[c];
+    }
+    const double inv = 1.0 / L[i * n + i];
+    for (int64_t c = 0; c < m; ++c) bi[c] *= inv;
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {  // L^T x = z
+    double* bi = B + i * m;
+    for (int64_t k = i + 1; k < n; ++k) {
+      const double l = L[k * n + i];
+      const double* bk = B + k * m;
+      for (int64_t c = 0; c < m; ++c) bi[c] -= l * bk[c];
+    }
+    const double inv = 1.0 / L[i * n + i];
+    for (int64_t c = 0; c < m; ++c) bi[c] *= inv;
+  }
+}
+
+// out (n x m) = K (n x n, symmetric) V (n x m), as rows of axpys (vectorisable).
+void symm_mul(const double* K, const double* V, double* out, int64_t n, int64_t m) {
+  std::fill(out, out + n * m, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    double* o = out + i * m;
+    const double* k = K + i * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const double kij = k[j];
+      const double* v = V + j * m;
+      for (int64_t c = 0; c < m; ++c) o[c] += kij * v[c];
+    }
+  }
+}
+
+double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Row-wise softmax of Z (n x m) into P.
+void softmax(const double* Z, double* P, int64_t n, int64_t m) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double* z = Z + i * m;
+    double* p = P + i * m;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < m; ++c) mx = std::max(mx, z[c]);
+    double s = 0;
+    for (int64_t c = 0; c < m; ++c) s += (p[c] = std::exp(z[c] - mx));
+    for (int64_t c = 0; c < m; ++c) p[c] /= s;
+  }
+}
+
+// out_i = J_i v_i per row, J_i = diag(p_i) - p_i p_i^T (the softmax Jacobian), scaled by alpha.
+void softmax_jvp(const double* P, const double* V, double* out, int64_t n, int64_t m, double alpha) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double* p = P + i * m;
+    const double* v = V + i * m;
+    const double pv = dot(p, v, m);
+    for (int64_t c = 0; c < m; ++c) out[i * m + c] = alpha * p[c] * (v[c] - pv);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SVM: the Crammer-Singer dual by exact block coordinate descent
+// ---------------------------------------------------------------------------
+
+// argmin 1/2 |a - v|^2 s.t. sum(a) = 0, a <= u (one example's block; u = Cbox at the
+// label, 0 elsewhere): a = min(u, v - phi).  With t = v - u sorted ascending, component
+// j is unclamped exactly when t_j < phi; for the first k unclamped phi = (sum of their v +
+// sum of the other u) / k, the root is the one inside [t_(k), t_(k+1)].
+void project_block(const double* v, const double* u, double* a, int64_t C, std::vector<int64_t>& order) {
+  order.resize(static_cast<size_t>(C));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return v[i] - u[i] < v[j] - u[j]; });
+  double usum = 0;
+  for (int64_t c = 0; c < C; ++c) usum += u[c];
+  double vs = 0, us = 0, phi = 0;
+  for (int64_t k = 1; k <= C; ++k) {
+    const int64_t j = order[static_cast<size_t>(k - 1)];
+    vs += v[j];
+    us += u[j];
+    phi = (vs + usum - us) / static_cast<double>(k);
+    const double t_next = k < C ? v[order[static_cast<size_t>(k)]] - u[order[static_cast<size_t>(k)]]
+                                : std::numeric_limits<double>::infinity();
+    if (phi <= t_next) break;
+  }
+  for (int64_t c = 0; c < C; ++c) a[c] = std::min(u[c], v[c] - phi);
+}
+
+// max_i [max_c g_ic - min over free c of g_ic], g = G + r A - Y (G = K A).
+double svm_residual(const double* G, const double* A, const int64_t* y, int64_t S, int64_t C, double Cbox,
+                    double r) {
+  double worst = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    double hi = -std::numeric_limits<double>::infinity(), lo = std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < C; ++c) {
+      const bool lab = c == y[i];
+      const double g = G[i * C + c] + r * A[i * C + c] - (lab ? 1.0 : 0.0);
+      hi = std::max(hi, g);
+      if (A[i * C + c] < (lab ? Cbox : 0.0)) lo = std::min(lo, g);
+    }
+    if (lo < std::numeric_limits<double>::infinity()) worst = std::max(worst, hi - lo);
+  }
+  return worst;
+}
+
+double svm_solve(const double* K, const int64_t* y, double* A, int64_t S, int64_t C, double Cbox, double r,
+                 double tol, int64_t max_iter) {
+  dvec G(static_cast<size_t>(S * C), 0.0), v(static_cast<size_t>(C)), u(static_cast<size_t>(C)),
+      na(static_cast<size_t>(C)), delta(static_cast<size_t>(C));
+  std::vector<int64_t> order;
+  std::fill(A, A + S * C, 0.0);
+  double kmax = 0;
+  for (int64_t i = 0; i < S; ++i) kmax = std::max(kmax, K[i * S + i]);
+  const double scale0 = 1 + Cbox * kmax;
+  double res = svm_residual(G.data(), A, y, S, C, Cbox, r);
+  for (int64_t sweep = 0; sweep < max_iter && res > tol * scale0; ++sweep) {
+    for (int64_t i = 0; i < S; ++i) {
+      const double Aii = std::max(K[i * S + i] + r, kTiny);
+      double* ai = A + i * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const bool lab = c == y[i];
+        u[c] = lab ? Cbox : 0.0;
+        const double g = G[i * C + c] + r * ai[c] - (lab ? 1.0 : 0.0);
+        v[c] = ai[c] - g / Aii;
+      }
+      project_block(v.data(), u.data(), na.data(), C, order);
+      bool moved = false;
+      for (int64_t c = 0; c < C; ++c) {
+        delta[c] = na[c] - ai[c];
+        moved |= delta[c] != 0.0;
+        ai[c] = na[c];
+      }
+      if (!moved) continue;
+      const double* ki = K + i * S;  // K symmetric: column i is row i
+      for (int64_t j = 0; j < S; ++j) {
+        const double kji = ki[j];
+        double* gj = G.data() + j * C;
+        for (int64_t c = 0; c < C; ++c) gj[c] += kji * delta[c];
+      }
+    }
+    res = svm_residual(G.data(), A, y, S, C, Cbox, r);
+  }
+  return res / scale0;
+}
+
+// The adjoint of the SVM's solution map (convex.h): U (S, C) zero on the active bounds,
+// mu (S); returns d loss / d Cbox.
+double svm_adjoint(const double* K, const int64_t* y, const double* A, const double* Abar, double* U, int64_t S,
+                   int64_t C, double Cbox, double r) {
+  dvec N(static_cast<size_t>(S * S), 0.0), z(static_cast<size_t>(S), 0.0);
+  std::vector<std::vector<int64_t>> free(static_cast<size_t>(C));
+  std::vector<dvec> inv(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    auto& F = free[static_cast<size_t>(c)];
+    for (int64_t i = 0; i < S; ++i)
+      if (A[i * C + c] < (c == y[i] ? Cbox : 0.0)) F.push_back(i);
+    const int64_t n = static_cast<int64_t>(F.size());
+    if (n == 0) continue;
+    dvec H(static_cast<size_t>(n * n));
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t q = 0; q < n; ++q) H[p * n + q] = K[F[p] * S + F[q]] + (p == q ? r : 0.0);
+    cholesky(H.data(), n);
+    dvec& Hi = inv[static_cast<size_t>(c)];
+    Hi.assign(static_cast<size_t>(n * n), 0.0);
+    for (int64_t p = 0; p < n; ++p) Hi[p * n + p] = 1.0;
+    chol_solve(H.data(), n, Hi.data(), n);
+    for (int64_t p = 0; p < n; ++p) {
+      double zp = 0;
+      for (int64_t q = 0; q < n; ++q) {
+        N[F[p] * S + F[q]] += Hi[p * n + q];
+        zp += Hi[p * n + q] * Abar[F[q] * C + c];
+      }
+      z[F[p]] += zp;
+    }
+  }
+  for (int64_t i = 0; i < S; ++i)  // an example with no free variable (impossible for Cbox > 0): mu_i = 0
+    if (N[i * S + i] <= 0) N[i * S + i] = 1.0;
+  cholesky(N.data(), S);
+  chol_solve(N.data(), S, z.data(), 1);  // z = mu
+  std::fill(U, U + S * C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto& F = free[static_cast<size_t>(c)];
+    const int64_t n = static_cast<int64_t>(F.size());
+    const dvec& Hi = inv[static_cast<size_t>(c)];
+    for (int64_t p = 0; p < n; ++p) {
+      double w = 0;
+      for (int64_t q = 0; q < n; ++q) w += Hi[p * n + q] * (Abar[F[q] * C + c] - z[F[q]]);
+      U[F[p] * C + c] = w;
+    }
+  }
+  // d Cbox: the bound coordinates (i, y_i) at Cbox move with it
+  double dC = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t c = y[i];
+    if (A[i * C + c] < Cbox) continue;
+    double ku = 0;
+    for (int64_t j = 0; j < S; ++j) ku += K[i * S + j] * U[j * C + c];
+    dC += Abar[i * C + c] - ku - z[i];
+  }
+  return dC;
+}
+
+// ---------------------------------------------------------------------------
+// logistic regression: Newton with conjugate-gradient steps in K's metric
+// ---------------------------------------------------------------------------
+
+// The Newton operator at P: Hc(V, v) = (J (K V + 1 v^T) / S + lam V, colsum(J (K V + 1 v^T)) / S),
+// given KV = K V; self-adjoint in <(A1, b1), (A2, b2)> = <A1, K A2> + <b1, b2>.
+struct LogregSystem {
+  const double* K;
+  const double* P;
+  int64_t S, C;
+  double lam;
+  dvec dz, dp;
+
+  void apply(const double* V, const double* v, const double* KV, double* outA, double* outb) {
+    const int64_t n = S * C;
+    dz.resize(static_cast<size_t>(n));
+    dp.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) dz[i * C + c] = KV[i * C + c] + v[c];
+    softmax_jvp(P, dz.data(), dp.data(), S, C, 1.0 / static_cast<double>(S));
+    std::fill(outb, outb + C, 0.0);
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) {
+        outA[i * C + c] = dp[i * C + c] + lam * V[i * C + c];
+        outb[c] += dp[i * C + c];
+      }
+  }
+
+  // Solve Hc(x) = rhs to |residual| <= atol (metric norm) by conjugate gradients; x, Kx out.
+  void solve(const double* rhsA, const double* rhsb, double* xA, double* xb, double* KxA, double atol,
+             int64_t maxit) {
+    const int64_t n = S * C;
+    dvec rA(rhsA, rhsA + n), rb(rhsb, rhsb + C), KrA(static_cast<size_t>(n)), pA, pb, KpA,
+        qA(static_cast<size_t>(n)), qb(static_cast<size_t>(C));
+    std::fill(xA, xA + n, 0.0);
+    std::fill(xb, xb + C, 0.0);
+    std::fill(KxA, KxA + n, 0.0);
+    symm_mul(K, rA.data(), KrA.data(), S, C);
+    pA = rA, pb = rb, KpA = KrA;
+    double rr = std::max(0.0, dot(rA.data(), KrA.data(), n) + dot(rb.data(), rb.data(), C));
+    for (int64_t k = 0; k < maxit && std::sqrt(rr) > atol; ++k) {
+      apply(pA.data(), pb.data(), KpA.data(), qA.data(), qb.data());
+      const double pq = dot(KpA.data(), qA.data(), n) + dot(pb.data(), qb.data(), C);
+      if (!(pq > 0)) break;
+      const double alpha = rr / pq;
+      for (int64_t j = 0; j < n; ++j) {
+        xA[j] += alpha * pA[j];
+        KxA[j] += alpha * KpA[j];
+        rA[j] -= alpha * qA[j];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        xb[c] += alpha * pb[c];
+        rb[c] -= alpha * qb[c];
+      }
+      symm_mul(K, rA.data(), KrA.data(), S, C);
+      const double rr_new = std::max(0.0, dot(rA.data(), KrA.data(), n) + dot(rb.data(), rb.data(), C));
+      const double beta = rr_new / rr;
+      for (int64_t j = 0; j < n; ++j) {
+        pA[j] = rA[j] + beta * pA[j];
+        KpA[j] = KrA[j] + beta * KpA[j];
+      }
+      for (int64_t c = 0; c < C; ++c) pb[c] = rb[c] + beta * pb[c];
+      rr = rr_new;
+    }
+  }
+};
+
+// Z = KA + 1 b^T, P = softmax(Z); returns mean_i CE(Z_i, y_i) + lam/2 <A, KA>.
+double logreg_objective(const double* A, const double* KA, const double* b, const int64_t* y, double* Z, double* P,
+                        int64_t S, int64_t C, double lam) {
+  double ce = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < C; ++c) mx = std::max(mx, Z[i * C + c] = KA[i * C + c] + b[c]);
+    double s = 0;
+    for (int64_t c = 0; c < C; ++c) s += std::exp(Z[i * C + c] - mx);
+    ce += mx + std::log(s) - Z[i * C + y[i]];
+  }
+  softmax(Z, P, S, C);
+  return ce / static_cast<double>(S) + 0.5 * lam * dot(A, KA, S * C);
+}
+
+double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int64_t S, int64_t C, double lam,
+                    double tol, int64_t max_iter) {
+  const int64_t n = S * C;
+  const double inv_s = 1.0 / static_cast<double>(S);
+  dvec KA(static_cast<size_t>(n), 0.0), Z(static_cast<size_t>(n)), P(static_cast<size_t>(n)),
+      GA(static_cast<size_t>(n)), gb(static_cast<size_t>(C)), KGA(static_cast<size_t>(n)),
+      xA(static_cast<size_t>(n)), xb(static_cast<size_t>(C)), KxA(static_cast<size_t>(n)),
+      A2(static_cast<size_t>(n)), KA2(static_cast<size_t>(n)), b2(static_cast<size_t>(C)),
+      Z2(static_cast<size_t>(n)), P2(static_cast<size_t>(n)), mgA(static_cast<size_t>(n)),
+      mgb(static_cast<size_t>(C));
+  std::fill(A, A + n, 0.0);
+  std::fill(b, b + C, 0.0);
+  LogregSystem sys{K, P.data(), S, C, lam, {}, {}};
+  double f = logreg_objective(A, KA.data(), b, y, Z.data(), P.data(), S, C, lam);
+  double g0 = 0, rel = 0;
+  for (int64_t it = 0;; ++it) {
+    std::fill(gb.begin(), gb.end(), 0.0);
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) {
+        const double r = (P[i * C + c] - (c == y[i] ? 1.0 : 0.0)) * inv_s;
+        GA[i * C + c] = r + lam * A[i * C + c];
+        gb[c] += r;
+      }
+    symm_mul(K, GA.data(), KGA.data(), S, C);
+    const double gn = std::sqrt(std::max(0.0, dot(GA.data(), KGA.data(), n) + dot(gb.data(), gb.data(), C)));
+    if (it == 0) g0 = std::max(gn, kTiny);
+    rel = gn / g0;
+    if (rel <= tol || it >= max_iter) break;
+    for (int64_t j = 0; j < n; ++j) mgA[j] = -GA[j];
+    for (int64_t c = 0; c < C; ++c) mgb[c] = -gb[c];
+    const double eta = std::min(0.5, std::sqrt(rel)) * gn;  // inexact Newton (Eisenstat-Walker)
+    sys.solve(mgA.data(), mgb.data(), xA.data(), xb.data(), KxA.data(), eta, 2 * (n + C) + 10);
+    const double slope = dot(GA.data(), KxA.data(), n) + dot(gb.data(), xb.data(), C);
+    if (!(slope < 0)) break;  // no descent direction left (rounding): converged as far as float64 goes
+    double t = 1;
+    bool accepted = false;
+    for (int ls = 0; ls < 40; ++ls, t *= 0.5) {
+      for (int64_t j = 0; j < n; ++j) {
+        A2[j] = A[j] + t * xA[j];
+        KA2[j] = KA[j] + t * KxA[j];
+      }
+      for (int64_t c = 0; c < C; ++c) b2[c] = b[c] + t * xb[c];
+      const double f2 = logreg_objective(A2.data(), KA2.data(), b2.data(), y, Z2.data(), P2.data(), S, C, lam);
+      if (f2 <= f + 1e-4 * t * slope) {
+        accepted = true;
+        f = f2;
+        break;
+      }
+    }
+    if (!accepted) break;
+    std::copy(A2.begin(), A2.end(), A);
+    KA.swap(KA2);
+    std::copy(b2.begin(), b2.end(), b);
+    Z.swap(Z2);
+    P.swap(P2);
+    sys.P = P.data();
+  }
+  const double mean_b = std::accumulate(b, b + C, 0.0) / static_cast<double>(C);
+  for (int64_t c = 0; c < C; ++c) b[c] -= mean_b;  // softmax ignores a shift: report mean 0
+  return rel;
+}
+
+// ---------------------------------------------------------------------------
+// per task
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct Scratch {
+  std::vector<T> KT, AT, Z, bT, Wbar, Abar, P1, E, WF;
+  dvec Kd, Ad, Ud, Lbar;
+};
+
+template <typename T>
+void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b,
+                  T* W, double* fac, T* probs, T* loss, T* correct, double* residual, const ConvexArgs& a,
+                  Scratch<T>& s) {
+  const int64_t S = a.S, D = a.D, C = a.C, Q = a.Q;
+  const T* Xt = X + t * S * D;
+  const int64_t* yt = y + t * S;
+  double* At = A + t * S * C;
+  double* bt = b + t * C;
+  T* Wt = W + t * C * D;
+  s.KT.resize(static_cast<size_t>(S * S));
+  gram_matrix(Xt, s.KT.data(), S, D);
+  double* K = fac ? fac + t * S * S : (s.Kd.resize(static_cast<size_t>(S * S)), s.Kd.data());
+  for (int64_t j = 0; j < S * S; ++j) K[j] = static_cast<double>(s.KT[j]);
+  double res = 0;
+  std::fill(bt, bt + C, 0.0);
+  if (a.kind == 0) {
+    for (int64_t i = 0; i < S; ++i) K[i * S + i] += a.reg;
+    cholesky(K, S);
+    std::fill(At, At + S * C, 0.0);
+    for (int64_t i = 0; i < S; ++i) At[i * C + yt[i]] = 1.0;
+    chol_solve(K, S, At, C);
+  } else if (a.kind == 1) {
+    res = svm_solve(K, yt, At, S, C, a.reg, a.dual_reg, a.tol, a.max_iter);
+  } else {
+    res = logreg_solve(K, yt, At, bt, S, C, a.reg, a.tol, a.max_iter);
+  }
+  residual[t] = res;
+  s.AT.resize(static_cast<size_t>(S * C));
+  for (int64_t j = 0; j < S * C; ++j) s.AT[j] = static_cast<T>(At[j]);
+  atx(s.AT.data(), Xt, Wt, S, D, C, T(1), false);
+  if (!Xq) return;
+  s.Z.resize(static_cast<size_t>(Q * C));
+  s.bT.resize(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) s.bT[c] = static_cast<T>(bt[c]);
+  xwt(Xq + t * Q * D, Wt, s.bT.data(), s.Z.data(), Q, D, C);
+  const double ls = a.label_smoothing;
+  double total = 0, right = 0;
+  for (int64_t q = 0; q < Q; ++q) {
+    const T* z = s.Z.data() + q * C;
+    T* p = probs + (t * Q + q) * C;
+    const int64_t lab = yq[t * Q + q];
+    double mx = -std::numeric_limits<double>::infinity(), zsum = 0;
+    int64_t arg = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double l = a.scale * static_cast<double>(z[c]);
+      if (l > mx) mx = l, arg = c;
+      zsum += l;
+    }
+    if (!(mx > -std::numeric_limits<double>::infinity())) mx = 0;  // all -inf or NaN: let NaN through below
+    double se = 0;
+    for (int64_t c = 0; c < C; ++c) se += std::exp(a.scale * static_cast<double>(z[c]) - mx);
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(std::exp(a.scale * static_cast<double>(z[c]) - mx) / se);
+    const double lse = mx + std::log(se);
+    total += lse - (1 - ls) * a.scale * static_cast<double>(z[lab]) - ls * zsum / static_cast<double>(C);
+    right += arg == lab ? 1.0 : 0.0;
+  }
+  loss[t] = static_cast<T>(total / static_cast<double>(Q));
+  correct[t] = static_cast<T>(right);
+}
+
+template <typename T>
+void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const double* A,
+                   const double* b, const T* W, const double* fac, const T* probs, const T* g, T* dX, T* dXq,
+                   double* dreg, double* dscale, const ConvexArgs& a, Scratch<T>& s) {
+  const int64_t S = a.S, D = a.D, C = a.C, Q = a.Q, n = S * C;
+  const T* Xt = X + t * S * D;
+  const T* Xqt = Xq + t * Q * D;
+  const int64_t* yt = y + t * S;
+  const double* At = A + t * S * C;
+  const double* bt = b + t * C;
+  const T* Wt = W + t * C * D;
+  const double* K = fac + t * S * S;
+  const double gt = static_cast<double>(g[t]);
+  // query side: Lbar = g/Q (P - target), dscale = <Lbar, Z0>, Gbar = scale Lbar
+  s.Z.resize(static_cast<size_t>(Q * C));
+  s.bT.resize(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) s.bT[c] = static_cast<T>(bt[c]);
+  xwt(Xqt, Wt, s.bT.data(), s.Z.data(), Q, D, C);
+  std::vector<T> Gbar(static_cast<size_t>(Q * C));
+  const double ls = a.label_smoothing, wq = gt / static_cast<double>(Q);
+  double ds = 0;
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t lab = yq[t * Q + q];
+    for (int64_t c = 0; c < C; ++c) {
+      const double target = (c == lab ? 1 - ls : 0.0) + ls / static_cast<double>(C);
+      const double lb = wq * (static_cast<double>(probs[(t * Q + q) * C + c]) - target);
+      ds += lb * static_cast<double>(s.Z[q * C + c]);
+      Gbar[q * C + c] = static_cast<T>(a.scale * lb);
+    }
+  }
+  dscale[t] = ds;
+  T* dXqt = dXq + t * Q * D;
+  std::fill(dXqt, dXqt + Q * D, T(0));
+  aw_add(Gbar.data(), Wt, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), dXqt, Q, D, C);
+  s.Wbar.resize(static_cast<size_t>(C * D));
+  atx(Gbar.data(), Xqt, s.Wbar.data(), Q, D, C, T(1), false);
+  dvec bbar(static_cast<size_t>(C), 0.0);
+  for (int64_t q = 0; q < Q; ++q)
+    for (int64_t c = 0; c < C; ++c) bbar[c] += static_cast<double>(Gbar[q * C + c]);
+  std::vector<T> AbarT(static_cast<size_t>(n));
+  xwt(Xt, s.Wbar.data(), static_cast<const T*>(nullptr), AbarT.data(), S, D, C);
+  dvec Abar(AbarT.begin(), AbarT.end());
+  // the head's adjoint: dX = P1 (Wbar + F) + E W with F = fcoef U2^T X
+  dvec P1(static_cast<size_t>(n)), E(static_cast<size_t>(n)), U2(static_cast<size_t>(n));
+  double fcoef = -1, dr = 0;
+  if (a.kind == 0 || a.kind == 1) {
+    if (a.kind == 0) {
+      U2 = Abar;
+      chol_solve(K, S, U2.data(), C);
+    } else {
+      dr = svm_adjoint(K, yt, At, Abar.data(), U2.data(), S, C, a.reg, a.dual_reg);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      P1[j] = At[j];
+      E[j] = -U2[j];
+    }
+    if (a.kind == 0) dr = -dot(U2.data(), At, n);
+  } else {
+    const double lam = a.reg, inv_s = 1.0 / static_cast<double>(S);
+    dvec KA(static_cast<size_t>(n)), Z(static_cast<size_t>(n)), P(static_cast<size_t>(n)),
+        JA(static_cast<size_t>(n)), rhsb(static_cast<size_t>(C), 0.0), xb(static_cast<size_t>(C)),
+        Kx(static_cast<size_t>(n)), tt(static_cast<size_t>(n));
+    symm_mul(K, At, KA.data(), S, C);
+    logreg_objective(At, KA.data(), bt, yt, Z.data(), P.data(), S, C, lam);
+    softmax_jvp(P.data(), Abar.data(), JA.data(), S, C, -inv_s / lam);  // -J Abar / (lam S)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) rhsb[c] += JA[i * C + c];
+    for (int64_t c = 0; c < C; ++c) rhsb[c] += bbar[c];
+    LogregSystem sys{K, P.data(), S, C, lam, {}, {}};
+    double rn = std::sqrt(std::max(0.0, dot(rhsb.data(), rhsb.data(), C)));
+    {
+      dvec KJ(static_cast<size_t>(n));
+      symm_mul(K, JA.data(), KJ.data(), S, C);
+      rn = std::sqrt(std::max(0.0, rn * rn + dot(JA.data(), KJ.data(), n)));
+    }
+    sys.solve(JA.data(), rhsb.data(), U2.data(), xb.data(), Kx.data(), 1e-13 * std::max(rn, kTiny),
+              4 * (n + C) + 10);
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) tt[i * C + c] = Abar[i * C + c] / lam + Kx[i * C + c] + xb[c];
+    softmax_jvp(P.data(), tt.data(), E.data(), S, C, -inv_s);  // E = -M
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) P1[i * C + c] = -(P[i * C + c] - (c == yt[i] ? 1.0 : 0.0)) * inv_s / lam;
+    fcoef = lam;
+  }
+  // F = fcoef U2^T X into WF, then WF += Wbar
+  std::vector<T> U2T(static_cast<size_t>(n)), P1T(static_cast<size_t>(n)), ET(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    U2T[j] = static_cast<T>(U2[j]);
+    P1T[j] = static_cast<T>(P1[j]);
+    ET[j] = static_cast<T>(E[j]);
+  }
+  s.WF.resize(static_cast<size_t>(C * D));
+  atx(U2T.data(), Xt, s.WF.data(), S, D, C, static_cast<T>(fcoef), false);
+  for (int64_t j = 0; j < C * D; ++j) s.WF[j] += s.Wbar[j];
+  if (a.kind == 2) {
+    double wf = 0;
+    for (int64_t j = 0; j < C * D; ++j) wf += static_cast<double>(s.WF[j]) * static_cast<double>(Wt[j]);
+    dr = -wf / a.reg;
+  }
+  dreg[t] = dr;
+  T* dXt = dX + t * S * D;
+  std::fill(dXt, dXt + S * D, T(0));
+  aw_add(P1T.data(), s.WF.data(), ET.data(), Wt, dXt, S, D, C);
+}
+
+}  // namespace
+
+template <typename T>
+void convex_forward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b, T* W,
+                    double* fac, T* probs, T* loss, T* correct, double* residual, const ConvexArgs& a,
+                    int nthreads) {
+  parallel_chunks(a.T, nthreads, [&](int64_t t0, int64_t t1, int) {
+    Scratch<T> s;
+    for (int64_t t = t0; t < t1; ++t) forward_task(t, X, y, Xq, yq, A, b, W, fac, probs, loss, correct, residual, a, s);
+  });
+}
+
+template <typename T>
+void convex_backward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const double* A,
+                     const double* b, const T* W, const double* fac, const T* probs, const T* g, T* dX, T* dXq,
+                     double* dreg, double* dscale, const ConvexArgs& a, int nthreads) {
+  parallel_chunks(a.T, nthreads, [&](int64_t t0, int64_t t1, int) {
+    Scratch<T> s;
+    for (int64_t t = t0; t < t1; ++t)
+      backward_task(t, X, y, Xq, yq, A, b, W, fac, probs, g, dX, dXq, dreg, dscale, a, s);
+  });
+}
+
+template void convex_forward<float>(const float*, const int64_t*, const float*, const int64_t*, double*, double*,
+                                    float*, double*, float*, float*, float*, double*, const ConvexArgs&, int);
+template void convex_forward<double>(const double*, const int64_t*, const double*, const int64_t*, double*,
+                                     double*, double*, double*, double*, double*, double*, double*,
+                                     const ConvexArgs&, int);
+template void convex_backward<float>(const float*, const int64_t*, const float*, const int64_t*, const double*,
+                                     const double*, const float*, const double*, const float*, const float*,
+                                     float*, float*, double*, double*, const ConvexArgs&, int);
+template void convex_backward<double>(const double*, const int64_t*, const double*, const int64_t*,
+                                      const double*, const double*, const double*, const double*, const double*,
+                                      const double*, double*, double*, double*, double*, const ConvexArgs&, int);
+
+}  // namespace msf

@@ -1,0 +1,71 @@
+"""CPU backend of the convex-head ops (csrc/cpu/convex.cpp): tasks in parallel, the
+solvers in float64, the D-long products in the input's dtype."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+from .._common import nthreads, ptr_args
+from ._shared import KIND_CODE
+
+
+def _sizes(support, n_way, query=None):
+    T, S, D = support.shape
+    return dict(T=T, S=S, Q=0 if query is None else query.shape[1], D=D, C=n_way)
+
+
+def _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol,
+                 max_iter):
+    C_ext = _ext.require("_C")
+    T, S, D = support.shape
+    f64 = torch.float64
+    A = support.new_empty(T, S, n_way, dtype=f64)
+    b = support.new_empty(T, n_way, dtype=f64)
+    W = support.new_empty(T, n_way, D)
+    residual = support.new_empty(T, dtype=f64)
+    none = support.new_empty(0)
+    if query is not None:
+        fac = support.new_empty(T, S, S, dtype=f64)
+        probs = support.new_empty(T, query.shape[1], n_way)
+        loss, correct = support.new_empty(T), support.new_empty(T)
+        q, ql = query, query_labels
+    else:
+        fac = probs = loss = correct = q = ql = none
+    C_ext.convex_forward(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, y=labels, Xq=q, yq=ql, A=A, b=b, W=W, fac=fac, probs=probs, loss=loss,
+                   correct=correct, residual=residual),
+        **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
+        label_smoothing=label_smoothing, dual_reg=dual_reg, tol=tol, max_iter=max_iter, nthreads=nthreads())
+    return loss, correct, A, b, W, fac, probs, residual
+
+
+def forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol, max_iter):
+    """-> (loss (T,), correct (T,), A, b, W, factor, probs, residual); see ops/convex."""
+    return _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg,
+                        tol, max_iter)
+
+
+def fit(support, labels, reg, kind, n_way, dual_reg, tol, max_iter):
+    """-> (W (T, C, D), b (T, C) in the support's dtype, residual (T,))."""
+    _, _, _, b, W, _, _, residual = _run_forward(support, labels, None, None, reg, 1.0, kind, n_way, 0.0, dual_reg,
+                                                 tol, max_iter)
+    return W, b.to(support.dtype), residual
+
+
+def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs, kind, n_way,
+             label_smoothing, dual_reg):
+    """-> (d support, d query, d reg (), d scale ()) of sum_t grad_t loss_t."""
+    C_ext = _ext.require("_C")
+    T = support.shape[0]
+    g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()
+    dX, dXq = torch.empty_like(support), torch.empty_like(query)
+    dreg = support.new_empty(T, dtype=torch.float64)
+    dscale = support.new_empty(T, dtype=torch.float64)
+    C_ext.convex_backward(
+        dtype=_ext.DTYPE_CODE[support.dtype],
+        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, A=A, b=b, W=W, fac=factor, probs=probs, g=g,
+                   dX=dX, dXq=dXq, dreg=dreg, dscale=dscale),
+        **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
+        label_smoothing=label_smoothing, dual_reg=dual_reg, nthreads=nthreads())
+    return dX, dXq, dreg.sum(), dscale.sum()
