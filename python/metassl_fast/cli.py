@@ -49,21 +49,21 @@ def main(argv=None) -> None:
 
 def bench(argv) -> None:
     """The contrastive section (on the GPU where CUDA is available, else the CPU), the
-    drop-ins against the original packages (CPU), then the inner-loop section (CPU).
-    --section contrastive|family|inner_loop runs one of them; --device picks the
+    drop-ins against the original packages (CPU), then the inner-loop section (CPU), then the
+    convex heads (CPU).  --section contrastive|family|inner_loop|heads runs one of them; --device picks the
     contrastive section's device; other options go to the CPU contrastive section
     (metassl-fast bench --help)."""
     import torch
 
-    from metassl_fast.benchmarks import contrastive, contrastive_gpu, family, inner_loop
+    from metassl_fast.benchmarks import contrastive, contrastive_gpu, family, heads, inner_loop
 
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--section", choices=["all", "contrastive", "family", "inner_loop"], default="all")
+    parser.add_argument("--section", choices=["all", "contrastive", "family", "inner_loop", "heads"], default="all")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        print("metassl-fast bench [--section all|contrastive|family|inner_loop] [--out DIR] "
+        print("metassl-fast bench [--section all|contrastive|family|inner_loop|heads] [--out DIR] "
               "[--device auto|cpu|cuda] [contrastive options]\n"
               "  --device: auto (default) runs the GPU contrastive benchmark where CUDA is available, "
               "else the CPU one\n")
@@ -77,6 +77,8 @@ def bench(argv) -> None:
         family.run(args.out)
     if args.section in ("all", "inner_loop"):
         inner_loop.run(args.out)
+    if args.section in ("all", "heads"):
+        heads.run(args.out)
 
 
 if __name__ == "__main__":
