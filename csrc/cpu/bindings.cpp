@@ -398,7 +398,7 @@ msf::ConvexArgs convex_args(int64_t T, int64_t S, int64_t Q, int64_t D, int64_t 
 void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
                     int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t A, int64_t A_numel, uintptr_t b,
                     int64_t b_numel, uintptr_t W, int64_t W_numel, uintptr_t fac, int64_t fac_numel,
-                    uintptr_t probs, int64_t probs_numel, uintptr_t loss, int64_t loss_numel, uintptr_t correct,
+                    uintptr_t logits, int64_t logits_numel, uintptr_t loss, int64_t loss_numel, uintptr_t correct,
                     int64_t correct_numel, uintptr_t residual, int64_t residual_numel, int64_t T, int64_t S,
                     int64_t Q, int64_t D, int64_t C, int kind, double reg, double scale, double label_smoothing,
                     double dual_reg, double tol, int64_t max_iter, int nthreads) {
@@ -416,7 +416,7 @@ void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_
     require(Q >= 1, "a query set needs Q >= 1");
     require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
     require_labels(yq, yq_numel, prod(T, Q), C);
-    require_buffer(probs, probs_numel, prod(T, Q, C), "probs");
+    require_buffer(logits, logits_numel, prod(T, Q, C), "logits");
     require_buffer(loss, loss_numel, T, "loss");
     require_buffer(correct, correct_numel, T, "correct");
   }
@@ -424,7 +424,7 @@ void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
     msf::convex_forward<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), out<double>(A), out<double>(b),
-                           out<F>(W), out<double>(fac), out<F>(probs), out<F>(loss), out<F>(correct),
+                           out<F>(W), out<double>(fac), out<F>(logits), out<F>(loss), out<F>(correct),
                            out<double>(residual), a, nthreads);
   });
 }
@@ -432,7 +432,7 @@ void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_
 void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
                      int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t A, int64_t A_numel, uintptr_t b,
                      int64_t b_numel, uintptr_t W, int64_t W_numel, uintptr_t fac, int64_t fac_numel,
-                     uintptr_t probs, int64_t probs_numel, uintptr_t g, int64_t g_numel, uintptr_t dX,
+                     uintptr_t logits, int64_t logits_numel, uintptr_t g, int64_t g_numel, uintptr_t dX,
                      int64_t dX_numel, uintptr_t dXq, int64_t dXq_numel, uintptr_t dreg, int64_t dreg_numel,
                      uintptr_t dscale, int64_t dscale_numel, int64_t T, int64_t S, int64_t Q, int64_t D, int64_t C,
                      int kind, double reg, double scale, double label_smoothing, double dual_reg, int nthreads) {
@@ -447,7 +447,7 @@ void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64
   require_buffer(b, b_numel, prod(T, C), "b");
   require_buffer(W, W_numel, prod(T, C, D), "W");
   require_buffer(fac, fac_numel, prod(T, S, S), "fac");
-  require_buffer(probs, probs_numel, prod(T, Q, C), "probs");
+  require_buffer(logits, logits_numel, prod(T, Q, C), "logits");
   require_buffer(g, g_numel, T, "g");
   require_buffer(dX, dX_numel, prod(T, S, D), "dX");
   require_buffer(dXq, dXq_numel, prod(T, Q, D), "dXq");
@@ -457,7 +457,7 @@ void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
     msf::convex_backward<F>(in<F>(X), in<int64_t>(y), in<F>(Xq), in<int64_t>(yq), in<double>(A), in<double>(b),
-                            in<F>(W), in<double>(fac), in<F>(probs), in<F>(g), out<F>(dX), out<F>(dXq),
+                            in<F>(W), in<double>(fac), in<F>(logits), in<F>(g), out<F>(dX), out<F>(dXq),
                             out<double>(dreg), out<double>(dscale), a, nthreads);
   });
 }
@@ -530,7 +530,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("convex_forward", &convex_forward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
         py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("A"),
         py::arg("A_numel"), py::arg("b"), py::arg("b_numel"), py::arg("W"), py::arg("W_numel"), py::arg("fac"),
-        py::arg("fac_numel"), py::arg("probs"), py::arg("probs_numel"), py::arg("loss"), py::arg("loss_numel"),
+        py::arg("fac_numel"), py::arg("logits"), py::arg("logits_numel"), py::arg("loss"), py::arg("loss_numel"),
         py::arg("correct"), py::arg("correct_numel"), py::arg("residual"), py::arg("residual_numel"), py::arg("T"),
         py::arg("S"), py::arg("Q"), py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"),
         py::arg("label_smoothing"), py::arg("dual_reg"), py::arg("tol"), py::arg("max_iter"), py::arg("nthreads"),
@@ -539,7 +539,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("convex_backward", &convex_backward, py::arg("dtype"), py::arg("X"), py::arg("X_numel"), py::arg("y"),
         py::arg("y_numel"), py::arg("Xq"), py::arg("Xq_numel"), py::arg("yq"), py::arg("yq_numel"), py::arg("A"),
         py::arg("A_numel"), py::arg("b"), py::arg("b_numel"), py::arg("W"), py::arg("W_numel"), py::arg("fac"),
-        py::arg("fac_numel"), py::arg("probs"), py::arg("probs_numel"), py::arg("g"), py::arg("g_numel"),
+        py::arg("fac_numel"), py::arg("logits"), py::arg("logits_numel"), py::arg("g"), py::arg("g_numel"),
         py::arg("dX"), py::arg("dX_numel"), py::arg("dXq"), py::arg("dXq_numel"), py::arg("dreg"),
         py::arg("dreg_numel"), py::arg("dscale"), py::arg("dscale_numel"), py::arg("T"), py::arg("S"), py::arg("Q"),
         py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"), py::arg("label_smoothing"),

@@ -263,45 +263,79 @@ double svm_adjoint(const double* K, const int64_t* y, const double* A, const dou
 // logistic regression: Newton with conjugate-gradient steps in K's metric
 // ---------------------------------------------------------------------------
 
-// The Newton operator at P: Hc(V, v) = (J (K V + 1 v^T) / S + lam V, colsum(J (K V + 1 v^T)) / S),
-// given KV = K V; self-adjoint in <(A1, b1), (A2, b2)> = <A1, K A2> + <b1, b2>.
+// The Newton system at P, in coordinates (A, b) with W = X^T A:
+//   H (V, v) = (J (K V + 1 v^T) / S + lam V,  colsum(J (K V + 1 v^T)) / S),
+// J the per-example softmax Jacobians; self-adjoint in <(A1, b1), (A2, b2)> = <A1, K A2> +
+// <b1, b2>, the primal inner product.  The bias block H_bb = sum_i J_i / S is nearly
+// singular where the support is separated (p near one-hot: the unpenalised bias is barely
+// determined), which stalls conjugate gradients on the whole system.  So the bias is
+// eliminated exactly (a C x C Cholesky; softmax's null direction 1 pinned by adding
+// 1 1^T / C) and CG runs on the Schur complement in A, whose spectrum lies in
+// [lam, lam + |K| max J / S] in the primal metric.
 struct LogregSystem {
   const double* K;
   const double* P;
   int64_t S, C;
   double lam;
-  dvec dz, dp;
+  dvec Hbb, m, Km, h;
 
-  void apply(const double* V, const double* v, const double* KV, double* outA, double* outb) {
-    const int64_t n = S * C;
-    dz.resize(static_cast<size_t>(n));
-    dp.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < S; ++i)
-      for (int64_t c = 0; c < C; ++c) dz[i * C + c] = KV[i * C + c] + v[c];
-    softmax_jvp(P, dz.data(), dp.data(), S, C, 1.0 / static_cast<double>(S));
-    std::fill(outb, outb + C, 0.0);
-    for (int64_t i = 0; i < S; ++i)
+  void prepare() {  // H_bb + 1 1^T / C, factored
+    Hbb.assign(static_cast<size_t>(C * C), 1.0 / static_cast<double>(C));
+    const double inv_s = 1.0 / static_cast<double>(S);
+    for (int64_t i = 0; i < S; ++i) {
+      const double* p = P + i * C;
       for (int64_t c = 0; c < C; ++c) {
-        outA[i * C + c] = dp[i * C + c] + lam * V[i * C + c];
-        outb[c] += dp[i * C + c];
+        Hbb[c * C + c] += p[c] * inv_s;
+        for (int64_t e = 0; e < C; ++e) Hbb[c * C + e] -= p[c] * p[e] * inv_s;
       }
+    }
+    cholesky(Hbb.data(), C);
   }
 
-  // Solve Hc(x) = rhs to |residual| <= atol (metric norm) by conjugate gradients; x, Kx out.
+  // out = J (1 v^T) / S subtracted from out (the H_Ab v term), per example
+  void sub_bias(const double* v, double* out) {
+    for (int64_t i = 0; i < S; ++i) {
+      const double* p = P + i * C;
+      const double pv = dot(p, v, C);
+      for (int64_t c = 0; c < C; ++c) out[i * C + c] -= p[c] * (v[c] - pv) / static_cast<double>(S);
+    }
+  }
+
+  // h = colsum(J (K V)) / S given KV
+  void bias_of(const double* KV, double* hout) {
+    m.resize(static_cast<size_t>(S * C));
+    softmax_jvp(P, KV, m.data(), S, C, 1.0 / static_cast<double>(S));
+    std::fill(hout, hout + C, 0.0);
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < C; ++c) hout[c] += m[i * C + c];
+  }
+
+  // out = Schur(V) = J (K V) / S + lam V - J (1 (H_bb^-1 colsum(J K V) / S)^T) / S, given KV
+  void schur(const double* V, const double* KV, double* out) {
+    h.resize(static_cast<size_t>(C));
+    bias_of(KV, h.data());  // also leaves m = J K V / S
+    chol_solve(Hbb.data(), C, h.data(), 1);
+    for (int64_t j = 0; j < S * C; ++j) out[j] = m[j] + lam * V[j];
+    sub_bias(h.data(), out);
+  }
+
+  // Solve H (x, xb) = (rhsA, rhsb) (rhsb summing to 0) with the Schur complement's CG
+  // residual at most atol in the primal norm; x, K x and xb out.
   void solve(const double* rhsA, const double* rhsb, double* xA, double* xb, double* KxA, double atol,
              int64_t maxit) {
     const int64_t n = S * C;
-    dvec rA(rhsA, rhsA + n), rb(rhsb, rhsb + C), KrA(static_cast<size_t>(n)), pA, pb, KpA,
-        qA(static_cast<size_t>(n)), qb(static_cast<size_t>(C));
+    dvec v0(rhsb, rhsb + C);
+    chol_solve(Hbb.data(), C, v0.data(), 1);
+    dvec rA(rhsA, rhsA + n), KrA(static_cast<size_t>(n)), pA, KpA, qA(static_cast<size_t>(n));
+    sub_bias(v0.data(), rA.data());
     std::fill(xA, xA + n, 0.0);
-    std::fill(xb, xb + C, 0.0);
     std::fill(KxA, KxA + n, 0.0);
     symm_mul(K, rA.data(), KrA.data(), S, C);
-    pA = rA, pb = rb, KpA = KrA;
-    double rr = std::max(0.0, dot(rA.data(), KrA.data(), n) + dot(rb.data(), rb.data(), C));
+    pA = rA, KpA = KrA;
+    double rr = std::max(0.0, dot(rA.data(), KrA.data(), n));
     for (int64_t k = 0; k < maxit && std::sqrt(rr) > atol; ++k) {
-      apply(pA.data(), pb.data(), KpA.data(), qA.data(), qb.data());
-      const double pq = dot(KpA.data(), qA.data(), n) + dot(pb.data(), qb.data(), C);
+      schur(pA.data(), KpA.data(), qA.data());
+      const double pq = dot(KpA.data(), qA.data(), n);
       if (!(pq > 0)) break;
       const double alpha = rr / pq;
       for (int64_t j = 0; j < n; ++j) {
@@ -309,20 +343,20 @@ struct LogregSystem {
         KxA[j] += alpha * KpA[j];
         rA[j] -= alpha * qA[j];
       }
-      for (int64_t c = 0; c < C; ++c) {
-        xb[c] += alpha * pb[c];
-        rb[c] -= alpha * qb[c];
-      }
       symm_mul(K, rA.data(), KrA.data(), S, C);
-      const double rr_new = std::max(0.0, dot(rA.data(), KrA.data(), n) + dot(rb.data(), rb.data(), C));
+      const double rr_new = std::max(0.0, dot(rA.data(), KrA.data(), n));
       const double beta = rr_new / rr;
       for (int64_t j = 0; j < n; ++j) {
         pA[j] = rA[j] + beta * pA[j];
         KpA[j] = KrA[j] + beta * KpA[j];
       }
-      for (int64_t c = 0; c < C; ++c) pb[c] = rb[c] + beta * pb[c];
       rr = rr_new;
     }
+    // the bias: H_bb xb = rhsb - colsum(J K x) / S
+    h.resize(static_cast<size_t>(C));
+    bias_of(KxA, h.data());
+    for (int64_t c = 0; c < C; ++c) xb[c] = rhsb[c] - h[c];
+    chol_solve(Hbb.data(), C, xb, 1);
   }
 };
 
@@ -353,7 +387,7 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
       mgb(static_cast<size_t>(C));
   std::fill(A, A + n, 0.0);
   std::fill(b, b + C, 0.0);
-  LogregSystem sys{K, P.data(), S, C, lam, {}, {}};
+  LogregSystem sys{K, P.data(), S, C, lam, {}, {}, {}, {}};
   double f = logreg_objective(A, KA.data(), b, y, Z.data(), P.data(), S, C, lam);
   double g0 = 0, rel = 0;
   for (int64_t it = 0;; ++it) {
@@ -372,6 +406,7 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
     for (int64_t j = 0; j < n; ++j) mgA[j] = -GA[j];
     for (int64_t c = 0; c < C; ++c) mgb[c] = -gb[c];
     const double eta = std::min(0.5, std::sqrt(rel)) * gn;  // inexact Newton (Eisenstat-Walker)
+    sys.prepare();
     sys.solve(mgA.data(), mgb.data(), xA.data(), xb.data(), KxA.data(), eta, 2 * (n + C) + 10);
     const double slope = dot(GA.data(), KxA.data(), n) + dot(gb.data(), xb.data(), C);
     if (!(slope < 0)) break;  // no descent direction left (rounding): converged as far as float64 goes
@@ -415,7 +450,7 @@ struct Scratch {
 
 template <typename T>
 void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b,
-                  T* W, double* fac, T* probs, T* loss, T* correct, double* residual, const ConvexArgs& a,
+                  T* W, double* fac, T* logits, T* loss, T* correct, double* residual, const ConvexArgs& a,
                   Scratch<T>& s) {
   const int64_t S = a.S, D = a.D, C = a.C, Q = a.Q;
   const T* Xt = X + t * S * D;
@@ -451,9 +486,10 @@ void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const in
   xwt(Xq + t * Q * D, Wt, s.bT.data(), s.Z.data(), Q, D, C);
   const double ls = a.label_smoothing;
   double total = 0, right = 0;
+  T* Zsave = logits + t * Q * C;
+  std::copy(s.Z.begin(), s.Z.end(), Zsave);
   for (int64_t q = 0; q < Q; ++q) {
     const T* z = s.Z.data() + q * C;
-    T* p = probs + (t * Q + q) * C;
     const int64_t lab = yq[t * Q + q];
     double mx = -std::numeric_limits<double>::infinity(), zsum = 0;
     int64_t arg = 0;
@@ -462,10 +498,9 @@ void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const in
       if (l > mx) mx = l, arg = c;
       zsum += l;
     }
-    if (!(mx > -std::numeric_limits<double>::infinity())) mx = 0;  // all -inf or NaN: let NaN through below
+    if (!(mx > -std::numeric_limits<double>::infinity())) mx = 0;  // NaN logits: NaN flows into the loss
     double se = 0;
     for (int64_t c = 0; c < C; ++c) se += std::exp(a.scale * static_cast<double>(z[c]) - mx);
-    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(std::exp(a.scale * static_cast<double>(z[c]) - mx) / se);
     const double lse = mx + std::log(se);
     total += lse - (1 - ls) * a.scale * static_cast<double>(z[lab]) - ls * zsum / static_cast<double>(C);
     right += arg == lab ? 1.0 : 0.0;
@@ -476,7 +511,7 @@ void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const in
 
 template <typename T>
 void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const double* A,
-                   const double* b, const T* W, const double* fac, const T* probs, const T* g, T* dX, T* dXq,
+                   const double* b, const T* W, const double* fac, const T* logits, const T* g, T* dX, T* dXq,
                    double* dreg, double* dscale, const ConvexArgs& a, Scratch<T>& s) {
   const int64_t S = a.S, D = a.D, C = a.C, Q = a.Q, n = S * C;
   const T* Xt = X + t * S * D;
@@ -487,20 +522,23 @@ void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const i
   const T* Wt = W + t * C * D;
   const double* K = fac + t * S * S;
   const double gt = static_cast<double>(g[t]);
-  // query side: Lbar = g/Q (P - target), dscale = <Lbar, Z0>, Gbar = scale Lbar
-  s.Z.resize(static_cast<size_t>(Q * C));
-  s.bT.resize(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) s.bT[c] = static_cast<T>(bt[c]);
-  xwt(Xqt, Wt, s.bT.data(), s.Z.data(), Q, D, C);
+  // query side: P = softmax(scale Z0), Lbar = g/Q (P - target), dscale = <Lbar, Z0>, Gbar = scale Lbar
+  const T* Z0 = logits + t * Q * C;
   std::vector<T> Gbar(static_cast<size_t>(Q * C));
+  dvec p(static_cast<size_t>(C));
   const double ls = a.label_smoothing, wq = gt / static_cast<double>(Q);
   double ds = 0;
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t lab = yq[t * Q + q];
+    const T* z = Z0 + q * C;
+    double mx = -std::numeric_limits<double>::infinity(), se = 0;
+    for (int64_t c = 0; c < C; ++c) mx = std::max(mx, a.scale * static_cast<double>(z[c]));
+    if (!(mx > -std::numeric_limits<double>::infinity())) mx = 0;
+    for (int64_t c = 0; c < C; ++c) se += (p[c] = std::exp(a.scale * static_cast<double>(z[c]) - mx));
     for (int64_t c = 0; c < C; ++c) {
       const double target = (c == lab ? 1 - ls : 0.0) + ls / static_cast<double>(C);
-      const double lb = wq * (static_cast<double>(probs[(t * Q + q) * C + c]) - target);
-      ds += lb * static_cast<double>(s.Z[q * C + c]);
+      const double lb = wq * (p[c] / se - target);
+      ds += lb * static_cast<double>(z[c]);
       Gbar[q * C + c] = static_cast<T>(a.scale * lb);
     }
   }
@@ -542,14 +580,15 @@ void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const i
     for (int64_t i = 0; i < S; ++i)
       for (int64_t c = 0; c < C; ++c) rhsb[c] += JA[i * C + c];
     for (int64_t c = 0; c < C; ++c) rhsb[c] += bbar[c];
-    LogregSystem sys{K, P.data(), S, C, lam, {}, {}};
+    LogregSystem sys{K, P.data(), S, C, lam, {}, {}, {}, {}};
+    sys.prepare();
     double rn = std::sqrt(std::max(0.0, dot(rhsb.data(), rhsb.data(), C)));
     {
       dvec KJ(static_cast<size_t>(n));
       symm_mul(K, JA.data(), KJ.data(), S, C);
       rn = std::sqrt(std::max(0.0, rn * rn + dot(JA.data(), KJ.data(), n)));
     }
-    sys.solve(JA.data(), rhsb.data(), U2.data(), xb.data(), Kx.data(), 1e-13 * std::max(rn, kTiny),
+    sys.solve(JA.data(), rhsb.data(), U2.data(), xb.data(), Kx.data(), 1e-12 * std::max(rn, kTiny),
               4 * (n + C) + 10);
     for (int64_t i = 0; i < S; ++i)
       for (int64_t c = 0; c < C; ++c) tt[i * C + c] = Abar[i * C + c] / lam + Kx[i * C + c] + xb[c];
@@ -583,22 +622,22 @@ void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const i
 
 template <typename T>
 void convex_forward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b, T* W,
-                    double* fac, T* probs, T* loss, T* correct, double* residual, const ConvexArgs& a,
+                    double* fac, T* logits, T* loss, T* correct, double* residual, const ConvexArgs& a,
                     int nthreads) {
   parallel_chunks(a.T, nthreads, [&](int64_t t0, int64_t t1, int) {
     Scratch<T> s;
-    for (int64_t t = t0; t < t1; ++t) forward_task(t, X, y, Xq, yq, A, b, W, fac, probs, loss, correct, residual, a, s);
+    for (int64_t t = t0; t < t1; ++t) forward_task(t, X, y, Xq, yq, A, b, W, fac, logits, loss, correct, residual, a, s);
   });
 }
 
 template <typename T>
 void convex_backward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const double* A,
-                     const double* b, const T* W, const double* fac, const T* probs, const T* g, T* dX, T* dXq,
+                     const double* b, const T* W, const double* fac, const T* logits, const T* g, T* dX, T* dXq,
                      double* dreg, double* dscale, const ConvexArgs& a, int nthreads) {
   parallel_chunks(a.T, nthreads, [&](int64_t t0, int64_t t1, int) {
     Scratch<T> s;
     for (int64_t t = t0; t < t1; ++t)
-      backward_task(t, X, y, Xq, yq, A, b, W, fac, probs, g, dX, dXq, dreg, dscale, a, s);
+      backward_task(t, X, y, Xq, yq, A, b, W, fac, logits, g, dX, dXq, dreg, dscale, a, s);
   });
 }
 

@@ -37,17 +37,17 @@ struct ConvexArgs {
 // Per task: A (T, S, C), b (T, C), W (T, C, D), fac (T, S, S): the Cholesky factor of
 // K + reg I (ridge) or K; residual (T): the solver's final relative residual (svm: KKT
 // residual / (1 + reg max K_ii); logreg: |gradient| / |first gradient|; ridge 0).
-// With Xq (non-null): probs (T, Q, C) of the query logits, loss (T), correct (T).
+// With Xq (non-null): logits (T, Q, C) = Xq W^T + b (before the scale), loss (T), correct (T).
 template <typename T>
 void convex_forward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b, T* W,
-                    double* fac, T* probs, T* loss, T* correct, double* residual, const ConvexArgs& a,
+                    double* fac, T* logits, T* loss, T* correct, double* residual, const ConvexArgs& a,
                     int nthreads);
 
 // The gradient of sum_t g_t loss_t from what convex_forward saved: dX (T, S, D),
 // dXq (T, Q, D), and per task dreg (T), dscale (T).
 template <typename T>
 void convex_backward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, const double* A,
-                     const double* b, const T* W, const double* fac, const T* probs, const T* g, T* dX, T* dXq,
+                     const double* b, const T* W, const double* fac, const T* logits, const T* g, T* dX, T* dXq,
                      double* dreg, double* dscale, const ConvexArgs& a, int nthreads);
 
 }  // namespace msf

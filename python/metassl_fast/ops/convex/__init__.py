@@ -70,33 +70,33 @@ def _(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoot
 
 @torch.library.custom_op("metassl_fast::convex_bwd", mutates_args=())
 def convex_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, reg: Tensor,
-               scale: Tensor, A: Tensor, b: Tensor, W: Tensor, factor: Tensor, probs: Tensor, kind: str,
+               scale: Tensor, A: Tensor, b: Tensor, W: Tensor, factor: Tensor, logits: Tensor, kind: str,
                n_way: int, label_smoothing: float, dual_reg: float, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradient of sum_t grad_t loss_t: (d support (T, S, D), d query (T, Q, D), d reg (),
     d scale ())."""
-    one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs)
+    one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits)
     check_convex(support, labels, query, query_labels, kind, n_way, reg, scale, label_smoothing, dual_reg, 0.5, 1,
-                 grad=grad, A=A, b=b, W=W, factor=factor, probs=probs)
+                 grad=grad, A=A, b=b, W=W, factor=factor, logits=logits)
     dX, dXq, dreg, dscale = _impl(backend).backward(grad, support, labels, query, query_labels, float(reg),
-                                                    float(scale), A, b, W, factor, probs, kind, n_way,
+                                                    float(scale), A, b, W, factor, logits, kind, n_way,
                                                     label_smoothing, dual_reg)
     return dX, dXq, dreg.to(reg.dtype), dscale.to(scale.dtype)
 
 
 @convex_bwd.register_fake
-def _(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs, kind, n_way,
+def _(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
       label_smoothing, dual_reg, backend):
-    one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs)
+    one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits)
     return torch.empty_like(support), torch.empty_like(query), reg.new_empty(()), scale.new_empty(())
 
 
 def _setup(ctx, inputs, output):
     support, labels, query, query_labels, reg, scale, kind, n_way, ls, dual_reg, _tol, _it, backend = inputs
-    _, _, A, b, W, factor, probs, _ = output
+    _, _, A, b, W, factor, logits, _ = output
     ctx.mark_non_differentiable(*output[1:])
     ctx.kind, ctx.n_way, ctx.ls, ctx.dual_reg, ctx.backend = kind, n_way, ls, dual_reg, backend
-    ctx.save_for_backward(support, labels, query, query_labels, reg, scale, A, b, W, factor, probs)
+    ctx.save_for_backward(support, labels, query, query_labels, reg, scale, A, b, W, factor, logits)
 
 
 def _backward(ctx, grad, *_unused):

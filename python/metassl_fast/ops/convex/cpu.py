@@ -26,22 +26,22 @@ def _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, 
     none = support.new_empty(0)
     if query is not None:
         fac = support.new_empty(T, S, S, dtype=f64)
-        probs = support.new_empty(T, query.shape[1], n_way)
+        logits = support.new_empty(T, query.shape[1], n_way)
         loss, correct = support.new_empty(T), support.new_empty(T)
         q, ql = query, query_labels
     else:
-        fac = probs = loss = correct = q = ql = none
+        fac = logits = loss = correct = q = ql = none
     C_ext.convex_forward(
         dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, y=labels, Xq=q, yq=ql, A=A, b=b, W=W, fac=fac, probs=probs, loss=loss,
+        **ptr_args(X=support, y=labels, Xq=q, yq=ql, A=A, b=b, W=W, fac=fac, logits=logits, loss=loss,
                    correct=correct, residual=residual),
         **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
         label_smoothing=label_smoothing, dual_reg=dual_reg, tol=tol, max_iter=max_iter, nthreads=nthreads())
-    return loss, correct, A, b, W, fac, probs, residual
+    return loss, correct, A, b, W, fac, logits, residual
 
 
 def forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol, max_iter):
-    """-> (loss (T,), correct (T,), A, b, W, factor, probs, residual); see ops/convex."""
+    """-> (loss (T,), correct (T,), A, b, W, factor, logits, residual); see ops/convex."""
     return _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg,
                         tol, max_iter)
 
@@ -53,7 +53,7 @@ def fit(support, labels, reg, kind, n_way, dual_reg, tol, max_iter):
     return W, b.to(support.dtype), residual
 
 
-def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, probs, kind, n_way,
+def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
              label_smoothing, dual_reg):
     """-> (d support, d query, d reg (), d scale ()) of sum_t grad_t loss_t."""
     C_ext = _ext.require("_C")
@@ -64,7 +64,7 @@ def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, fa
     dscale = support.new_empty(T, dtype=torch.float64)
     C_ext.convex_backward(
         dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, A=A, b=b, W=W, fac=factor, probs=probs, g=g,
+        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, A=A, b=b, W=W, fac=factor, logits=logits, g=g,
                    dX=dX, dXq=dXq, dreg=dreg, dscale=dscale),
         **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
         label_smoothing=label_smoothing, dual_reg=dual_reg, nthreads=nthreads())
