@@ -47,9 +47,9 @@ SKLEARN_C = 1.0
 EVAL_CHUNK = 250  # episodes per fit_logreg call
 
 FULL = dict(T=8, Ds=(640, 16000), shots=(5, 15), q=Q_PER_CLASS, episodes=2000, logreg_D=640,
-            repeats={"svm": 7, "ridge": 21, "logreg": 3}, compile=True)
+            repeats={"svm": 7, "ridge": 21, "logreg": 3}, qpth_iters=(3, 15), compile=True)
 QUICK = dict(T=2, Ds=(24,), shots=(2,), q=3, episodes=12, logreg_D=24,
-             repeats={"svm": 2, "ridge": 2, "logreg": 2}, compile=False)
+             repeats={"svm": 2, "ridge": 2, "logreg": 2}, qpth_iters=(3,), compile=False)
 
 CSV_FIELDS = c.CSV_FIELDS + ["backend", "shot", "S", "Q", "C", "episodes", "episodes_per_s", "accuracy",
                              "kkt_residual", "kkt_rel", "compile_s", "note"]
@@ -220,7 +220,7 @@ def _svm_case(cfg, D, shot, mode, backend):
     ours = lambda *a: meta.svm_loss(*a, C=SVM_C, n_way=N_WAY, backend=backend)  # noqa: E731
     impls = {"ours": ours}
     note = _qpth_note()
-    for it in (3, 15):
+    for it in cfg["qpth_iters"]:
         impls[f"qpth-{it}"] = (lambda it: lambda *a: metaoptnet_svm_loss(*a, max_iter=it))(it)
     res = {k: {} for k in impls}
     if note:
@@ -340,33 +340,42 @@ def _cases(cfg):
     return out
 
 
-def _worker(mode, quick, backend):
+def _merge(into, results):
+    """Add one mode's {impl: measurements} to another's (their keys differ but for notes)."""
+    for impl, m in results.items():
+        into.setdefault(impl, {}).update(m)
+    return into
+
+
+def _worker(modes, quick, backend):
     cfg = QUICK if quick else FULL
+    case = {"svm": _svm_case, "ridge": _ridge_case}
     for head, D, shot in _cases(cfg):
-        if head == "svm":
-            res = _svm_case(cfg, D, shot, mode, backend)
-        elif head == "ridge":
-            res = _ridge_case(cfg, D, shot, mode, backend)
-        else:
-            res = _logreg_case(cfg, shot, mode, backend)
-        print("ROW " + json.dumps({"head": head, "D": D, "shot": shot, "results": res}), flush=True)
+        res = {}
+        for mode in modes:
+            _merge(res, _logreg_case(cfg, shot, mode, backend) if head == "logreg"
+                   else case[head](cfg, D, shot, mode, backend))
+        print("ROW " + json.dumps({"head": head, "D": D, "shot": shot, "threads": torch.get_num_threads(),
+                                   "results": res}), flush=True)
 
 
-def _run_worker(mode, quick, backend, total, done):
-    env = c.pinned_malloc_env() if mode == "memory" else dict(os.environ)
-    # timing keeps glibc's default allocator (pinned, every output is a fresh mmap whose page
-    # faults cost more than a small kernel)
-    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.heads", "--worker", mode, "--backend", backend]
+def _run_worker(modes, quick, backend, threads, total, done):
+    env = c.pinned_malloc_env() if "memory" in modes else dict(os.environ)
+    # a timing worker keeps glibc's default allocator (pinned, every output is a fresh mmap whose
+    # page faults cost more than a small kernel); every provider gets the same thread count:
+    # torch's intra-op pool and our kernel's OpenMP, and the BLAS under numpy / scikit-learn
+    env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.heads", "--worker", ",".join(modes), "--backend", backend]
     proc = subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     rows = []
     for line in proc.stdout:
         if line.startswith("ROW "):
             rows.append(json.loads(line[4:]))
-            c.progress(done + len(rows), total, f"heads {mode} {rows[-1]['head']} D={rows[-1]['D']}")
+            c.progress(done + len(rows), total, f"heads {'+'.join(modes)} {rows[-1]['head']} D={rows[-1]['D']}")
     err = proc.stderr.read()
     if proc.wait() != 0 or len(rows) != len(_cases(QUICK if quick else FULL)):
-        raise RuntimeError(f"heads benchmark worker ({mode}) failed:\n{err}")
+        raise RuntimeError(f"heads benchmark worker ({modes}) failed:\n{err}")
     return rows
 
 
@@ -374,17 +383,20 @@ BASELINE = {"svm": "qpth-3", "ridge": "torch", "logreg": "sklearn"}
 OP = {"svm": "svm_loss", "ridge": "ridge_loss", "logreg": "fit_logreg"}
 
 
-def run(out_dir="bench/out", quick=False, backend="cpu", stream=sys.stdout):
-    """Run the heads benchmark (a timing worker, then a memory worker); print the table, append
-    the rows to out_dir/results_heads.csv, write out_dir/latest_heads.md; returns the flat rows."""
+def run(out_dir="bench/out", quick=False, backend="cpu", threads=None, stream=sys.stdout):
+    """Run the heads benchmark (a timing worker, then a memory worker; --quick: one worker that
+    does both), each with `threads` threads (default every core); print the table, append the
+    rows to out_dir/results_heads.csv, write out_dir/latest_heads.md; returns the flat rows."""
     cfg = QUICK if quick else FULL
+    threads = threads or os.cpu_count()  # what torch would take; the workers report what they ran with
     n = len(_cases(cfg))
-    c.progress(0, 2 * n, "heads")
-    rows = _run_worker("time", quick, backend, 2 * n, 0)
-    for row, mem in zip(rows, _run_worker("memory", quick, backend, 2 * n, n)):
-        for impl, m in mem["results"].items():
-            row["results"][impl]["peak_mb"] = m.get("peak_mb")
-    record = c.run_meta(c.cpu_name(), torch.get_num_threads())
+    workers = [("time", "memory")] if quick else [("time",), ("memory",)]
+    c.progress(0, len(workers) * n, "heads")
+    rows = _run_worker(workers[0], quick, backend, threads, len(workers) * n, 0)
+    for w in workers[1:]:
+        for row, other in zip(rows, _run_worker(w, quick, backend, threads, len(workers) * n, n)):
+            _merge(row["results"], other["results"])
+    record = c.run_meta(c.cpu_name(), rows[0]["threads"])
     flat = []
     for r in rows:
         T = cfg["episodes"] if r["head"] == "logreg" else cfg["T"]
@@ -477,15 +489,16 @@ def check_targets(flat):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # its modes: time, memory or time,memory
     p.add_argument("--out", default="bench/out")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, no torch.compile: a smoke test")
     p.add_argument("--backend", choices=["cpu", "torch"], default="cpu",
                    help="ours: the C++ kernel (default) or the torch reference")
+    p.add_argument("--threads", type=int, default=None, help="threads of every provider (default: every core)")
     args = p.parse_args(argv)
     if args.worker:
-        return _worker(args.worker, args.quick, args.backend)
-    run(args.out, quick=args.quick, backend=args.backend)
+        return _worker(args.worker.split(","), args.quick, args.backend)
+    run(args.out, quick=args.quick, backend=args.backend, threads=args.threads)
 
 
 if __name__ == "__main__":
