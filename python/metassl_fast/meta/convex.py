@@ -29,13 +29,14 @@ from ..ops import convex as _op
 KINDS = ("ridge", "svm", "logreg")
 
 
-def _n_way(n_way, support_labels: Tensor, shape: tuple, device) -> int:
+def _labels_and_n_way(n_way, support_labels, shape: tuple, device) -> tuple[Tensor, int]:
+    """The support labels (int64) and the number of classes: n_way, or the largest label + 1."""
     if n_way is None:  # the labels first: a negative label is their error, not n_way's
         labels = _validate.int_labels("support_labels", support_labels, shape, None, device)
-        return int(labels.max()) + 1
+        return labels, int(labels.max()) + 1
     if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 1:
         raise ValueError(f"n_way must be a positive int, got {n_way!r}")
-    return n_way
+    return _validate.int_labels("support_labels", support_labels, shape, n_way, device), n_way
 
 
 def _solver_options(tol, max_iter, kind: str) -> tuple[float, int]:
@@ -60,8 +61,7 @@ def _prepare(kind, support, support_labels, query, query_labels, reg_name, reg, 
     reg, scale as 0-dim tensors; C)."""
     _validate.tasks("support", support)
     T, S, _ = support.shape
-    C = _n_way(n_way, support_labels, (T, S), support.device)
-    y = _validate.int_labels("support_labels", support_labels, (T, S), C, support.device)
+    y, C = _labels_and_n_way(n_way, support_labels, (T, S), support.device)
     acc = torch.float64 if support.dtype == torch.float64 else torch.float32
     if query is not None:
         yq = _validate.query_set(support, query, query_labels, C).contiguous()

@@ -18,11 +18,14 @@ tensor takes the reference (torch's batched solvers).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from ...reference.convex import head_loss as reference_loss, head_weights as reference_weights
-from .._common import backend_module, backward_op, call_op, one_device, register_backward_op, transformable
+from .._common import (backend_module, backward_op, func_transforms, one_device, register_backward_op,
+                       transformable)
 from ._shared import KIND_CODE, check_convex
 
 _WHAT = "a convex head (an implicit derivative)"
@@ -38,18 +41,20 @@ def _impl(backend: str):
     return backend_module(__package__, "convex", backend)
 
 
-@torch.library.custom_op("metassl_fast::convex_fwd", mutates_args=())
-def convex_fwd(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, reg: Tensor, scale: Tensor,
+def _fwd_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, reg: Tensor, scale: Tensor,
                kind: str, n_way: int, label_smoothing: float, dual_reg: float, tol: float, max_iter: int,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """support (T, S, D), labels (T, S) int64, query (T, Q, D), query_labels (T, Q), reg and
     scale 0-dim -> (loss (T,), correct (T,), A (T, S, C) f64, b (T, C) f64, W (T, C, D),
-    factor (T, S, S) f64, query probabilities (T, Q, C), residual (T,) f64)."""
+    factor (T, S, S) f64, query logits before the scale (T, Q, C), residual (T,) f64)."""
     one_device("convex_fwd", support, labels, query, query_labels, reg, scale)
     check_convex(support, labels, query, query_labels, kind, n_way, reg, scale, label_smoothing, dual_reg, tol,
                  max_iter)
     return _impl(backend).forward(support, labels, query, query_labels, float(reg), float(scale), kind, n_way,
                                   label_smoothing, dual_reg, tol, max_iter)
+
+
+convex_fwd = torch.library.custom_op("metassl_fast::convex_fwd", _fwd_impl, mutates_args=())
 
 
 def _fwd_fakes(support, query, n_way):
@@ -68,8 +73,7 @@ def _(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoot
     return _fwd_fakes(support, query, n_way)
 
 
-@torch.library.custom_op("metassl_fast::convex_bwd", mutates_args=())
-def convex_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, reg: Tensor,
+def _bwd_impl(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, reg: Tensor,
                scale: Tensor, A: Tensor, b: Tensor, W: Tensor, factor: Tensor, logits: Tensor, kind: str,
                n_way: int, label_smoothing: float, dual_reg: float, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -82,6 +86,9 @@ def convex_bwd(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, que
                                                     float(scale), A, b, W, factor, logits, kind, n_way,
                                                     label_smoothing, dual_reg)
     return dX, dXq, dreg.to(reg.dtype), dscale.to(scale.dtype)
+
+
+convex_bwd = torch.library.custom_op("metassl_fast::convex_bwd", _bwd_impl, mutates_args=())
 
 
 @convex_bwd.register_fake
@@ -99,9 +106,10 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(support, labels, query, query_labels, reg, scale, A, b, W, factor, logits)
 
 
-def _backward(ctx, grad, *_unused):
-    dX, dXq, dreg, dscale = backward_op(convex_bwd, _WHAT, grad, *ctx.saved_tensors, ctx.kind, ctx.n_way, ctx.ls,
-                                        ctx.dual_reg, ctx.backend)
+def _backward(ctx, grad, *_unused, bwd=None):
+    run = bwd or partial(backward_op, convex_bwd, _WHAT)
+    dX, dXq, dreg, dscale = run(grad, *ctx.saved_tensors, ctx.kind, ctx.n_way, ctx.ls,
+                                ctx.dual_reg, ctx.backend)
     need = ctx.needs_input_grad
     return (dX if need[0] else None, None, dXq if need[2] else None, None, dreg if need[4] else None,
             dscale if need[5] else None, None, None, None, None, None, None, None)
@@ -110,6 +118,11 @@ def _backward(ctx, grad, *_unused):
 torch.library.register_autograd("metassl_fast::convex_fwd", _backward, setup_context=_setup)
 _ConvexTransformable = transformable(torch.ops.metassl_fast.convex_fwd, _setup, _backward, "convex_fwd")
 register_backward_op("metassl_fast::convex_bwd", _WHAT)
+# Eager mode without the dispatcher (its Python path costs ~0.1 ms a call here, as much as
+# the whole kernel at 5-shot): the same implementation functions; torch.compile and the
+# torch.func transforms get the op.
+_ConvexEager = transformable(_fwd_impl, _setup, lambda ctx, grad, *_u: _backward(ctx, grad, bwd=_bwd_impl),
+                             "_ConvexEager")
 
 
 @torch.library.custom_op("metassl_fast::convex_fit", mutates_args=())
@@ -142,8 +155,13 @@ def head_loss(kind: str, X: Tensor, y: Tensor, Xq: Tensor, yq: Tensor, reg: Tens
         return reference_loss(kind, X, y, Xq, yq, n_way, scale.to(X.dtype), label_smoothing,
                               lam=reg if kind != "svm" else None, C_box=reg if kind == "svm" else None,
                               dual_reg=dual_reg)
-    out = call_op(torch.ops.metassl_fast.convex_fwd, _ConvexTransformable, X, y, Xq, yq, reg, scale, kind, n_way,
-                  label_smoothing, dual_reg, tol, max_iter, backend)
+    args = (X, y, Xq, yq, reg, scale, kind, n_way, label_smoothing, dual_reg, tol, max_iter, backend)
+    if torch.compiler.is_compiling():
+        out = convex_fwd(*args)
+    elif func_transforms():
+        out = _ConvexTransformable.apply(*args)
+    else:
+        out = _ConvexEager.apply(*args)
     return out[0], out[1]
 
 
