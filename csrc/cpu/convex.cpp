@@ -29,6 +29,17 @@ constexpr double kTiny = 1e-300;
 // dense float64 helpers (row-major)
 // ---------------------------------------------------------------------------
 
+// sum_i a_i b_i with explicit vectors (a float reduction the compiler does not vectorise).
+double dot(const double* a, const double* b, int64_t n) {
+  using V = Vec<double>;
+  V::V acc = V::splat(0);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) acc += V::load(a + i) * V::load(b + i);
+  double s = V::hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // In place: the lower triangle of M (n x n) becomes L with L L^T = M.  A pivot that
 // rounding made <= 0 (M is positive definite in exact arithmetic wherever this is called)
 // is raised to eps times the largest diagonal entry, so the factor stays finite.
@@ -38,15 +49,40 @@ void cholesky(double* M, int64_t n) {
   const double floor = std::max(kTiny, 1e-15 * dmax);
   for (int64_t j = 0; j < n; ++j) {
     double* Lj = M + j * n;
-    double d = Lj[j];
-    for (int64_t k = 0; k < j; ++k) d -= Lj[k] * Lj[k];
+    double d = Lj[j] - dot(Lj, Lj, j);
     d = d > floor ? std::sqrt(d) : std::sqrt(floor);
     Lj[j] = d;
     for (int64_t i = j + 1; i < n; ++i) {
       double* Li = M + i * n;
-      double s = Li[j];
-      for (int64_t k = 0; k < j; ++k) s -= Li[k] * Lj[k];
-      Li[j] = s / d;
+      Li[j] = (Li[j] - dot(Li, Lj, j)) / d;
+    }
+  }
+}
+
+// M^-1 (n x n, full) for M = L L^T (L from cholesky, destroyed): G = L^-1 row by row
+// (row i = -(sum_{k<i} L_ik G_k) / L_ii, axpys over the rows above), then M^-1 = G^T G.
+void chol_inverse(double* L, int64_t n, double* out, dvec& row) {
+  row.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    double* Li = L + i * n;
+    std::copy(Li, Li + i, row.data());
+    const double inv = 1.0 / Li[i];
+    std::fill(Li, Li + n, 0.0);
+    for (int64_t k = 0; k < i; ++k) {
+      const double l = row[k];
+      const double* Gk = L + k * n;
+      for (int64_t j = 0; j <= k; ++j) Li[j] -= l * Gk[j];
+    }
+    for (int64_t j = 0; j < i; ++j) Li[j] *= inv;
+    Li[i] = inv;
+  }
+  std::fill(out, out + n * n, 0.0);
+  for (int64_t k = 0; k < n; ++k) {  // out += G_k^T G_k (row k of G is zero past k)
+    const double* Gk = L + k * n;
+    for (int64_t p = 0; p <= k; ++p) {
+      const double g = Gk[p];
+      double* o = out + p * n;
+      for (int64_t q = 0; q <= k; ++q) o[q] += g * Gk[q];
     }
   }
 }
@@ -89,11 +125,7 @@ void symm_mul(const double* K, const double* V, double* out, int64_t n, int64_t 
   }
 }
 
-double dot(const double* a, const double* b, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+
 
 // Row-wise softmax of Z (n x m) into P.
 void softmax(const double* Z, double* P, int64_t n, int64_t m) {
@@ -202,50 +234,68 @@ double svm_solve(const double* K, const int64_t* y, double* A, int64_t S, int64_
   return res / scale0;
 }
 
-// The adjoint of the SVM's solution map (convex.h): U (S, C) zero on the active bounds,
-// mu (S); returns d loss / d Cbox.
+// Scratch of svm_adjoint, kept across a thread's tasks.
+struct SvmScratch {
+  dvec N, z, H, inv, row;
+  std::vector<int64_t> idx, start;
+};
+
+// The adjoint of the SVM's solution map (convex.h): U (S, C) zero on the active bounds;
+// returns d loss / d Cbox.  Per class c the free examples F_c get H_c = K_FF + r I, its
+// inverse (kept), N += H_c^-1 and z += H_c^-1 Abar_c on F_c; then mu = N^-1 z and
+// U_c = H_c^-1 (Abar_c - mu) on F_c.
 double svm_adjoint(const double* K, const int64_t* y, const double* A, const double* Abar, double* U, int64_t S,
-                   int64_t C, double Cbox, double r) {
-  dvec N(static_cast<size_t>(S * S), 0.0), z(static_cast<size_t>(S), 0.0);
-  std::vector<std::vector<int64_t>> free(static_cast<size_t>(C));
-  std::vector<dvec> inv(static_cast<size_t>(C));
+                   int64_t C, double Cbox, double r, SvmScratch& w) {
+  w.N.assign(static_cast<size_t>(S * S), 0.0);
+  w.z.assign(static_cast<size_t>(S), 0.0);
+  w.idx.clear();
+  w.start.assign(static_cast<size_t>(C + 1), 0);
   for (int64_t c = 0; c < C; ++c) {
-    auto& F = free[static_cast<size_t>(c)];
+    w.start[c] = static_cast<int64_t>(w.idx.size());
     for (int64_t i = 0; i < S; ++i)
-      if (A[i * C + c] < (c == y[i] ? Cbox : 0.0)) F.push_back(i);
-    const int64_t n = static_cast<int64_t>(F.size());
+      if (A[i * C + c] < (c == y[i] ? Cbox : 0.0)) w.idx.push_back(i);
+  }
+  w.start[C] = static_cast<int64_t>(w.idx.size());
+  int64_t inv_size = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t n = w.start[c + 1] - w.start[c];
+    inv_size += n * n;
+  }
+  w.inv.resize(static_cast<size_t>(inv_size));
+  double* Hi = w.inv.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t* F = w.idx.data() + w.start[c];
+    const int64_t n = w.start[c + 1] - w.start[c];
     if (n == 0) continue;
-    dvec H(static_cast<size_t>(n * n));
+    w.H.resize(static_cast<size_t>(n * n));
     for (int64_t p = 0; p < n; ++p)
-      for (int64_t q = 0; q < n; ++q) H[p * n + q] = K[F[p] * S + F[q]] + (p == q ? r : 0.0);
-    cholesky(H.data(), n);
-    dvec& Hi = inv[static_cast<size_t>(c)];
-    Hi.assign(static_cast<size_t>(n * n), 0.0);
-    for (int64_t p = 0; p < n; ++p) Hi[p * n + p] = 1.0;
-    chol_solve(H.data(), n, Hi.data(), n);
+      for (int64_t q = 0; q < n; ++q) w.H[p * n + q] = K[F[p] * S + F[q]] + (p == q ? r : 0.0);
+    cholesky(w.H.data(), n);
+    chol_inverse(w.H.data(), n, Hi, w.row);
     for (int64_t p = 0; p < n; ++p) {
       double zp = 0;
+      double* Np = w.N.data() + F[p] * S;
       for (int64_t q = 0; q < n; ++q) {
-        N[F[p] * S + F[q]] += Hi[p * n + q];
+        Np[F[q]] += Hi[p * n + q];
         zp += Hi[p * n + q] * Abar[F[q] * C + c];
       }
-      z[F[p]] += zp;
+      w.z[F[p]] += zp;
     }
+    Hi += n * n;
   }
   for (int64_t i = 0; i < S; ++i)  // an example with no free variable (impossible for Cbox > 0): mu_i = 0
-    if (N[i * S + i] <= 0) N[i * S + i] = 1.0;
-  cholesky(N.data(), S);
-  chol_solve(N.data(), S, z.data(), 1);  // z = mu
+    if (w.N[i * S + i] <= 0) w.N[i * S + i] = 1.0;
+  cholesky(w.N.data(), S);
+  chol_solve(w.N.data(), S, w.z.data(), 1);  // z = mu
   std::fill(U, U + S * C, 0.0);
+  Hi = w.inv.data();
   for (int64_t c = 0; c < C; ++c) {
-    const auto& F = free[static_cast<size_t>(c)];
-    const int64_t n = static_cast<int64_t>(F.size());
-    const dvec& Hi = inv[static_cast<size_t>(c)];
-    for (int64_t p = 0; p < n; ++p) {
-      double w = 0;
-      for (int64_t q = 0; q < n; ++q) w += Hi[p * n + q] * (Abar[F[q] * C + c] - z[F[q]]);
-      U[F[p] * C + c] = w;
-    }
+    const int64_t* F = w.idx.data() + w.start[c];
+    const int64_t n = w.start[c + 1] - w.start[c];
+    w.row.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
+    for (int64_t q = 0; q < n; ++q) w.row[q] = Abar[F[q] * C + c] - w.z[F[q]];
+    for (int64_t p = 0; p < n; ++p) U[F[p] * C + c] = dot(Hi + p * n, w.row.data(), n);
+    Hi += n * n;
   }
   // d Cbox: the bound coordinates (i, y_i) at Cbox move with it
   double dC = 0;
@@ -254,7 +304,7 @@ double svm_adjoint(const double* K, const int64_t* y, const double* A, const dou
     if (A[i * C + c] < Cbox) continue;
     double ku = 0;
     for (int64_t j = 0; j < S; ++j) ku += K[i * S + j] * U[j * C + c];
-    dC += Abar[i * C + c] - ku - z[i];
+    dC += Abar[i * C + c] - ku - w.z[i];
   }
   return dC;
 }
@@ -445,7 +495,8 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
 template <typename T>
 struct Scratch {
   std::vector<T> KT, AT, Z, bT, Wbar, Abar, P1, E, WF;
-  dvec Kd, Ad, Ud, Lbar;
+  dvec Kd;
+  SvmScratch svm;
 };
 
 template <typename T>
@@ -562,7 +613,7 @@ void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const i
       U2 = Abar;
       chol_solve(K, S, U2.data(), C);
     } else {
-      dr = svm_adjoint(K, yt, At, Abar.data(), U2.data(), S, C, a.reg, a.dual_reg);
+      dr = svm_adjoint(K, yt, At, Abar.data(), U2.data(), S, C, a.reg, a.dual_reg, s.svm);
     }
     for (int64_t j = 0; j < n; ++j) {
       P1[j] = At[j];
