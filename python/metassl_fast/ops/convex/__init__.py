@@ -125,13 +125,15 @@ _ConvexEager = transformable(_fwd_impl, _setup, lambda ctx, grad, *_u: _backward
                              "_ConvexEager")
 
 
-@torch.library.custom_op("metassl_fast::convex_fit", mutates_args=())
-def convex_fit(support: Tensor, labels: Tensor, reg: Tensor, kind: str, n_way: int, dual_reg: float, tol: float,
+def _fit_impl(support: Tensor, labels: Tensor, reg: Tensor, kind: str, n_way: int, dual_reg: float, tol: float,
                max_iter: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (W (T, C, D), b (T, C), residual (T,) f64): the fitted heads, no gradient."""
     one_device("convex_fit", support, labels, reg)
     check_convex(support, labels, None, None, kind, n_way, reg, reg.new_ones(()), 0.0, dual_reg, tol, max_iter)
     return _impl(backend).fit(support, labels, float(reg), kind, n_way, dual_reg, tol, max_iter)
+
+
+convex_fit = torch.library.custom_op("metassl_fast::convex_fit", _fit_impl, mutates_args=())
 
 
 @convex_fit.register_fake
@@ -172,7 +174,9 @@ def fit(kind: str, X: Tensor, y: Tensor, reg: Tensor, n_way: int, dual_reg: floa
         reg = reg.to(X.dtype)
         return reference_weights(kind, X, y, n_way, lam=reg if kind != "svm" else None,
                                  C_box=reg if kind == "svm" else None, dual_reg=dual_reg)
-    W, b, _ = torch.ops.metassl_fast.convex_fit(X, y, reg, kind, n_way, dual_reg, tol, max_iter, backend)
+    # eager: the implementation itself (the dispatcher's first call alone costs about a second)
+    fit_fn = convex_fit if torch.compiler.is_compiling() else _fit_impl
+    W, b, _ = fit_fn(X, y, reg, kind, n_way, dual_reg, tol, max_iter, backend)
     return W, b
 
 
