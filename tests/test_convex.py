@@ -1,0 +1,321 @@
+"""The convex few-shot heads (meta.ridge_loss / svm_loss / logreg_loss, fit_*, ConvexHead)
+against an independent float64 ground truth (tests/convex_oracle.py: numpy / scipy, the
+primal closed form for ridge, a certified KKT solution of the SVM dual, a primal
+trust-region Newton for logreg), on every backend: "torch" (reference/convex.py) and
+"cpu" (csrc/cpu/convex.cpp).
+
+Tolerances, and why (float64 unless said):
+- ridge: the closed form within 1e-10 of max|W| (the issue's number).  Primal and Gram
+  forms differ by rounding times the condition number of K + lam I (here < 1e3).
+- svm / logreg solutions and losses: 1e-9 relative.  The oracle is exact to ~1e-13
+  (svm: the KKT certificate to 1e-11 of the problem's scale; logreg: gradient norm
+  <= 1e-10, in practice ~1e-14 after its Newton polish); ours run with tol 1e-12 /
+  1e-13 (SOLVER), so what is left is rounding.
+- implicit gradients against central differences of the oracle's loss, step h = 1e-5
+  along a random direction (support, query; relative steps for lam / C and scale): the
+  truncation error is h^2 / 6 |F'''| ~ 1e-10 and the oracle's loss is exact to ~1e-14, so
+  its difference quotient carries ~1e-14 / 1e-5 = 1e-9 of noise; allowed: 1e-6 of the
+  directional derivative's absolute-value scale (sum |grad| |V|), i.e. 10^3 above the
+  expected error and 10^3 below any error that a wrong formula makes.
+- float32 on cpu: its error against the float64 result at most twice the error of the
+  torch reference run in float32 on the same inputs, plus a floor of 64 float32 ulps of
+  max|ref| (the solvers stop at a residual, so the floor holds what a tolerance, not
+  rounding, leaves: tol 1e-6 for the solvers here).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convex_oracle as oracle
+from metassl_fast import _ext, meta
+
+F64 = torch.float64
+
+# --------------------------------------------------------------------------- backends
+
+
+def _cpu_missing() -> str | None:
+    if not _ext.available("_C"):
+        return f"_C not built: {_ext.load_error('_C')}"
+    if not hasattr(_ext.require("_C"), "convex_forward"):
+        return "this _C was built before csrc/cpu/convex.cpp: rebuild it (pip install .)"
+    return None
+
+
+CPU_MISSING = _cpu_missing()
+needs_cpu = pytest.mark.skipif(CPU_MISSING is not None, reason=str(CPU_MISSING))
+BACKENDS = [pytest.param("torch"), pytest.param("cpu", marks=needs_cpu)]
+
+LOSS = {"ridge": meta.ridge_loss, "svm": meta.svm_loss, "logreg": meta.logreg_loss}
+FIT = {"ridge": meta.fit_ridge, "svm": meta.fit_svm, "logreg": meta.fit_logreg}
+REG_NAME = {"ridge": "lam", "svm": "C", "logreg": "lam"}
+REG = {"ridge": 1.0, "svm": 1.0, "logreg": 0.5}
+# run to the solution (float64): what is left against the oracle is rounding
+SOLVER = {"ridge": {}, "svm": dict(tol=1e-12, max_iter=100000), "logreg": dict(tol=1e-13, max_iter=200)}
+
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    with oracle.limit_threads():
+        yield
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make(T, S, C, D, Q=7, seed=0, dtype=F64, feat=3.0):
+    """Support (T, S, D) with K_ii ~ feat^2 (features scaled by 1 / sqrt(D), so every D
+    gives a problem whose SVM has coordinates both at and off their bounds), labels a
+    random arrangement of 0..C-1 repeated (every class present when S >= C), queries."""
+    g = torch.Generator().manual_seed(seed)
+    X = feat * torch.randn(T, S, D, generator=g, dtype=F64) / math.sqrt(D)
+    y = torch.stack([(torch.arange(S) % C)[torch.randperm(S, generator=g)] for _ in range(T)])
+    Xq = feat * torch.randn(T, Q, D, generator=g, dtype=F64) / math.sqrt(D)
+    yq = torch.randint(0, C, (T, Q), generator=g)
+    return X.to(dtype), y, Xq.to(dtype), yq
+
+
+def run(kind, backend, X, y, Xq, yq, C, reg, scale=1.0, ls=0.0, reduction="none", **kw):
+    kw = {**SOLVER[kind], **kw} if X.dtype == F64 else kw
+    return LOSS[kind](X, y, Xq, yq, **{REG_NAME[kind]: reg}, scale=scale, label_smoothing=ls, n_way=C,
+                      reduction=reduction, backend=backend, **kw)
+
+
+def npy(t):
+    return t.detach().double().numpy()
+
+
+def oracle_losses(kind, X, y, Xq, yq, C, reg, scale, ls, warm=None):
+    return oracle.losses(kind, X, y, Xq, yq, C, reg, scale, ls, warm=warm)
+
+
+# --------------------------------------------------------------------------- the oracle itself
+
+
+@pytest.mark.parametrize("S,C,D", [(4, 3, 2), (5, 2, 3), (3, 3, 1), (6, 4, 2)])
+def test_oracle_svm_dual_equals_scipy_primal(S, C, D):
+    """The oracle's certified dual solution gives the W that scipy's SLSQP finds on the
+    primal QP (a different problem statement: augmented features, slacks)."""
+    X, y, _, _ = make(1, S, C, D, seed=S + D)
+    A, _ = oracle.svm_dual(npy(X[0]), y[0].numpy(), C, 0.7)
+    W = A.T @ npy(X[0])
+    np.testing.assert_allclose(W, oracle.svm_primal_slsqp(npy(X[0]), y[0].numpy(), C, 0.7), atol=1e-7)
+
+
+def test_oracle_logreg_matches_sklearn_problem():
+    """The oracle's logreg is scikit-learn's LogisticRegression(C=c) for lam = 1 / (c S)
+    (sklearn penalises W only with fit_intercept; its solver stops at ~1e-8)."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    X, y, _, _ = make(1, 20, 3, 4, seed=3)
+    c = 2.0
+    W, b, _ = oracle.logreg(npy(X[0]), y[0].numpy(), 3, 1.0 / (c * 20))
+    m = sklearn.LogisticRegression(C=c, tol=1e-12, max_iter=10000).fit(npy(X[0]), y[0].numpy())
+    np.testing.assert_allclose(W, m.coef_, atol=1e-5)
+    np.testing.assert_allclose(b, m.intercept_ - m.intercept_.mean(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the grid
+
+GRID_T, GRID_S, GRID_C, GRID_D = (1, 3), (1, 5, 25, 75), (2, 5, 20), (1, 17, 640)
+FULL_GRID = [(T, S, C, D) for T in GRID_T for S in GRID_S for C in GRID_C for D in GRID_D]
+# backend="torch" (FISTA in torch, ~1-20 s a case at S >= 25): the corners that stay fast
+TORCH_GRID = [(1, 1, 2, 1), (3, 5, 5, 17), (1, 5, 20, 640), (3, 5, 2, 640), (1, 25, 5, 640)]
+
+
+def _grid_params():
+    out = []
+    for kind in ("ridge", "svm", "logreg"):
+        for backend, grid in (("cpu", FULL_GRID), ("torch", TORCH_GRID)):
+            for T, S, C, D in grid:
+                marks = [needs_cpu] if backend == "cpu" else []
+                if kind == "logreg" and S < C:
+                    # S < C leaves a class without a support example: logreg with an unpenalised
+                    # bias has no minimum then (refused: test_bad_input logreg_missing_class)
+                    marks.append(pytest.mark.skip(reason=f"logreg needs every class in the support, S={S} < C={C}"))
+                out.append(pytest.param(kind, backend, T, S, C, D, marks=marks,
+                                        id=f"{kind}-{backend}-T{T}-S{S}-C{C}-D{D}"))
+    return out
+
+
+# The cpu logreg Newton stops at a relative gradient ~5e-8 whatever tol asks (its Armijo
+# test on the objective cannot see a decrease below float64 rounding of f; measured
+# |W - W*| up to 8e-9, 2e-6 relative): test_logreg_reaches_requested_tol shows it.
+# Until that is fixed the grid holds cpu logreg solutions and losses to 1e-6.
+SOLUTION_RTOL = {("logreg", "cpu"): 1e-6}
+
+
+def _fd(F, h):
+    return (F(h) - F(-h)) / (2 * h)
+
+
+@pytest.mark.parametrize("kind,backend,T,S,C,D", _grid_params())
+def test_grid_against_oracle(kind, backend, T, S, C, D):
+    """Solution (W, b), per-task losses (reduction='none', label smoothing 0.1) and the
+    implicit gradients of a non-uniformly weighted sum of them (d support, d query along
+    random directions, d reg, d scale) against the oracle and its central differences."""
+    seed = 1000 * T + 100 * S + 10 * C + D
+    X, y, Xq, yq = make(T, S, C, D, seed=seed)
+    reg, scale, ls = REG[kind], 1.7, 0.1
+    g = torch.Generator().manual_seed(seed + 1)
+    up = 0.5 + torch.rand(T, generator=g, dtype=F64)  # the upstream gradient of each task's loss
+    V, Vq = torch.randn(X.shape, generator=g, dtype=F64), torch.randn(Xq.shape, generator=g, dtype=F64)
+
+    Xn, yn, Xqn, yqn, upn = npy(X), y.numpy(), npy(Xq), yq.numpy(), up.numpy()
+    per, Wo, bo, state = oracle_losses(kind, Xn, yn, Xqn, yqn, C, reg, scale, ls)
+
+    # solution
+    W, b = FIT[kind](X, y, **{REG_NAME[kind]: reg}, n_way=C, backend=backend, **SOLVER[kind])
+    assert W.shape == (T, C, D) and b.shape == (T, C)
+    rel = SOLUTION_RTOL.get((kind, backend), 1e-9)
+    wtol = (1e-10 if kind == "ridge" else rel) * (1 + np.abs(Wo).max())
+    np.testing.assert_allclose(npy(W), Wo, rtol=0, atol=wtol)
+    np.testing.assert_allclose(npy(b), bo, rtol=0, atol=rel * (1 + np.abs(bo).max()))
+
+    # losses and gradients
+    Xt, Xqt = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    reg_t, scale_t = torch.tensor(reg, dtype=F64, requires_grad=True), torch.tensor(scale, dtype=F64, requires_grad=True)
+    loss = run(kind, backend, Xt, y, Xqt, yq, C, reg_t, scale_t, ls)
+    assert loss.shape == (T,)
+    np.testing.assert_allclose(npy(loss), per, rtol=rel, atol=1e-12)
+    (loss * up).sum().backward()
+
+    def total(per_task):
+        return float((upn * per_task).sum())
+
+    def query_total(Xq_, scale_):
+        return total(np.array([oracle.query_loss(Wo[t], bo[t], Xq_[t], yqn[t], scale_, ls) for t in range(T)]))
+
+    fds = {
+        "support": (_fd(lambda h: total(oracle_losses(kind, Xn + h * npy(V), yn, Xqn, yqn, C, reg, scale, ls,
+                                                      warm=state)[0]), 1e-5),
+                    (Xt.grad * V).sum(), (Xt.grad.abs() * V.abs()).sum()),
+        "query": (_fd(lambda h: query_total(Xqn + h * npy(Vq), scale), 1e-5),
+                  (Xqt.grad * Vq).sum(), (Xqt.grad.abs() * Vq.abs()).sum()),
+        REG_NAME[kind]: (_fd(lambda h: total(oracle_losses(kind, Xn, yn, Xqn, yqn, C, reg * (1 + h), scale, ls,
+                                                           warm=state)[0]), 1e-5) / reg,
+                         reg_t.grad, reg_t.grad.abs()),
+        "scale": (_fd(lambda h: query_total(Xqn, scale * (1 + h)), 1e-5) / scale, scale_t.grad, scale_t.grad.abs()),
+    }
+    for name, (fd, ours, size) in fds.items():
+        assert abs(float(ours) - fd) <= 1e-6 * (float(size) + 1e-3), (name, float(ours), fd)
+
+
+# --------------------------------------------------------------------------- ridge: exact closed form
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,D", [(5, 640), (75, 17), (25, 25)])
+def test_ridge_equals_primal_closed_form(backend, S, D):
+    X, y, _, _ = make(3, S, 5, D, seed=S * D)
+    W, b = meta.fit_ridge(X, y, lam=50.0, n_way=5, backend=backend)
+    want = np.stack([oracle.ridge(npy(X[t]), y[t].numpy(), 5, 50.0) for t in range(3)])
+    assert np.abs(npy(W) - want).max() <= 1e-10 * np.abs(want).max()
+    assert float(b.abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_gradcheck(kind, backend):
+    """torch.autograd.gradcheck in float64 with every input that takes a gradient: support,
+    query, reg, scale (reduction='none', so every task's output is checked)."""
+    X, y, Xq, yq = make(2, 4, 2, 3, Q=3, seed=7)
+    reg = torch.tensor(REG[kind], dtype=F64, requires_grad=True)
+    scale = torch.tensor(1.3, dtype=F64, requires_grad=True)
+
+    def f(X, Xq, reg, scale):
+        return run(kind, backend, X, y, Xq, yq, 2, reg, scale, 0.1)
+
+    assert torch.autograd.gradcheck(f, (X.requires_grad_(), Xq.requires_grad_(), reg, scale), eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- float32
+
+
+FP32_SHAPES = [(3, 5, 5, 17), (3, 5, 2, 640), (1, 25, 5, 64)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+@pytest.mark.parametrize("T,S,C,D", FP32_SHAPES)
+def test_float32_against_same_dtype_torch(kind, T, S, C, D):
+    """cpu in float32: loss and gradients (support, query, reg, scale) against the float64
+    result, judged by the error of backend='torch' run in float32 on the same inputs."""
+    X, y, Xq, yq = make(T, S, C, D, seed=S + C + D)
+    up = torch.linspace(0.5, 1.5, T, dtype=F64)
+
+    def grads(backend, dtype):
+        Xt, Xqt = X.to(dtype).clone().requires_grad_(), Xq.to(dtype).clone().requires_grad_()
+        reg = torch.tensor(REG[kind], dtype=dtype, requires_grad=True)
+        scale = torch.tensor(1.7, dtype=dtype, requires_grad=True)
+        loss = run(kind, backend, Xt, y, Xqt, yq, C, reg, scale, 0.1)
+        assert loss.dtype == dtype
+        (loss * up.to(dtype)).sum().backward()
+        return {"loss": loss, "d_support": Xt.grad, "d_query": Xqt.grad, "d_reg": reg.grad, "d_scale": scale.grad}
+
+    ref = grads("cpu", F64)  # validated against the oracle by the grid
+    ours, theirs = grads("cpu", torch.float32), grads("torch", torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for name, r in ref.items():
+        err = float((ours[name].double() - r).abs().max())
+        err_torch = float((theirs[name].double() - r).abs().max())
+        floor = 64 * eps * float(r.abs().max())
+        assert err <= 2 * err_torch + floor, (name, err, err_torch, floor)
+
+
+# --------------------------------------------------------------------------- label smoothing, reduction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_label_smoothing_and_reduction_none(kind, backend):
+    """reduction='none' with a non-uniform upstream gradient equals the per-task calls;
+    label smoothing ls is (1 - ls) CE + ls mean_c CE_c of the same logits (F.cross_entropy)."""
+    T, C = 3, 3
+    X, y, Xq, yq = make(T, 6, C, 5, seed=11)
+    Xt = X.clone().requires_grad_()
+    up = torch.tensor([0.2, 1.0, 3.0], dtype=F64)
+    loss = run(kind, backend, Xt, y, Xq, yq, C, REG[kind], 2.0, 0.3)
+    (loss * up).sum().backward()
+    for t in range(T):
+        Xs = X[t:t + 1].clone().requires_grad_()
+        one = run(kind, backend, Xs, y[t:t + 1], Xq[t:t + 1], yq[t:t + 1], C, REG[kind], 2.0, 0.3, "mean")
+        (up[t] * one).backward()
+        torch.testing.assert_close(loss[t], one, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(Xt.grad[t], Xs.grad[0], rtol=1e-8, atol=1e-11)
+    W, b = FIT[kind](X, y, **{REG_NAME[kind]: REG[kind]}, n_way=C, backend=backend, **SOLVER[kind])
+    logits = 2.0 * (Xq @ W.transpose(1, 2) + b[:, None])
+    want = F.cross_entropy(logits.reshape(-1, C), yq.reshape(-1), reduction="none", label_smoothing=0.3)
+    torch.testing.assert_close(loss.detach(), want.view(T, -1).mean(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(run(kind, backend, X, y, Xq, yq, C, REG[kind], 2.0, 0.3, "mean"),
+                               loss.detach().mean(), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- solver tolerance
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logreg_reaches_requested_tol(backend):
+    """fit_logreg with tol=1e-12 returns a point whose primal gradient norm is at most ~1e-12
+    (x its first value, ~1 here): float64 allows ~1e-15.  The cpu kernel stops at ~1e-8
+    (its line search compares objective values, which stop changing at |g| ~ sqrt(eps))
+    and reports that residual without reaching tol."""
+    T, S, C, D = 1, 75, 5, 17
+    X, y, _, _ = make(T, S, C, D, seed=1000 * T + 100 * S + 10 * C + D)
+    W, b = meta.fit_logreg(X, y, lam=0.5, n_way=C, tol=1e-12, max_iter=200, backend=backend)
+    Xn, Y = npy(X[0]), oracle.onehot(y[0].numpy(), C)
+    z = Xn @ npy(W[0]).T + npy(b[0])
+    P = np.exp(z - z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    gnorm = np.linalg.norm(np.hstack([(P - Y).T @ Xn / S + 0.5 * npy(W[0]), (P - Y).sum(0)[:, None] / S]))
+    assert gnorm <= 1e-11, gnorm
