@@ -319,3 +319,179 @@ def test_logreg_reaches_requested_tol(backend):
     P /= P.sum(1, keepdims=True)
     gnorm = np.linalg.norm(np.hstack([(P - Y).T @ Xn / S + 0.5 * npy(W[0]), (P - Y).sum(0)[:, None] / S]))
     assert gnorm <= 1e-11, gnorm
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def _finite_loss_and_grads(kind, backend, X, y, Xq, yq, C, reg):
+    Xt, Xqt = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    loss = run(kind, backend, Xt, y, Xqt, yq, C, reg, 1.5, 0.1)
+    loss.sum().backward()
+    for name, t in (("loss", loss), ("d_support", Xt.grad), ("d_query", Xqt.grad)):
+        assert bool(torch.isfinite(t).all()), (name, t)
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm"])
+def test_one_class_support(kind, backend):
+    """A support holding one class of C = 3: ridge and svm give the absent classes a zero
+    weight column (ridge) / the dual's solution (svm), finite loss and gradients, equal
+    to the oracle; logreg refuses it (test_bad_input)."""
+    X, _, Xq, yq = make(2, 5, 3, 4, seed=21)
+    y = torch.zeros(2, 5, dtype=torch.int64)
+    loss = _finite_loss_and_grads(kind, backend, X, y, Xq, yq, 3, REG[kind])
+    per = oracle_losses(kind, npy(X), y.numpy(), npy(Xq), yq.numpy(), 3, REG[kind], 1.5, 0.1)[0]
+    np.testing.assert_allclose(npy(loss), per, rtol=1e-9)
+    if kind == "ridge":
+        W, _ = meta.fit_ridge(X, y, lam=REG[kind], n_way=3, backend=backend)
+        assert float(W[:, 1:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_single_class_head(kind, backend):
+    """n_way = 1: every logit row has one entry, the cross-entropy is 0, so is every gradient."""
+    X, y, Xq, yq = make(2, 3, 1, 4, seed=22)
+    loss = _finite_loss_and_grads(kind, backend, X, y, Xq, yq, 1, REG[kind])
+    assert float(loss.abs().max()) <= 1e-15  # log(exp(z - z)) rounding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_duplicated_support_rows(kind, backend):
+    """Every support row twice (K singular; lam > 0 and the SVM's dual_reg keep each
+    problem strictly convex): the oracle's solution, finite gradients."""
+    X, y, Xq, yq = make(2, 4, 2, 3, seed=23)
+    X, y = torch.cat([X, X], 1), torch.cat([y, y], 1)
+    loss = _finite_loss_and_grads(kind, backend, X, y, Xq, yq, 2, REG[kind])
+    per = oracle_losses(kind, npy(X), y.numpy(), npy(Xq), yq.numpy(), 2, REG[kind], 1.5, 0.1)[0]
+    np.testing.assert_allclose(npy(loss), per, rtol=SOLUTION_RTOL.get((kind, backend), 1e-9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,D", [(4, 17), (17, 4)])
+def test_ridge_small_lam(backend, S, D):
+    """lam = 1e-8: one of the two forms is ill-conditioned, cond ~ |X|^2 / lam ~ 1e9: with
+    S < D the oracle's primal X^T X + lam I (rank S), with S > D our Gram K + lam I (rank
+    D); W itself is well defined (the minimum-norm least-squares limit), so the two agree
+    to ~cond * eps ~ 1e-7 relative (measured 7e-8); finite loss and gradients."""
+    X, y, Xq, yq = make(2, S, 3, D, seed=24)
+    _finite_loss_and_grads("ridge", backend, X, y, Xq, yq, 3, 1e-8)
+    W, _ = meta.fit_ridge(X, y, lam=1e-8, n_way=3, backend=backend)
+    want = np.stack([oracle.ridge(npy(X[t]), y[t].numpy(), 3, 1e-8) for t in range(2)])
+    assert np.abs(npy(W) - want).max() <= 1e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logreg_small_lam_separable(backend):
+    """lam = 1e-8 on a separable support: |W| grows like log(1 / lam); the solver stops at
+    max_iter or its tolerance, and loss and gradients stay finite."""
+    X, y, Xq, yq = make(2, 6, 2, 8, seed=25)
+    _finite_loss_and_grads("logreg", backend, X, y, Xq, yq, 2, 1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_svm_large_C(backend):
+    """C = 1e4: the upper bounds of the label coordinates never bind (only the A_ic <= 0
+    ones can); the oracle's solution and finite gradients.  The svm stopping rule is
+    residual <= tol (1 + C max K_ii), so with C = 1e4 tol 1e-12 stops at ~1e-7 absolute
+    (loss off by 1.5e-8 relative, measured on cpu) although A stays O(1): tol=1e-16 here."""
+    X, y, Xq, yq = make(2, 6, 3, 5, seed=26)
+    loss = _finite_loss_and_grads("svm", backend, X, y, Xq, yq, 3, 1e4)
+    per = oracle_losses("svm", npy(X), y.numpy(), npy(Xq), yq.numpy(), 3, 1e4, 1.5, 0.1)[0]
+    np.testing.assert_allclose(npy(loss), per, rtol=1e-6)
+    tight = run("svm", backend, X, y, Xq, yq, 3, 1e4, 1.5, 0.1, tol=1e-16)
+    np.testing.assert_allclose(npy(tight), per, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_one_example_one_feature(kind, backend):
+    """S = 1 (ridge, svm: two classes, one absent) and D = 1."""
+    C = 1 if kind == "logreg" else 2
+    X, y, Xq, yq = make(2, 1, C, 1, seed=27)
+    _finite_loss_and_grads(kind, backend, X, y, Xq, yq, C, REG[kind])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_is_nan_not_a_crash(backend):
+    """A NaN in one task's support: that task's loss is NaN (propagated), the others' not."""
+    X, y, Xq, yq = make(2, 4, 2, 3, seed=28)
+    X[0, 1, 2] = float("nan")
+    loss = run("ridge", backend, X, y, Xq, yq, 2, 1.0)
+    assert math.isnan(float(loss[0])) and math.isfinite(float(loss[1]))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    X, y, Xq, yq = make(2, 4, 2, 3, seed=30)
+    ok = dict(support=X, support_labels=y, query=Xq, query_labels=yq)
+
+    def call(kind="ridge", fn=None, **over):
+        args = {**ok, **{k: v for k, v in over.items() if k in ok}}
+        kw = {k: v for k, v in over.items() if k not in ok}
+        return lambda: (fn or LOSS[kind])(args["support"], args["support_labels"], args["query"],
+                                          args["query_labels"], **kw)
+
+    yl = y.clone()
+    yl[0, 0] = 2
+    yn = y.clone()
+    yn[1, 1] = -1
+    return [
+        ("label_too_large", call(support_labels=yl, n_way=2), ValueError, "support_labels"),
+        ("negative_label", call(support_labels=yn), ValueError, "support_labels"),
+        ("query_label_too_large", call(query_labels=yq + 5, n_way=2), ValueError, "query_labels"),
+        ("lam_zero", call(lam=0.0), ValueError, "lam"),
+        ("lam_negative", call(lam=-1.0), ValueError, "lam"),
+        ("lam_nan", call(lam=float("nan")), ValueError, "lam"),
+        ("lam_inf", call(lam=float("inf")), ValueError, "lam"),
+        ("lam_tensor_nan", call("logreg", lam=torch.tensor(float("nan"))), ValueError, "lam"),
+        ("C_zero", call("svm", C=0.0), ValueError, "C"),
+        ("C_negative", call("svm", C=-0.1), ValueError, "C"),
+        ("scale_zero", call(scale=0.0), ValueError, "scale"),
+        ("T_mismatch", call(query=Xq[:1], query_labels=yq[:1]), ValueError, "query"),
+        ("D_mismatch", call(query=torch.randn(2, 5, 4, dtype=F64), query_labels=yq), ValueError, "query"),
+        ("label_shape", call(support_labels=y[:, :3]), ValueError, "support_labels"),
+        ("query_label_shape", call(query_labels=yq.flatten()), ValueError, "query_labels"),
+        ("float_labels", call(support_labels=y.double()), TypeError, "support_labels"),
+        ("int_support", call(support=X.long()), TypeError, "support"),
+        ("support_rank", call(support=X[0]), ValueError, "support"),
+        ("query_dtype", call(query=Xq.float()), TypeError, "query"),
+        ("tol_zero", call("svm", tol=0.0), ValueError, "tol"),
+        ("tol_one", call("logreg", tol=1.0), ValueError, "tol"),
+        ("max_iter_zero", call("svm", max_iter=0), ValueError, "max_iter"),
+        ("max_iter_float", call("logreg", max_iter=2.5), ValueError, "max_iter"),
+        ("label_smoothing_neg", call(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        ("label_smoothing_big", call(label_smoothing=1.5), ValueError, "label_smoothing"),
+        ("dual_reg_zero", call("svm", dual_reg=0.0), ValueError, "dual_reg"),
+        ("dual_reg_inf", call("svm", dual_reg=float("inf")), ValueError, "dual_reg"),
+        ("dual_reg_str", call("svm", dual_reg="1"), TypeError, "dual_reg"),
+        ("reduction", call(reduction="sum"), ValueError, "reduction"),
+        ("n_way_zero", call(n_way=0), ValueError, "n_way"),
+        ("logreg_missing_class", call("logreg", n_way=3), ValueError, "support_labels"),
+        ("fit_lam_zero", lambda: meta.fit_ridge(X, y, lam=0.0), ValueError, "lam"),
+        ("fit_svm_C_nan", lambda: meta.fit_svm(X, y, C=float("nan")), ValueError, "C"),
+        ("fit_logreg_missing_class", lambda: meta.fit_logreg(X, y, n_way=3), ValueError, "support_labels"),
+        ("head_kind", lambda: meta.ConvexHead("lasso", 5), ValueError, "kind"),
+        ("head_svm_lam", lambda: meta.ConvexHead("svm", 5, lam=1.0), ValueError, "lam"),
+        ("head_svm_learn_lam", lambda: meta.ConvexHead("svm", 5, learn_lam=True), ValueError, "learn_lam"),
+        ("head_ridge_C", lambda: meta.ConvexHead("ridge", 5, C=1.0), ValueError, "C"),
+        ("head_n_way", lambda: meta.ConvexHead("ridge", 0), ValueError, "n_way"),
+        ("head_scale_param", lambda: meta.ConvexHead("ridge", 5, scale_param=1.0), TypeError, "scale_param"),
+        ("head_lam_neg", lambda: meta.ConvexHead("logreg", 5, lam=-1.0), ValueError, "lam"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(case, backend, monkeypatch):
+    """Refused before any backend runs, with the argument's name in the message (the
+    backend is METASSL_FAST_BACKEND so every case goes through both resolutions)."""
+    monkeypatch.setenv("METASSL_FAST_BACKEND", backend)
+    _, fn, exc, name = case
+    with pytest.raises(exc, match=name):
+        fn()
