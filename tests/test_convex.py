@@ -495,3 +495,112 @@ def test_bad_input(case, backend, monkeypatch):
     _, fn, exc, name = case
     with pytest.raises(exc, match=name):
         fn()
+
+
+# --------------------------------------------------------------------------- raw ops, compile, torch.func
+
+
+def _op_args(kind, dtype=F64):
+    X, y, Xq, yq = make(2, 5, 3, 4, seed=40, dtype=dtype)
+    reg, scale = torch.tensor(REG[kind], dtype=dtype), torch.tensor(1.5, dtype=dtype)
+    return X, y, Xq, yq, reg, scale
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_opcheck(kind):
+    X, y, Xq, yq, reg, scale = _op_args(kind)
+    fwd = (X.requires_grad_(), y, Xq.requires_grad_(), yq, reg.requires_grad_(), scale.requires_grad_(), kind, 3,
+           0.1, 1.0, 1e-10, 1000, "cpu")
+    torch.library.opcheck(torch.ops.metassl_fast.convex_fwd.default, fwd)
+    with torch.no_grad():
+        _, _, A, b, W, fac, logits, _ = torch.ops.metassl_fast.convex_fwd(*fwd)
+    grad = torch.linspace(0.5, 1.5, 2, dtype=F64)
+    torch.library.opcheck(torch.ops.metassl_fast.convex_bwd.default,
+                          (grad, X.detach(), y, Xq.detach(), yq, reg.detach(), scale.detach(), A, b, W, fac, logits,
+                           kind, 3, 0.1, 1.0, "cpu"))
+    torch.library.opcheck(torch.ops.metassl_fast.convex_fit.default,
+                          (X.detach(), y, reg.detach(), kind, 3, 1.0, 1e-10, 1000, "cpu"))
+
+
+@needs_cpu
+def test_torch_compile_fullgraph():
+    """One compiled graph with the three losses (one compilation), forward and gradients
+    equal to eager."""
+    X, y, Xq, yq = make(2, 6, 3, 5, seed=41)
+    kw = dict(n_way=3, backend="cpu", scale=1.5, label_smoothing=0.1)
+
+    def f(X, Xq):
+        return (meta.ridge_loss(X, y, Xq, yq, lam=1.0, **kw), meta.svm_loss(X, y, Xq, yq, C=1.0, **kw),
+                meta.logreg_loss(X, y, Xq, yq, lam=0.5, **kw))
+
+    Xe, Xqe = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    Xc, Xqc = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    eager = f(Xe, Xqe)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(Xc, Xqc)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-12, atol=0)
+    sum(eager).backward()
+    sum(compiled).backward()
+    torch.testing.assert_close(Xc.grad, Xe.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(Xqc.grad, Xqe.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_svm(backend):
+    """torch.func.grad of svm_loss w.r.t. support, query and C equals autograd."""
+    X, y, Xq, yq = make(2, 5, 3, 4, seed=42)
+    C = torch.tensor(1.0, dtype=F64)
+
+    def f(X, Xq, C):
+        return run("svm", backend, X, y, Xq, yq, 3, C, 1.5, 0.1, "mean")
+
+    got = torch.func.grad(f, argnums=(0, 1, 2))(X, Xq, C)
+    leaves = [t.clone().requires_grad_() for t in (X, Xq, C)]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- ConvexHead
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ridge", "svm", "logreg"])
+def test_convex_head(kind, backend):
+    """The head's loss is the functional loss with its scale and reg; the learnable scale
+    gets the functional d scale; the accuracy is that of the fitted heads' argmax."""
+    X, y, Xq, yq = make(2, 6, 3, 5, seed=43)
+    reg = REG[kind]  # 1.0 / 0.5: exact in the head's float32 Parameter before .double()
+    head = meta.ConvexHead(kind, 3, **{REG_NAME[kind]: reg}, scale=1.5, label_smoothing=0.1, backend=backend,
+                           **SOLVER[kind]).double()
+    loss, acc = head(X, y, Xq, yq)
+    scale = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    want = run(kind, backend, X, y, Xq, yq, 3, reg, scale, 0.1, "mean")
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(head.scale.grad, scale.grad, rtol=1e-10, atol=1e-14)
+    assert head.reg.grad is None
+    W, b = FIT[kind](X, y, **{REG_NAME[kind]: reg}, n_way=3, backend=backend, **SOLVER[kind])
+    pred = (Xq @ W.transpose(1, 2) + b[:, None]).argmax(-1)
+    assert float(acc) == pytest.approx(float((pred == yq).double().mean()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_convex_head_scale_param_and_learn_lam(backend):
+    """scale_param: two heads share one Parameter, whose gradient is the sum of both
+    losses'; learn_lam: the reg Parameter gets the functional d lam."""
+    X, y, Xq, yq = make(2, 6, 3, 5, seed=44)
+    shared = torch.nn.Parameter(torch.tensor(2.0, dtype=F64))
+    ridge = meta.ConvexHead("ridge", 3, lam=1.0, scale_param=shared, learn_lam=True, backend=backend).double()
+    logreg = meta.ConvexHead("logreg", 3, lam=0.5, scale_param=shared, backend=backend, **SOLVER["logreg"]).double()
+    assert ridge.scale is shared and logreg.scale is shared
+    (ridge(X, y, Xq, yq)[0] + logreg(X, y, Xq, yq)[0]).backward()
+    s1, s2 = (torch.tensor(2.0, dtype=F64, requires_grad=True) for _ in range(2))
+    lam = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    (run("ridge", backend, X, y, Xq, yq, 3, lam, s1, reduction="mean")
+     + run("logreg", backend, X, y, Xq, yq, 3, 0.5, s2, reduction="mean")).backward()
+    torch.testing.assert_close(shared.grad, s1.grad + s2.grad, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(ridge.reg.grad, lam.grad, rtol=1e-10, atol=1e-14)
+    assert logreg.reg.grad is None
