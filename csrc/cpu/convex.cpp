@@ -502,7 +502,9 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
       }
       for (int64_t c = 0; c < C; ++c) b2[c] = b[c] + t * xb[c];
       const double f2 = logreg_objective(A2.data(), KA2.data(), b2.data(), y, Z2.data(), P2.data(), S, C, lam);
-      if (f2 <= f + 1e-4 * t * slope) {
+      // Armijo, with the objective's rounding allowed: near the optimum a Newton step changes f
+      // by ~|g|^2, below float64's resolution of f, and would otherwise be refused (|g| stalls ~1e-8)
+      if (f2 <= f + 1e-4 * t * slope + 8 * std::numeric_limits<double>::epsilon() * std::fabs(f)) {
         accepted = true;
         f = f2;
         break;
