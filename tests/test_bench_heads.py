@@ -57,7 +57,7 @@ def test_quick_run_rows_and_properties(tmp_path):
             assert "peak_mb" in r, key
     svm = by[("svm_loss", "ours", D, shot)]
     # the dual our solver returned satisfies the KKT conditions to its tolerance's order
-    assert svm["kkt_residual"] is not None and 0 <= svm["kkt_rel"] < 1e-4, svm
+    assert svm["kkt_residual"] is not None and 0 <= svm["kkt_solver"] <= 1e-6, svm
     assert svm["max_rel_err"] < 1e-3  # float32 gradient against the converged float64 one
     if HAS_QPTH:
         assert by[("svm_loss", "qpth-3", D, shot)]["max_rel_err"] > svm["max_rel_err"]

@@ -111,21 +111,16 @@ void chol_solve(const double* L, int64_t n, double* B, int64_t m) {
   }
 }
 
-// out (n x m) = K (n x n, symmetric) V (n x m), as rows of axpys (vectorisable).
+// out (n x m) = K (n x n, symmetric) V (n x m): V transposed first (m is the class count,
+// too short a loop to vectorise), then n m dot products of length n.
 void symm_mul(const double* K, const double* V, double* out, int64_t n, int64_t m) {
-  std::fill(out, out + n * m, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    double* o = out + i * m;
-    const double* k = K + i * n;
-    for (int64_t j = 0; j < n; ++j) {
-      const double kij = k[j];
-      const double* v = V + j * m;
-      for (int64_t c = 0; c < m; ++c) o[c] += kij * v[c];
-    }
-  }
+  thread_local dvec vt;
+  vt.resize(static_cast<size_t>(n * m));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < m; ++c) vt[c * n + j] = V[j * m + c];
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < m; ++c) out[i * m + c] = dot(K + i * n, vt.data() + c * n, n);
 }
-
-
 
 // Row-wise softmax of Z (n x m) into P.
 void softmax(const double* Z, double* P, int64_t n, int64_t m) {
@@ -200,11 +195,10 @@ double svm_solve(const double* K, const int64_t* y, double* A, int64_t S, int64_
       na(static_cast<size_t>(C)), delta(static_cast<size_t>(C));
   std::vector<int64_t> order;
   std::fill(A, A + S * C, 0.0);
-  double kmax = 0;
-  for (int64_t i = 0; i < S; ++i) kmax = std::max(kmax, K[i * S + i]);
-  const double scale0 = 1 + Cbox * kmax;
+  // tol is absolute: the dual gradient's linear term is the one-hot labels, so its scale is 1
+  // whatever the features' (a tolerance relative to C max K_ii let the gradient error grow with D)
   double res = svm_residual(G.data(), A, y, S, C, Cbox, r);
-  for (int64_t sweep = 0; sweep < max_iter && res > tol * scale0; ++sweep) {
+  for (int64_t sweep = 0; sweep < max_iter && res > tol; ++sweep) {
     for (int64_t i = 0; i < S; ++i) {
       const double Aii = std::max(K[i * S + i] + r, kTiny);
       double* ai = A + i * C;
@@ -231,7 +225,7 @@ double svm_solve(const double* K, const int64_t* y, double* A, int64_t S, int64_
     }
     res = svm_residual(G.data(), A, y, S, C, Cbox, r);
   }
-  return res / scale0;
+  return res;
 }
 
 // Scratch of svm_adjoint, kept across a thread's tasks.
@@ -458,8 +452,29 @@ double logreg_objective(const double* A, const double* KA, const double* b, cons
   return ce / static_cast<double>(S) + 0.5 * lam * dot(A, KA, S * C);
 }
 
-double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int64_t S, int64_t C, double lam,
-                    double tol, int64_t max_iter) {
+// |X^T G|^2 in float64 from the support rows themselves: the primal gradient's squared norm
+// without the cancellation of <G, K G>, which floors at ~eps |G|^2 when K is singular (the
+// coordinates G then carry components in K's null space that the primal never sees).
+template <typename T>
+double primal_sq(const T* X, const double* G, int64_t S, int64_t D, int64_t C, dvec& w) {
+  w.assign(static_cast<size_t>(C * D), 0.0);
+  for (int64_t i = 0; i < S; ++i) {
+    const T* x = X + i * D;
+    for (int64_t c = 0; c < C; ++c) {
+      const double g = G[i * C + c];
+      double* wc = w.data() + c * D;
+      for (int64_t d = 0; d < D; ++d) wc[d] += g * static_cast<double>(x[d]);
+    }
+  }
+  return dot(w.data(), w.data(), C * D);
+}
+
+// Newton in coordinates A (W = X^T A); stops when |gradient| <= tol |first gradient|, the
+// norm in K's metric, and below 1e-6 of it (where that metric's rounding can matter) the
+// primal norm from X itself.
+template <typename T>
+double logreg_solve(const double* K, const T* X, int64_t D, const int64_t* y, double* A, double* b, int64_t S,
+                    int64_t C, double lam, double tol, int64_t max_iter) {
   const int64_t n = S * C;
   const double inv_s = 1.0 / static_cast<double>(S);
   dvec KA(static_cast<size_t>(n), 0.0), Z(static_cast<size_t>(n)), P(static_cast<size_t>(n)),
@@ -468,6 +483,8 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
       A2(static_cast<size_t>(n)), KA2(static_cast<size_t>(n)), b2(static_cast<size_t>(C)),
       Z2(static_cast<size_t>(n)), P2(static_cast<size_t>(n)), mgA(static_cast<size_t>(n)),
       mgb(static_cast<size_t>(C));
+  dvec wscratch;
+  bool canonical = false;
   std::fill(A, A + n, 0.0);
   std::fill(b, b + C, 0.0);
   LogregSystem sys{K, P.data(), S, C, lam, {}, {}, {}, {}};
@@ -485,6 +502,21 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
     const double gn = std::sqrt(std::max(0.0, dot(GA.data(), KGA.data(), n) + dot(gb.data(), gb.data(), C)));
     if (it == 0) g0 = std::max(gn, kTiny);
     rel = gn / g0;
+    if (rel <= std::max(tol, 1e-6) && !canonical) {
+      // Once near the optimum, re-express W by the representer the optimality condition gives,
+      // A = (Y - P) / (lam S) (W moves by -X^T G_A / lam, of the size of the gradient): the
+      // coordinates' null-space components, invisible to the primal, leave G_A, and the K-metric
+      // computations after it resolve the gradient to ~eps instead of ~sqrt(eps).
+      canonical = true;
+      for (int64_t i = 0; i < S; ++i)
+        for (int64_t c = 0; c < C; ++c) A[i * C + c] = ((c == y[i] ? 1.0 : 0.0) - P[i * C + c]) * inv_s / lam;
+      symm_mul(K, A, KA.data(), S, C);
+      f = logreg_objective(A, KA.data(), b, y, Z.data(), P.data(), S, C, lam);
+      sys.P = P.data();
+      continue;
+    }
+    if (rel <= std::max(tol, 1e-6))
+      rel = std::sqrt(primal_sq(X, GA.data(), S, D, C, wscratch) + dot(gb.data(), gb.data(), C)) / g0;
     if (rel <= tol || it >= max_iter) break;
     for (int64_t j = 0; j < n; ++j) mgA[j] = -GA[j];
     for (int64_t c = 0; c < C; ++c) mgb[c] = -gb[c];
@@ -512,10 +544,11 @@ double logreg_solve(const double* K, const int64_t* y, double* A, double* b, int
     }
     if (!accepted) break;
     std::copy(A2.begin(), A2.end(), A);
-    KA.swap(KA2);
     std::copy(b2.begin(), b2.end(), b);
-    Z.swap(Z2);
-    P.swap(P2);
+    // K A afresh, not by the step's recurrence: where K is singular the carried K x drifts
+    // from K times the x that is kept, and the objective and residual would judge another point
+    symm_mul(K, A, KA.data(), S, C);
+    f = logreg_objective(A, KA.data(), b, y, Z.data(), P.data(), S, C, lam);
     sys.P = P.data();
   }
   const double mean_b = std::accumulate(b, b + C, 0.0) / static_cast<double>(C);
@@ -559,7 +592,7 @@ void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const in
   } else if (a.kind == 1) {
     res = svm_solve(K, yt, At, S, C, a.reg, a.dual_reg, a.tol, a.max_iter);
   } else {
-    res = logreg_solve(K, yt, At, bt, S, C, a.reg, a.tol, a.max_iter);
+    res = logreg_solve(K, Xt, D, yt, At, bt, S, C, a.reg, a.tol, a.max_iter);
   }
   residual[t] = res;
   s.AT.resize(static_cast<size_t>(S * C));
@@ -676,6 +709,7 @@ void backward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const i
     }
     sys.solve(JA.data(), rhsb.data(), U2.data(), xb.data(), Kx.data(), 1e-12 * std::max(rn, kTiny),
               4 * (n + C) + 10);
+    symm_mul(K, U2.data(), Kx.data(), S, C);  // K a afresh (see logreg_solve)
     for (int64_t i = 0; i < S; ++i)
       for (int64_t c = 0; c < C; ++c) tt[i * C + c] = Abar[i * C + c] / lam + Kx[i * C + c] + xb[c];
     softmax_jvp(P.data(), tt.data(), E.data(), S, C, -inv_s);  // E = -M

@@ -35,8 +35,9 @@ struct ConvexArgs {
 };
 
 // Per task: A (T, S, C), b (T, C), W (T, C, D), fac (T, S, S): the Cholesky factor of
-// K + reg I (ridge) or K; residual (T): the solver's final relative residual (svm: KKT
-// residual / (1 + reg max K_ii); logreg: |gradient| / |first gradient|; ridge 0).
+// K + reg I (ridge) or K; residual (T): the solver's final residual (svm: the KKT
+// residual max_i [max_c g_ic - min over free c of g_ic], g = K A + r A - Y; logreg:
+// |gradient| / |first gradient|; ridge 0).
 // With Xq (non-null): logits (T, Q, C) = Xq W^T + b (before the scale), loss (T), correct (T).
 template <typename T>
 void convex_forward(const T* X, const int64_t* y, const T* Xq, const int64_t* yq, double* A, double* b, T* W,

@@ -52,7 +52,7 @@ QUICK = dict(T=2, Ds=(24,), shots=(2,), q=3, episodes=12, logreg_D=24,
              repeats={"svm": 2, "ridge": 2, "logreg": 2}, qpth_iters=(3,), compile=False)
 
 CSV_FIELDS = c.CSV_FIELDS + ["backend", "shot", "S", "Q", "C", "episodes", "episodes_per_s", "accuracy",
-                             "kkt_residual", "kkt_rel", "compile_s", "note"]
+                             "kkt_residual", "kkt_solver", "compile_s", "note"]
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -197,7 +197,7 @@ def _grad_support(loss_fn, xs, ys, xq, yq):
 
 def _svm_kkt(xs, ys, backend):
     """(max over tasks of the KKT residual of the dual our solver returns, recomputed in float64
-    from its A; the same over (1 + C max_i K_ii), the scale of the solver's tolerance)."""
+    from its A; the residual the solver itself reports, which it drives below its absolute tol)."""
     if backend != "cpu":
         return None, None
     from metassl_fast.ops import convex as op
@@ -211,8 +211,7 @@ def _svm_kkt(xs, ys, backend):
     X = xs.double()
     K = X @ X.transpose(1, 2)
     r = svm_kkt_residual(K, A, F.one_hot(ys, N_WAY).double(), SVM_C, 1.0)
-    scale = 1 + SVM_C * K.diagonal(dim1=1, dim2=2).amax(-1)
-    return float(r.max()), float((r / scale).max())
+    return float(r.max()), float(out[7].max())
 
 
 def _svm_case(cfg, D, shot, mode, backend):
@@ -242,7 +241,7 @@ def _svm_case(cfg, D, shot, mode, backend):
         for k, f in run.items():
             g, warn = _grad_support(f, *data)
             res[k].update(t[k], max_rel_err=c.max_rel_err([g], [g_ref]), note=warn)
-        res["ours"]["kkt_residual"], res["ours"]["kkt_rel"] = _svm_kkt(data[0], data[1], backend)
+        res["ours"]["kkt_residual"], res["ours"]["kkt_solver"] = _svm_kkt(data[0], data[1], backend)
     else:
         for k, f in run.items():
             step = _loss_step(f, *data)
@@ -412,7 +411,7 @@ def run(out_dir="bench/out", quick=False, backend="cpu", threads=None, stream=sy
                          "backend": backend if impl == "ours" else None, "shot": r["shot"],
                          "S": N_WAY * r["shot"], "Q": N_WAY * cfg["q"], "C": N_WAY,
                          "episodes": T if r["head"] == "logreg" else None,
-                         **{k: m.get(k) for k in ("episodes_per_s", "accuracy", "kkt_residual", "kkt_rel",
+                         **{k: m.get(k) for k in ("episodes_per_s", "accuracy", "kkt_residual", "kkt_solver",
                                                   "compile_s", "note")}})
     table = format_table(flat, record, backend, cfg["q"])
     print(table, file=stream)
@@ -438,7 +437,7 @@ def format_table(flat, meta_, backend, q):
         ratio = f"{ms / ours['median_ms']:.1f}x" if ms and ours["median_ms"] and r["impl"] != "ours" else "-"
         other = []
         if r["kkt_residual"] is not None:
-            other.append(f"KKT residual {r['kkt_residual']:.1e} ({r['kkt_rel']:.1e} of 1 + C max K_ii)")
+            other.append(f"KKT residual {r['kkt_residual']:.1e} (solver: {r['kkt_solver']:.1e}, tol 1e-6)")
         if r["accuracy"] is not None:
             other.append(f"{r['episodes_per_s']:.0f} episodes/s, accuracy {r['accuracy']:.2f}%")
         if r["compile_s"] is not None:

@@ -131,8 +131,8 @@ def svm_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_label
     A_ic <= C Y_ic and sum_c A_ic = 0 (K = X X^T; dual_reg = 1 is the identity MetaOptNet
     adds to the quadratic term, which makes the solution unique), solved by exact block
     coordinate descent until its KKT residual (max_i [max_c g_ic - min over free c of
-    g_ic], g the dual gradient) is at most tol (1 + C max_i K_ii) or max_iter sweeps
-    (defaults: tol 1e-6, 1000 sweeps); W_t = X^T A.  The gradient into support, query,
+    g_ic], g = K A + dual_reg A - Y the dual gradient, whose label term is of size 1) is at
+    most tol or max_iter sweeps have run (defaults: tol 1e-6, 1000 sweeps); W_t = X^T A.  The gradient into support, query,
     C and scale is the implicit one: a linear solve of the KKT system on the active set
     at the solution found."""
     return _head_loss("svm", support, support_labels, query, query_labels, "C", C, scale, label_smoothing, n_way,
