@@ -469,9 +469,8 @@ double primal_sq(const T* X, const double* G, int64_t S, int64_t D, int64_t C, d
   return dot(w.data(), w.data(), C * D);
 }
 
-// Newton in coordinates A (W = X^T A); stops when |gradient| <= tol |first gradient|, the
-// norm in K's metric, and below 1e-6 of it (where that metric's rounding can matter) the
-// primal norm from X itself.
+// Newton in coordinates A (W = X^T A); stops when |gradient| <= tol |first gradient| both in
+// K's metric and in the primal, from X itself (that metric's rounding can hide ~sqrt(eps)).
 template <typename T>
 double logreg_solve(const double* K, const T* X, int64_t D, const int64_t* y, double* A, double* b, int64_t S,
                     int64_t C, double lam, double tol, int64_t max_iter) {
@@ -515,8 +514,8 @@ double logreg_solve(const double* K, const T* X, int64_t D, const int64_t* y, do
       sys.P = P.data();
       continue;
     }
-    if (rel <= std::max(tol, 1e-6))
-      rel = std::sqrt(primal_sq(X, GA.data(), S, D, C, wscratch) + dot(gb.data(), gb.data(), C)) / g0;
+    if (rel <= tol)  // converged in K's metric: confirm in the primal (one S C D product)
+      rel = std::max(rel, std::sqrt(primal_sq(X, GA.data(), S, D, C, wscratch) + dot(gb.data(), gb.data(), C)) / g0);
     if (rel <= tol || it >= max_iter) break;
     for (int64_t j = 0; j < n; ++j) mgA[j] = -GA[j];
     for (int64_t c = 0; c < C; ++c) mgb[c] = -gb[c];
