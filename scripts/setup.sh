@@ -23,8 +23,9 @@ fi
 echo "setup: building and installing metassl_fast into .venv" >&2
 "$VPY" -m pip install -q ".[test,bench]"
 # The original losses the compat drop-ins are tested against (tests/originals.py),
-# and higher (a meta-learning baseline of the inner-loop benchmark and tests).
+# higher (a meta-learning baseline of the inner-loop benchmark and tests) and qpth (MetaOptNet's
+# SVM solver, the baseline of the heads benchmark; it imports cvxpy, which benchmarks/heads.py stubs).
 # --no-deps: each of them would otherwise pull a torch (and torchvision) of its own.
 echo "setup: installing the original packages for the parity tests" >&2
 "$VPY" -m pip install -q --no-deps pytorch-metric-learning==2.9.0 info-nce-pytorch==0.1.4 \
-  lightly==1.6.0 open_clip_torch==3.3.0 higher==0.2.1 tqdm
+  lightly==1.6.0 open_clip_torch==3.3.0 higher==0.2.1 tqdm qpth==0.0.18
