@@ -45,5 +45,5 @@ assert "sanitize" in c.__file__, f"not the sanitized build: {c.__file__}"
 print("sanitize: using", c.__file__)
 EOF
 exec "$VPY" -m pytest -q -p no:cacheprovider tests/test_hardening.py tests/test_fuzz.py tests/test_compat.py \
-  tests/test_contrastive.py tests/test_labeled.py tests/test_siglip.py tests/test_inner_loop.py \
+  tests/test_contrastive.py tests/test_labeled.py tests/test_siglip.py tests/test_inner_loop.py tests/test_convex.py \
   -k "not triton and not cuda and not gpu and not compile" "$@"
