@@ -78,6 +78,52 @@ def test_raw_module_size_products_that_wrap_are_refused():
 
 
 @needs_c
+def test_raw_convex_module_checks_what_it_reads():
+    """_C.convex_forward / convex_backward, called directly: a short buffer, a label out of
+    [0, C), an unknown kind, a non-finite reg and sizes whose products wrap are ValueErrors."""
+    C_ = _ext.require("_C")
+    X, y, Xq, yq, _, _ = _task()
+    T, S, D = X.shape
+    Q, C = Xq.shape[1], 3
+    f64 = torch.float64
+    bufs = dict(X=X, y=y, Xq=Xq, yq=yq, A=torch.empty(T, S, C, dtype=f64), b=torch.empty(T, C, dtype=f64),
+                W=torch.empty(T, C, D), fac=torch.empty(T, S, S, dtype=f64), logits=torch.empty(T, Q, C),
+                loss=torch.empty(T), correct=torch.empty(T), residual=torch.empty(T, dtype=f64))
+
+    def call(over=None, **kw):
+        flat = {}
+        for n, t in bufs.items():
+            t = (over or {}).get(n, t)
+            flat[n], flat[n + "_numel"] = t.data_ptr(), t.numel()
+        args = dict(T=T, S=S, Q=Q, D=D, C=C, kind=1, reg=0.5, scale=1.0, label_smoothing=0.0, dual_reg=1.0, tol=1e-6,
+                    max_iter=10, nthreads=1)
+        args.update(kw)
+        C_.convex_forward(dtype=0, **flat, **args)
+
+    call()  # the valid call runs
+    with pytest.raises(ValueError, match="W holds"):
+        call({"W": torch.empty(T, C, D - 1)})
+    with pytest.raises(ValueError, match="labels"):
+        call({"y": torch.full((T, S), 3)})
+    with pytest.raises(ValueError, match="kind"):
+        call(kind=3)
+    with pytest.raises(ValueError, match="reg"):
+        call(reg=float("nan"))
+    with pytest.raises(ValueError, match="overflow"):
+        call(S=2**31, C=2**31)
+    g = torch.ones(T)
+    grads = dict(g=g, dX=torch.empty_like(X), dXq=torch.empty_like(Xq), dreg=torch.empty(T, dtype=f64),
+                 dscale=torch.empty(T, dtype=f64))
+    flat = {}
+    for n, t in {**{k: v for k, v in bufs.items() if k not in ("loss", "correct", "residual")}, **grads}.items():
+        flat[n], flat[n + "_numel"] = t.data_ptr(), t.numel()
+    flat["dX_numel"] -= 1
+    with pytest.raises(ValueError, match="dX holds"):
+        C_.convex_backward(dtype=0, **flat, T=T, S=S, Q=Q, D=D, C=C, kind=1, reg=0.5, scale=1.0, label_smoothing=0.0,
+                           dual_reg=1.0, nthreads=1)
+
+
+@needs_c
 @pytest.mark.skipif(os.environ.get("METASSL_SANITIZE") == "1",
                     reason="under ASan (scripts/sanitize.sh) a failed operator new is reported and aborts "
                            "instead of throwing std::bad_alloc, whatever allocator_may_return_null says")
@@ -171,6 +217,12 @@ def _raw_calls():
     ops = torch.ops.metassl_fast
     calls["anil_loss_train"] = (ops.anil_loss_train.default, train)
     calls["anil_apply"] = (ops.anil_apply.default, (torch.tensor(1.0), X, Xq, W.detach(), *out[3:7]))
+    reg, sc = torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
+    fwd = (X.detach(), y, Xq, yq, reg, sc, "svm", 3, 0.1, 1.0, 1e-6, 100, "cpu")
+    out = ops.convex_fwd(*fwd)  # the public entries call it without the dispatcher: recorded by hand
+    calls["convex_fwd"] = (ops.convex_fwd.default, fwd)
+    calls["convex_bwd"] = (ops.convex_bwd.default, (torch.ones(2), *fwd[:6], *out[2:7], "svm", 3, 0.1, 1.0, "cpu"))
+    calls["convex_fit"] = (ops.convex_fit.default, (X.detach(), y, reg, "logreg", 3, 1.0, 1e-6, 10, "cpu"))
     s = torch.tensor(2.0)
     calls["siglip_bwd"] = (ops.siglip_bwd.default, (torch.tensor(1.0), q.detach(), k.detach(), s, torch.tensor(-1.0),
                                                     0, True, True, True, True, "cpu"))
@@ -197,7 +249,7 @@ def test_every_registered_op_is_in_the_mixed_device_test():
 @needs_c
 @pytest.mark.parametrize("op", ["contrastive_fwd", "contrastive_bwd", "labeled_fwd", "labeled_bwd", "siglip_fwd",
                                 "siglip_bwd", "inner_loop_fwd", "inner_loop_bwd", "anil_loss_fwd", "anil_loss_bwd",
-                                "anil_loss_train", "anil_apply"])
+                                "anil_loss_train", "anil_apply", "convex_fwd", "convex_bwd", "convex_fit"])
 def test_raw_op_with_one_tensor_on_the_meta_device_is_refused(op):
     func, args = _raw()[op]
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
