@@ -133,6 +133,22 @@ def progress(i, total, label):
         sys.stderr.write("\n")
 
 
+def worker_rows(cmd, env, expected: int, total: int, done: int, label, what: str) -> list[dict]:
+    """Run a benchmark worker (a subprocess that prints one `ROW <json>` line per case) and
+    collect its rows, with progress(done + rows, total, label(row)) after each; RuntimeError
+    with the worker's stderr if it fails or returns other than `expected` rows."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rows = []
+    for line in proc.stdout:
+        if line.startswith("ROW "):
+            rows.append(json.loads(line[4:]))
+            progress(done + len(rows), total, label(rows[-1]))
+    err = proc.stderr.read()
+    if proc.wait() != 0 or len(rows) != expected:
+        raise RuntimeError(f"{what} worker failed:\n{err}")
+    return rows
+
+
 # ----------------------------------------------------------------------------- the record
 
 def cpu_name():

@@ -27,7 +27,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import types
@@ -365,17 +364,9 @@ def _run_worker(modes, quick, backend, threads, total, done):
     # torch's intra-op pool and our kernel's OpenMP, and the BLAS under numpy / scikit-learn
     env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     cmd = [sys.executable, "-m", "metassl_fast.benchmarks.heads", "--worker", ",".join(modes), "--backend", backend]
-    proc = subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    rows = []
-    for line in proc.stdout:
-        if line.startswith("ROW "):
-            rows.append(json.loads(line[4:]))
-            c.progress(done + len(rows), total, f"heads {'+'.join(modes)} {rows[-1]['head']} D={rows[-1]['D']}")
-    err = proc.stderr.read()
-    if proc.wait() != 0 or len(rows) != len(_cases(QUICK if quick else FULL)):
-        raise RuntimeError(f"heads benchmark worker ({modes}) failed:\n{err}")
-    return rows
+    return c.worker_rows(cmd + (["--quick"] if quick else []), env, len(_cases(QUICK if quick else FULL)), total,
+                         done, lambda row: f"heads {'+'.join(modes)} {row['head']} D={row['D']}",
+                         f"heads benchmark ({modes})")
 
 
 BASELINE = {"svm": "qpth-3", "ridge": "torch", "logreg": "sklearn"}

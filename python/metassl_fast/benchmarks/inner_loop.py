@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -159,17 +158,9 @@ def _run_worker(mode, total, done):
     env = c.pinned_malloc_env() if mode == "memory" else dict(os.environ)
     # the timing worker keeps glibc's default allocator: pinned, every output is a fresh
     # mmap whose page faults cost more than the kernel itself
-    proc = subprocess.Popen([sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    rows = []
-    for line in proc.stdout:
-        if line.startswith("ROW "):
-            rows.append(json.loads(line[4:]))
-            c.progress(done + len(rows), total, f"inner loop {mode} {rows[-1]['label']}")
-    err = proc.stderr.read()
-    if proc.wait() != 0 or len(rows) != len(_configs()):
-        raise RuntimeError(f"inner-loop benchmark worker ({mode}) failed:\n{err}")
-    return rows
+    return c.worker_rows([sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode], env,
+                         len(_configs()), total, done, lambda row: f"inner loop {mode} {row['label']}",
+                         f"inner-loop benchmark ({mode})")
 
 
 def run(out_dir="bench/out", stream=sys.stdout):
