@@ -395,6 +395,24 @@ msf::ConvexArgs convex_args(int64_t T, int64_t S, int64_t Q, int64_t D, int64_t 
   return a;
 }
 
+// The support block X (T, S, D), its labels in [0, C), and the solution A, b, W.
+void require_convex_heads(uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t A, int64_t A_numel,
+                          uintptr_t b, int64_t b_numel, uintptr_t W, int64_t W_numel, const msf::ConvexArgs& a) {
+  require_buffer(X, X_numel, prod(a.T, a.S, a.D), "X");
+  require_labels(y, y_numel, prod(a.T, a.S), a.C);
+  require_buffer(A, A_numel, prod(a.T, a.S, a.C), "A");
+  require_buffer(b, b_numel, prod(a.T, a.C), "b");
+  require_buffer(W, W_numel, prod(a.T, a.C, a.D), "W");
+}
+
+// The query block Xq (T, Q, D), its labels in [0, C), and the query logits (T, Q, C).
+void require_convex_queries(uintptr_t Xq, int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t logits,
+                            int64_t logits_numel, const msf::ConvexArgs& a) {
+  require_buffer(Xq, Xq_numel, prod(a.T, a.Q, a.D), "Xq");
+  require_labels(yq, yq_numel, prod(a.T, a.Q), a.C);
+  require_buffer(logits, logits_numel, prod(a.T, a.Q, a.C), "logits");
+}
+
 void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_t y_numel, uintptr_t Xq,
                     int64_t Xq_numel, uintptr_t yq, int64_t yq_numel, uintptr_t A, int64_t A_numel, uintptr_t b,
                     int64_t b_numel, uintptr_t W, int64_t W_numel, uintptr_t fac, int64_t fac_numel,
@@ -405,18 +423,12 @@ void convex_forward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64_
   require_dtype(dtype);
   const msf::ConvexArgs a = convex_args(T, S, Xq ? Q : 0, D, C, kind, reg, scale, label_smoothing, dual_reg, tol,
                                         max_iter, nthreads);
-  require_buffer(X, X_numel, prod(T, S, D), "X");
-  require_labels(y, y_numel, prod(T, S), C);
-  require_buffer(A, A_numel, prod(T, S, C), "A");
-  require_buffer(b, b_numel, prod(T, C), "b");
-  require_buffer(W, W_numel, prod(T, C, D), "W");
+  require_convex_heads(X, X_numel, y, y_numel, A, A_numel, b, b_numel, W, W_numel, a);
   require_buffer(residual, residual_numel, T, "residual");
   if (fac || Xq) require_buffer(fac, fac_numel, prod(T, S, S), "fac");
   if (Xq) {
     require(Q >= 1, "a query set needs Q >= 1");
-    require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
-    require_labels(yq, yq_numel, prod(T, Q), C);
-    require_buffer(logits, logits_numel, prod(T, Q, C), "logits");
+    require_convex_queries(Xq, Xq_numel, yq, yq_numel, logits, logits_numel, a);
     require_buffer(loss, loss_numel, T, "loss");
     require_buffer(correct, correct_numel, T, "correct");
   }
@@ -439,15 +451,9 @@ void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64
   require_dtype(dtype);
   const msf::ConvexArgs a = convex_args(T, S, Q, D, C, kind, reg, scale, label_smoothing, dual_reg, 0.5, 1, nthreads);
   require(Q >= 1, "need Q >= 1");
-  require_buffer(X, X_numel, prod(T, S, D), "X");
-  require_labels(y, y_numel, prod(T, S), C);
-  require_buffer(Xq, Xq_numel, prod(T, Q, D), "Xq");
-  require_labels(yq, yq_numel, prod(T, Q), C);
-  require_buffer(A, A_numel, prod(T, S, C), "A");
-  require_buffer(b, b_numel, prod(T, C), "b");
-  require_buffer(W, W_numel, prod(T, C, D), "W");
+  require_convex_heads(X, X_numel, y, y_numel, A, A_numel, b, b_numel, W, W_numel, a);
+  require_convex_queries(Xq, Xq_numel, yq, yq_numel, logits, logits_numel, a);
   require_buffer(fac, fac_numel, prod(T, S, S), "fac");
-  require_buffer(logits, logits_numel, prod(T, Q, C), "logits");
   require_buffer(g, g_numel, T, "g");
   require_buffer(dX, dX_numel, prod(T, S, D), "dX");
   require_buffer(dXq, dXq_numel, prod(T, Q, D), "dXq");
