@@ -374,7 +374,7 @@ void anil_apply(int dtype, uintptr_t X, int64_t X_numel, uintptr_t W0, int64_t W
 }
 
 // What both convex-head entries check: sizes, scalars, the support block and labels, the
-// saved solution (A, b, W, fac) and, with a query set, its labels and probabilities.
+// saved solution (A, b, W, fac) and, with a query set, its labels and logits.
 msf::ConvexArgs convex_args(int64_t T, int64_t S, int64_t Q, int64_t D, int64_t C, int kind, double reg,
                             double scale, double label_smoothing, double dual_reg, double tol, int64_t max_iter,
                             int nthreads) {
@@ -387,6 +387,7 @@ msf::ConvexArgs convex_args(int64_t T, int64_t S, int64_t Q, int64_t D, int64_t 
   require(nthreads >= 1, "nthreads must be >= 1");
   // per-task scratch: S x S (Gram, Schur complement), C inverses of up to S x S (svm), S x C
   prod(C, S, S);
+  prod(C, C);
   prod(S, D);
   prod(add(S, Q), C);
   msf::ConvexArgs a;

@@ -14,7 +14,9 @@
 // Wbar = Gbar^T Xq, bbar = colsum Gbar, Abar = X Wbar^T, and per head an adjoint U:
 //   ridge   U = (K + reg I)^-1 Abar;  dX = A Wbar - U W - A U^T X;  dreg = -<U, A>
 //   svm     U from the KKT system on the active set (H_FF U_F + E_F^T mu = Abar_F,
-//           E_F U_F = 0; a per-class Cholesky and an S x S Schur complement on mu);
+//           E_F U_F = 0; per class the inverse of (K + r I)_FF, from the one inverse of
+//           K + r I, and an S x S Schur complement on mu; its accuracy degrades as
+//           cond(K + r I) ~ |K| / r grows: S > D with r -> 0);
 //           dX as ridge;  dreg = sum over (i, y_i) at the bound of Abar - (K U) - mu_i
 //   logreg  (a, u_b) solves the Newton system at the solution with right-hand side
 //           (-J Abar / (reg S), bbar - colsum(J Abar) / (reg S)), J the softmax Jacobians;

@@ -134,7 +134,8 @@ def svm_loss(support: Tensor, support_labels: Tensor, query: Tensor, query_label
     g_ic], g = K A + dual_reg A - Y the dual gradient, whose label term is of size 1) is at
     most tol or max_iter sweeps have run (defaults: tol 1e-6, 1000 sweeps); W_t = X^T A.  The gradient into support, query,
     C and scale is the implicit one: a linear solve of the KKT system on the active set
-    at the solution found."""
+    at the solution found.  With S > D and dual_reg -> 0 (K + dual_reg I ill-conditioned) that
+    solve loses digits: 1e-8 relative at dual_reg = 1e-6."""
     return _head_loss("svm", support, support_labels, query, query_labels, "C", C, scale, label_smoothing, n_way,
                       reduction, backend, _dual_reg(dual_reg), tol, max_iter)[0]
 
@@ -165,7 +166,7 @@ def _fit(kind, support, support_labels, reg_name, reg, n_way, backend, dual_reg=
 
 def fit_ridge(support: Tensor, support_labels: Tensor, *, lam: float | Tensor = 50.0, n_way: int | None = None,
               backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """The ridge heads of ridge_loss, without gradient: (W (T, C, D), b (T, C), zeros);
+    """The ridge heads of ridge_loss, without gradient: (W (T, C, D), b (T, C), all zero);
     query logits = query @ W.transpose(1, 2) + b[:, None]."""
     return _fit("ridge", support, support_labels, "lam", lam, n_way, backend)
 
@@ -173,7 +174,7 @@ def fit_ridge(support: Tensor, support_labels: Tensor, *, lam: float | Tensor = 
 def fit_svm(support: Tensor, support_labels: Tensor, *, C: float | Tensor = 0.1, dual_reg: float = 1.0,
             tol: float | None = None, max_iter: int | None = None, n_way: int | None = None,
             backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """The SVM heads of svm_loss, without gradient: (W (T, C, D), b (T, C), zeros)."""
+    """The SVM heads of svm_loss, without gradient: (W (T, C, D), b (T, C), all zero)."""
     return _fit("svm", support, support_labels, "C", C, n_way, backend, _dual_reg(dual_reg), tol, max_iter)
 
 
@@ -214,15 +215,25 @@ class ConvexHead(nn.Module):
             if C is not None:
                 raise ValueError(f"kind={kind!r} takes lam, not C")
             reg, self.reg_name = ((50.0 if kind == "ridge" else 1.0) if lam is None else lam), "lam"
+        if isinstance(reg, Tensor):  # a tensor would be copied into the head's own parameter, detached
+            raise TypeError(f"{self.reg_name} must be a float (learn_lam=True makes the head's own parameter "
+                            f"learnable), got a tensor")
         _validate.positive_scalar(self.reg_name, reg, torch.device("cpu"))
+        if kind != "svm" and dual_reg != 1.0:
+            raise ValueError(f"dual_reg is the SVM dual's; kind={kind!r} takes none")
+        if kind == "ridge" and (tol is not None or max_iter is not None):
+            raise ValueError("kind='ridge' is solved in closed form: it takes no tol or max_iter")
         self.kind, self.n_way = kind, n_way
         self.label_smoothing = _smoothing(label_smoothing)
         self.dual_reg = _dual_reg(dual_reg)
         self.tol, self.max_iter = _solver_options(tol, max_iter, kind)
         self.backend = backend
         if scale_param is not None:
-            if not isinstance(scale_param, torch.Tensor):
-                raise TypeError(f"scale_param must be a tensor (an nn.Parameter), got {type(scale_param).__name__}")
+            if not isinstance(scale_param, nn.Parameter):
+                raise TypeError(f"scale_param must be an nn.Parameter (registered with the head, so that "
+                                f"parameters() and .to() see it), got {type(scale_param).__name__}")
+            if scale != 1.0 or learn_scale is not True:
+                raise ValueError("scale_param replaces scale and learn_scale: pass one or the other")
             _validate.positive_scalar("scale_param", scale_param, scale_param.device)
             self.scale = scale_param
         else:

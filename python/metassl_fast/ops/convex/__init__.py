@@ -6,7 +6,7 @@ layer (meta/convex.py) calls.
               W = A^T X (C, D), b (C); loss = mean_q CE(scale (Xq W^T + b), yq)
 
 Ops: convex_fwd (per task: loss, correct count, and what the backward needs: A, b, W,
-the Cholesky factor (ridge) or K (svm, logreg) in float64, the query probabilities,
+the Cholesky factor (ridge) or K (svm, logreg) in float64, the query logits,
 and the solver's final residual), convex_bwd (the exact gradient of sum_t g_t loss_t:
 closed form for ridge, implicit differentiation at the solution for svm and logreg)
 and convex_fit (the heads alone).  Memory O(T (S^2 + S C + C D + Q C)) beyond the
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ...reference.convex import head_loss as reference_loss, head_weights as reference_weights
-from .._common import (backend_module, backward_op, func_transforms, one_device, register_backward_op,
-                       transformable)
+from .._common import (backend_module, backward_op, func_transforms, one_device, refuse_later,
+                       register_backward_op, transformable)
 from ._shared import KIND_CODE, check_convex
 
 _WHAT = "a convex head (an implicit derivative)"
@@ -121,8 +121,15 @@ register_backward_op("metassl_fast::convex_bwd", _WHAT)
 # Eager mode without the dispatcher (its Python path costs ~0.1 ms a call here, as much as
 # the whole kernel at 5-shot): the same implementation functions; torch.compile and the
 # torch.func transforms get the op.
-_ConvexEager = transformable(_fwd_impl, _setup, lambda ctx, grad, *_u: _backward(ctx, grad, bwd=_bwd_impl),
-                             "_ConvexEager")
+def _eager_backward(ctx, grad, *_unused):
+    grads = _backward(ctx, grad, bwd=_bwd_impl)
+    # create_graph=True: the gradient is usable, differentiating it again raises (it is formed in
+    # closed form, a constant to autograd: a Hessian through it would silently miss terms)
+    dX, dXq, dreg, dscale = refuse_later(_WHAT, ctx.saved_tensors[:6], grads[0], grads[2], grads[4], grads[5])
+    return (dX, None, dXq, None, dreg, dscale) + grads[6:]
+
+
+_ConvexEager = transformable(_fwd_impl, _setup, _eager_backward, "_ConvexEager")
 
 
 def _fit_impl(support: Tensor, labels: Tensor, reg: Tensor, kind: str, n_way: int, dual_reg: float, tol: float,

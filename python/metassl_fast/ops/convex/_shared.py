@@ -10,6 +10,26 @@ from torch import Tensor
 KIND_CODE = {"ridge": 0, "svm": 1, "logreg": 2}
 
 
+def check_cpu_buffers(support: Tensor, n_way: int, query: Tensor | None = None, **saved: Tensor) -> None:
+    """What the C++ kernel reads as raw memory (it checks only element counts): every tensor
+    a contiguous CPU tensor, labels int64, and the saved solution of a backward call in the
+    dtype and shape convex_fwd gives it (A, b, factor float64; W, logits the support's dtype):
+    a strided, expanded or float32 stand-in would be read past its storage."""
+    T, S, D = support.shape
+    Q = 0 if query is None else query.shape[1]
+    f64 = torch.float64
+    want = {"A": ((T, S, n_way), f64), "b": ((T, n_way), f64), "factor": ((T, S, S), f64),
+            "W": ((T, n_way, D), support.dtype), "logits": ((T, Q, n_way), support.dtype)}
+    tensors = {"support": support, **({} if query is None else {"query": query}), **saved}
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CPU tensor for backend='cpu'")
+        if name in want and (tuple(t.shape), t.dtype) != want[name]:
+            shape, dtype = want[name]
+            raise ValueError(f"{name} must be {dtype} of shape {shape} (as convex_fwd returns it), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
 def check_convex(support: Tensor, labels: Tensor, query: Tensor | None, query_labels: Tensor | None, kind: str,
                  n_way: int, reg: Tensor, scale: Tensor, label_smoothing: float, dual_reg: float, tol: float,
                  max_iter: int, **saved: Tensor) -> None:
@@ -42,6 +62,9 @@ def check_convex(support: Tensor, labels: Tensor, query: Tensor | None, query_la
     for name, t in saved.items():
         if t.device != support.device:
             raise ValueError(f"{name} is on {t.device} but support is on {support.device}")
+    grad = saved.get("grad")
+    if grad is not None and grad.shape not in ((), (T,)):
+        raise ValueError(f"grad must be 0-dim or ({T},), got {tuple(grad.shape)}")
     if not torch.compiler.is_compiling():
         for name, t in (("reg", reg), ("scale", scale)):
             v = float(t)

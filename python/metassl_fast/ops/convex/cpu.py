@@ -6,7 +6,7 @@ import torch
 
 from ... import _ext
 from .._common import nthreads, ptr_args
-from ._shared import KIND_CODE
+from ._shared import KIND_CODE, check_cpu_buffers
 
 
 def _sizes(support, n_way, query=None):
@@ -17,6 +17,8 @@ def _sizes(support, n_way, query=None):
 def _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol,
                  max_iter):
     C_ext = _ext.require("_C")
+    check_cpu_buffers(support, n_way, query, labels=labels,
+                      **({} if query is None else {"query_labels": query_labels}))
     T, S, D = support.shape
     f64 = torch.float64
     A = support.new_empty(T, S, n_way, dtype=f64)
@@ -57,6 +59,8 @@ def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, fa
              label_smoothing, dual_reg):
     """-> (d support, d query, d reg (), d scale ()) of sum_t grad_t loss_t."""
     C_ext = _ext.require("_C")
+    check_cpu_buffers(support, n_way, query, labels=labels, query_labels=query_labels, A=A, b=b, W=W, factor=factor,
+                      logits=logits)
     T = support.shape[0]
     g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()
     dX, dXq = torch.empty_like(support), torch.empty_like(query)
