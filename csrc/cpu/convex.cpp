@@ -561,7 +561,7 @@ double logreg_solve(const double* K, const T* X, int64_t D, const int64_t* y, do
 
 template <typename T>
 struct Scratch {
-  std::vector<T> KT, AT, Z, bT, Wbar, Abar, P1, E, WF;
+  std::vector<T> KT, AT, bT, Wbar, WF;
   dvec Kd;
   SvmScratch svm;
 };
@@ -598,16 +598,14 @@ void forward_task(int64_t t, const T* X, const int64_t* y, const T* Xq, const in
   for (int64_t j = 0; j < S * C; ++j) s.AT[j] = static_cast<T>(At[j]);
   atx(s.AT.data(), Xt, Wt, S, D, C, T(1), false);
   if (!Xq) return;
-  s.Z.resize(static_cast<size_t>(Q * C));
   s.bT.resize(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) s.bT[c] = static_cast<T>(bt[c]);
-  xwt(Xq + t * Q * D, Wt, s.bT.data(), s.Z.data(), Q, D, C);
+  T* Zt = logits + t * Q * C;  // the backward's saved logits, formed in place
+  xwt(Xq + t * Q * D, Wt, s.bT.data(), Zt, Q, D, C);
   const double ls = a.label_smoothing;
   double total = 0, right = 0;
-  T* Zsave = logits + t * Q * C;
-  std::copy(s.Z.begin(), s.Z.end(), Zsave);
   for (int64_t q = 0; q < Q; ++q) {
-    const T* z = s.Z.data() + q * C;
+    const T* z = Zt + q * C;
     const int64_t lab = yq[t * Q + q];
     double mx = -std::numeric_limits<double>::infinity(), zsum = 0;
     int64_t arg = 0;
