@@ -29,10 +29,14 @@ T row_max(const T* row, int64_t C) {
 }
 
 // e_j = exp(row_j - m) into e (e may be row: in place); returns sum_j e_j and sets *dot = sum_j e_j row_j.
+// With rest, also *rest = sum_j e_j - 1 without the rounding of adding to 1 (the terms of
+// the entries below m, plus one per further entry equal to m), so log1p(*rest) keeps the
+// relative precision of a tiny loss whatever order the vector width sums in (m is the row's max).
 template <typename T>
-T exp_sum(const T* row, int64_t C, T m, T* e, T* dot) {
+T exp_sum(const T* row, int64_t C, T m, T* e, T* dot, T* rest = nullptr) {
   using X = Vec<T>;
-  typename X::V s = X::splat(0), d = X::splat(0);
+  typename X::V s = X::splat(0), d = X::splat(0), o = X::splat(0), ties = X::splat(0);
+  const typename X::V mv = X::splat(m), zero = X::splat(0), one = X::splat(1);
   int64_t j = 0;
   for (; j + X::W <= C; j += X::W) {
     typename X::V x = X::load(row + j);
@@ -40,16 +44,23 @@ T exp_sum(const T* row, int64_t C, T m, T* e, T* dot) {
     X::store(e + j, v);
     s += v;
     d += v * x;
+    if (rest) {
+      o += x == mv ? zero : v;
+      ties += x == mv ? one : zero;
+    }
   }
-  T out = X::hsum(s), dd = X::hsum(d);
+  T out = X::hsum(s), dd = X::hsum(d), oo = X::hsum(o), tt = X::hsum(ties);
   for (; j < C; ++j) {
     const T x = row[j];  // read before the store: e may be row itself
     T v = exp_t(x - m);
     e[j] = v;
     out += v;
     dd += v * x;
+    if (x == m) tt += 1;
+    else oo += v;
   }
   *dot = dd;
+  if (rest) *rest = tt >= 1 ? (tt - 1) + oo : out - 1;  // no entry equals m: NaN or inf rows
   return out;
 }
 

@@ -55,8 +55,9 @@ double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, T* row_loss, cons
       if (pos) pos[r] = s_pos;
       if (!a.write_grad) {  // statistics only
         T m = row_max(row, C);
-        T dot;
-        const T log_sum = std::log(exp_sum(row, C, m, e.data(), &dot));
+        T dot, rest;
+        exp_sum(row, C, m, e.data(), &dot, &rest);
+        const T log_sum = std::log1p(rest);
         lse[r] = m + log_sum;
         if (row_loss) row_loss[r] = (m - s_pos) + log_sum;  // no cancellation when the loss is tiny
         continue;
@@ -66,10 +67,11 @@ double block_rows(T* S, const RowBlockArgs& a, T* lse, T* pos, T* row_loss, cons
       if (a.compute_lse) {
         // one exp per element: e = exp(S - m), lse = m + log(sum e), G = g e / sum e
         T m = row_max(row, C);
-        T dot;
-        T sum = exp_sum(row, C, m, e.data(), &dot);
-        lse[r] = m + std::log(sum);
-        if (row_loss) row_loss[r] = (m - s_pos) + std::log(sum);
+        T dot, rest;
+        T sum = exp_sum(row, C, m, e.data(), &dot, &rest);
+        const T log_sum = std::log1p(rest);  // log(sum), no cancellation when the loss is tiny
+        lse[r] = m + log_sum;
+        if (row_loss) row_loss[r] = (m - s_pos) + log_sum;
         T f = gr / sum;
         for (int64_t j = 0; j < C; ++j) row[j] = f * e[j];
         dot_gs = f * dot;
