@@ -11,10 +11,14 @@ VPY=$PWD/.venv/bin/python
 "$VPY" -c "import pybind11" 2>/dev/null || "$VPY" -m pip install -q "pybind11>=2.12"
 BUILD=build/sanitize
 STAGE=$BUILD/pkg
+# The instruction-set build this CPU runs (CMakeLists.txt, METASSL_FAST_ISAS) is the one
+# sanitized; _C_base, which the loader asks for the CPU's levels, is copied as installed
+# unless it is that build.
+ISA=$("$VPY" -c "from metassl_fast import _ext; print(_ext.require('_C').isa)")
 cmake -S . -B "$BUILD" -DPython_EXECUTABLE="$VPY" -Dpybind11_DIR="$("$VPY" -m pybind11 --cmakedir)" \
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMETASSL_FAST_SANITIZE=ON >"$BUILD.configure.log" 2>&1 ||
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMETASSL_FAST_SANITIZE=ON -DMETASSL_FAST_ISAS="$ISA" >"$BUILD.configure.log" 2>&1 ||
   { cat "$BUILD.configure.log"; exit 1; }
-cmake --build "$BUILD" --target _C -j2 >"$BUILD.build.log" 2>&1 || { tail -50 "$BUILD.build.log"; exit 1; }
+cmake --build "$BUILD" --target "_C_$ISA" -j2 >"$BUILD.build.log" 2>&1 || { tail -50 "$BUILD.build.log"; exit 1; }
 
 # A copy of the package whose _C is the sanitized one (imported first through PYTHONPATH).
 rm -rf "$STAGE"
@@ -22,7 +26,9 @@ mkdir -p "$STAGE"
 cp -r python/metassl_fast "$STAGE/metassl_fast"
 rm -rf "$STAGE/metassl_fast/kernels" "$STAGE"/metassl_fast/*.so
 cp -r kernels "$STAGE/metassl_fast/kernels"
-cp "$BUILD"/_C.*.so "$STAGE/metassl_fast/"
+cp "$BUILD"/_C_"$ISA".*.so "$STAGE/metassl_fast/"
+[ "$ISA" = base ] || cp "$("$VPY" -c "import metassl_fast, pathlib; print(pathlib.Path(metassl_fast.__file__).parent)")"/_C_base.*.so \
+  "$STAGE/metassl_fast/"
 
 # The interpreter is not instrumented: the runtimes are preloaded.  detect_leaks=0: CPython
 # and torch keep allocations for the process's life; allocator_may_return_null=1: the
@@ -39,7 +45,9 @@ export METASSL_FUZZ_EXAMPLES=${METASSL_FUZZ_EXAMPLES:-60}
 # drop-ins, the hardening regressions and the fuzzer.  (Triton and CUDA cases, which do
 # not call _C, are deselected: under the interpreter they would only cost time here.)
 "$VPY" - <<'EOF'
-import metassl_fast, metassl_fast._C as c, pathlib
+import metassl_fast, pathlib
+from metassl_fast import _ext
+c = _ext.require("_C")
 assert pathlib.Path(c.__file__).parent == pathlib.Path(metassl_fast.__file__).parent, c.__file__
 assert "sanitize" in c.__file__, f"not the sanitized build: {c.__file__}"
 print("sanitize: using", c.__file__)

@@ -21,7 +21,10 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q $METASSL_TORCH
 fi
 echo "setup: building and installing metassl_fast into .venv" >&2
-"$VPY" -m pip install -q ".[test,bench]"
+# The CPU module's instruction-set builds (CMakeLists.txt): the three a plain `pip install .`
+# makes, and avx2_w64, a test build (AVX2 instructions with the avx512 build's 64-byte
+# vectors) that tests/test_isa.py runs where the CPU has no AVX-512.
+"$VPY" -m pip install -q ".[test,bench]" --config-settings=cmake.define.METASSL_FAST_ISAS="base;avx2;avx512;avx2_w64"
 # The original losses the compat drop-ins are tested against (tests/originals.py),
 # higher (a meta-learning baseline of the inner-loop benchmark and tests) and qpth (MetaOptNet's
 # SVM solver, the baseline of the heads benchmark; it imports cvxpy, which benchmarks/heads.py stubs).

@@ -471,7 +471,12 @@ void convex_backward(int dtype, uintptr_t X, int64_t X_numel, uintptr_t y, int64
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifndef MSF_MODULE
+#define MSF_MODULE _C_base
+#define MSF_ISA "base"
+#endif
+
+PYBIND11_MODULE(MSF_MODULE, m) {
   m.doc() = "metassl_fast CPU kernels (raw-pointer interface; use metassl_fast's Python API)";
   m.def("block_rows", &block_rows, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
         py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("n_pairs"),
@@ -552,9 +557,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"), py::arg("label_smoothing"),
         py::arg("dual_reg"), py::arg("nthreads"),
         "The exact gradient of sum_t g_t loss_t of convex_forward's heads (csrc/cpu/convex.h).");
-#ifdef __AVX2__
+  // The build's instruction set (CMakeLists.txt) and what its compiler flags enabled.
+  m.attr("isa") = MSF_ISA;
+  m.attr("vec_bytes") = MSF_VEC_BYTES;
+#if defined(__AVX512F__)
+  m.attr("simd") = "avx512";
+#elif defined(__AVX2__)
   m.attr("simd") = "avx2";
 #else
   m.attr("simd") = "baseline";
 #endif
+  // The x86-64 levels this CPU (and its OS's register state) supports, from cpuid through
+  // libgcc; _ext.py asks the base build before it imports a wider one, which would stop the
+  // process at its first AVX-512 instruction on a CPU without it.
+  m.def("cpu_levels", []() {
+    py::dict d;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    d["x86-64-v3"] = __builtin_cpu_supports("x86-64-v3") != 0;
+    d["x86-64-v4"] = __builtin_cpu_supports("x86-64-v4") != 0;
+#endif
+    return d;
+  }, "The x86-64 instruction-set levels this CPU supports (cpuid): {'x86-64-v3': bool, 'x86-64-v4': bool}.");
 }

@@ -17,12 +17,19 @@
 
 namespace msf {
 
-// One SIMD register of T: GCC vector extensions, lowered to AVX2 under -march=native
-// on an AVX2 machine and to pairs of SSE registers elsewhere.
+// The bytes of one Vec: 32 (AVX2 registers; pairs of SSE registers in the base build) or 64
+// (the avx512 build's registers).  Set per build by CMakeLists.txt (MSF_VEC_BYTES).
+#ifndef MSF_VEC_BYTES
+#define MSF_VEC_BYTES 32
+#endif
+static_assert(MSF_VEC_BYTES == 32 || MSF_VEC_BYTES == 64, "MSF_VEC_BYTES must be 32 or 64");
+
+// One SIMD register of T: GCC vector extensions, lowered to what the build's -march offers
+// (AVX2, AVX-512; pairs of SSE registers in the base build).
 template <typename T>
 struct Vec {
-  typedef T V __attribute__((vector_size(32)));
-  static constexpr int W = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(MSF_VEC_BYTES)));
+  static constexpr int W = MSF_VEC_BYTES / sizeof(T);
   static V load(const T* p) {
     V v;
     std::memcpy(&v, p, sizeof(V));
@@ -75,7 +82,7 @@ inline F exp_poly(F x) {
   return x > 88.7f ? F{} + std::numeric_limits<float>::infinity() : res;
 }
 
-typedef int32_t VI __attribute__((vector_size(32)));
+typedef int32_t VI __attribute__((vector_size(MSF_VEC_BYTES)));
 inline float exp_t(float x) { return exp_poly<float, int32_t>(x); }
 inline Vec<float>::V exp_t(Vec<float>::V x) { return exp_poly<Vec<float>::V, VI>(x); }
 // float64 is the precision of the tests and gradcheck: the exact libm exp.

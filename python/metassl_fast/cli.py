@@ -22,7 +22,10 @@ def info(stream=sys.stdout) -> None:
     except ImportError:
         print("triton not installed", file=stream)
     if _ext.available("_C"):
-        print(f"_C: built (simd: {_ext.require('_C').simd})", file=stream)
+        mod = _ext.require("_C")
+        levels = ", ".join(k for k, v in mod.cpu_levels().items() if v) or "x86-64 baseline"
+        print(f"_C: built, using {mod.__name__.rsplit('.', 1)[-1]} (simd: {mod.simd}, {mod.vec_bytes}-byte vectors; "
+              f"this CPU: {levels})", file=stream)
     if _ext.available("_C_cuda"):
         mod = _ext.require("_C_cuda")
         print(f"_C_cuda: built against CUDA runtime {mod.runtime_version()}, "
