@@ -45,10 +45,14 @@ def test_quick_run_rows_and_properties(tmp_path):
     cfg = heads.QUICK
     by = {(r["op"], r["impl"], r["D"], r["shot"]): r for r in rows}
     D, shot = cfg["Ds"][0], cfg["shots"][0]
-    assert set(by) == {("svm_loss", "ours", D, shot), ("svm_loss", "qpth-3", D, shot),
+    assert set(by) == {("svm_loss", "ours", D, shot), ("svm_loss", "qpth-3", D, shot), ("svm_loss", "compile", D, shot),
                        ("ridge_loss", "ours", D, shot), ("ridge_loss", "torch", D, shot),
                        ("ridge_loss", "compile", D, shot),
-                       ("fit_logreg", "ours", cfg["logreg_D"], shot), ("fit_logreg", "sklearn", cfg["logreg_D"], shot)}
+                       ("fit_logreg", "ours", cfg["logreg_D"], shot), ("fit_logreg", "sklearn", cfg["logreg_D"], shot),
+                       ("fit_logreg", "compile", cfg["logreg_D"], shot)}
+    # the compile column says why it holds no time: skipped in --quick, or nothing to compile
+    assert by[("svm_loss", "compile", D, shot)]["note"] == "skipped in --quick"
+    assert by[("fit_logreg", "compile", cfg["logreg_D"], shot)]["note"].startswith("not applicable")
     for key, r in by.items():
         if key[1] == "compile" or (key[1].startswith("qpth") and not HAS_QPTH):
             assert r["median_ms"] is None and r["note"], key  # said why, not left blank

@@ -25,19 +25,28 @@ def test_bench_small_run_is_correct_and_recorded(tmp_path):
     rows = bench.run(sizes=(70,), large=(300,), d=16, repeats=3, out_dir=str(tmp_path), plot=False,
                      check_max=70, stream=out)
     by = {(r["op"], r["impl"], r["N"]): r for r in rows}
-    assert set(by) == {("info_nce", "ours", 70), ("info_nce", "eager", 70), ("clip_loss", "ours", 70),
-                       ("clip_loss", "eager", 70), ("info_nce", "ours", 300)}
-    for key in [("info_nce", "ours", 70), ("clip_loss", "ours", 70)]:
-        r = by[key]
-        # fp32 against the float64 reference: loss and every gradient
-        assert r["max_rel_err"] is not None and r["max_rel_err"] < 1e-4, (key, r["max_rel_err"])
-        assert r["median_ms"] > 0 and r["speedup"] > 0
+    assert set(by) == {(op, impl, 70) for op in ("info_nce", "clip_loss") for impl in ("ours", "eager", "compile")} \
+        | {("info_nce", "ours", 300)}
+    for op in ("info_nce", "clip_loss"):
+        for impl in ("ours", "compile"):  # the compiled eager code is the same loss
+            r = by[(op, impl, 70)]
+            # fp32 against the float64 reference: loss and every gradient
+            assert r["max_rel_err"] is not None and r["max_rel_err"] < 1e-4, (op, impl, r["max_rel_err"])
+            assert r["median_ms"] > 0 and r["speedup"] > 0 and r["speedup_vs_compile"] > 0
+            # 3 N x N x D multiply-adds over the median, of the FMA peak measured in the run (None: no C compiler)
+            assert r["fma_share"] is None or 0 < r["fma_share"] < 1, (op, impl, r["fma_share"])
+        comp = by[(op, "compile", 70)]
+        # its compile is timed apart (the first call minus a median), never in the median
+        assert comp["compile_s"] is not None and comp["compile_s"] >= 0 and comp["speedup_vs_compile"] == 1.0
     assert by[("info_nce", "eager", 70)]["speedup"] == 1.0
+    assert by[("info_nce", "ours", 300)]["speedup_vs_compile"] is None  # no compile row at the large N
     with open(tmp_path / "results.csv") as f:
         recorded = list(csv.DictReader(f))
     assert len(recorded) == len(rows)
     assert all(r["device"].startswith("cpu") and r["version"] for r in recorded)
-    assert "| info_nce | ours | 70 |" in out.getvalue()
+    assert "| info_nce | ours | 70 |" in out.getvalue() and "| info_nce | compile | 70 |" in out.getvalue()
+    assert "compile: the baseline under torch.compile" in out.getvalue()  # the column's legend
+    assert "of FMA peak: 3 N x N x D multiply-adds" in out.getvalue()
     assert (tmp_path / "latest.md").read_text().startswith("contrastive losses")
 
 
@@ -67,7 +76,9 @@ def test_family_bench_small_run(tmp_path):
 
     out = io.StringIO()
     plan = [("open_clip.SigLipLoss", 48, False), ("pml.SupConLoss", 40, False), ("pml.NTXentLoss", 64, True)]
-    rows = family.run(str(tmp_path), repeats=2, stream=out, plan=plan)
+    # the torch.compile column for the first case only: each compiled case costs ~30 s here
+    rows = family.run(str(tmp_path), repeats=2, stream=out, plan=plan[:1])
+    rows += family.run(str(tmp_path), repeats=2, stream=io.StringIO(), plan=plan[1:], compile=False)
     by = {(r["op"], r["impl"], r["N"]): r for r in rows}
     for case, n, _ in plan[:2]:
         if (case, "original", n) in by and "median_ms" not in by[(case, "original", n)]:
@@ -75,7 +86,18 @@ def test_family_bench_small_run(tmp_path):
         ours = by[(case, "ours", n)]
         assert ours["max_rel_diff"] < 1e-5, (case, ours["max_rel_diff"])
         assert ours["speedup"] > 0 and by[(case, "original", n)]["speedup"] == 1.0
-    assert ("pml.NTXentLoss", "original", 64) not in by and by[("pml.NTXentLoss", "ours", 64)]["median_ms"] > 0
+        comp = by.get((case, "compile", n))  # the original under torch.compile: a time, or the error
+        assert (comp is None) == (case != plan[0][0])
+        if comp is None:
+            pass
+        elif comp.get("median_ms"):
+            assert comp["max_rel_diff"] < 1e-5 and comp["compile_s"] >= 0, (case, comp)
+            assert ours["speedup_vs_compile"] > 0
+            assert "| open_clip.SigLipLoss | compile | 48 |" in out.getvalue()
+        else:
+            assert comp["note"].startswith("compile failed: "), (case, comp)
+    assert ("pml.NTXentLoss", "original", 64) not in by and ("pml.NTXentLoss", "compile", 64) not in by
+    assert by[("pml.NTXentLoss", "ours", 64)]["median_ms"] > 0
     assert (tmp_path / "family.md").read_text().startswith("drop-ins vs the original packages")
     with open(tmp_path / "family.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)

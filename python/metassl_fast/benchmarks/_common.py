@@ -1,11 +1,13 @@
-"""What every benchmark shares: the eager baselines of the CPU and GPU tables, peak-memory
-measurement, worker processes, quantiles, the CSV record and the table formatting.
+"""What every benchmark shares: the eager baselines of the CPU and GPU tables, their
+torch.compile'd versions, peak-memory measurement, worker processes, quantiles, the CSV
+record and the table formatting.
 
 Imports torch and the standard library only, so that each benchmark module imports this
 one and the public metassl_fast API, and no benchmark imports another.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
@@ -13,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,6 +59,122 @@ def eager_nt_xent(z1, z2, logit_scale):
     n = z1.shape[0]
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(logits, target)
+
+
+# ----------------------------------------------------------------------------- torch.compile baselines
+# A CPU table's "compile" column is its eager baseline under torch.compile (inductor,
+# dynamic=False, graph breaks allowed): what a user tries before a fused kernel.  Its compile
+# time is reported apart and kept out of the medians; where compile cannot run the baseline
+# the row holds the error instead of a time.
+
+COMPILE_SKIPPED = "not run (--no-compile)"
+
+
+def compiled(fn, fresh=True):
+    """fn under torch.compile(dynamic=False).  fresh: torch._dynamo.reset() first, so that this
+    shape's first call compiles from scratch (pass fresh=False for the second and later compiled
+    baselines of one shape: a reset would throw away the graphs of the first)."""
+    if fresh:
+        torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def compile_startup_s():
+    """Seconds of torch.compile's one-time start-up in this process (imports, the C++ toolchain
+    probe, the first kernel build): a trivial function compiled forward and backward, run once
+    in a worker before its measured compiles so that none of them carries it."""
+    x = torch.ones(3, requires_grad=True)
+    t0 = time.perf_counter()
+    compiled(lambda x: (x * 2).sum())(x).backward()
+    torch._dynamo.reset()
+    return time.perf_counter() - t0
+
+
+def _dynamo_counts():
+    """(graphs dynamo has compiled, graph breaks it has met) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def compile_failure(exc, limit=160):
+    """'compile failed: <type>: <first line of the message>', at most limit characters, fit for
+    a markdown cell."""
+    lines = str(exc).strip().splitlines()
+    text = f"compile failed: {type(exc).__name__}: {lines[0] if lines else ''}".replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class CompiledStep:
+    """A forward+backward step (no arguments) through a compiled baseline, for the interleaved
+    timing loops.  first() makes the first call, which compiles (the backward graph at the first
+    backward), timed apart; a later call counts the graphs dynamo compiles during it, so that a
+    baseline that recompiles while timed (its median then holds compile work) says so."""
+
+    def __init__(self, step):
+        self.step = step
+        self.first_s = None
+        self.failure = None
+        self.graph_breaks = 0
+        self.recompiles = 0
+
+    def first(self):
+        """Make the first call; False (and failure says why) where it raised."""
+        breaks = _dynamo_counts()[1]
+        t0 = time.perf_counter()
+        try:
+            self.step()
+        except Exception as exc:  # a baseline that fails is reported, not hidden
+            self.failure = compile_failure(exc)
+            return False
+        self.first_s = time.perf_counter() - t0
+        self.graph_breaks = _dynamo_counts()[1] - breaks
+        return True
+
+    def __call__(self):
+        graphs = _dynamo_counts()[0]
+        out = self.step()
+        self.recompiles += _dynamo_counts()[0] - graphs
+        return out
+
+    def fields(self, median_ms):
+        """The row's compile_s (first call minus median_ms, None where compile failed),
+        graph_breaks and note (the failure, or the graph breaks and recompiles)."""
+        if self.first_s is None:
+            return {"compile_s": None, "graph_breaks": None, "note": self.failure}
+        notes = [f"{self.graph_breaks} graph breaks"] if self.graph_breaks else []
+        if self.recompiles:
+            notes.append(f"recompiled {self.recompiles}x while timed")
+        return {"compile_s": max(self.first_s - median_ms / 1e3, 0.0), "graph_breaks": self.graph_breaks,
+                "note": "; ".join(notes) or None}
+
+
+@contextlib.contextmanager
+def cold_compile_cache():
+    """The environment a worker adds to put torch.compile's on-disk caches (inductor's FX-graph,
+    AOTAutograd and kernel caches) in a fresh temporary folder, removed afterwards: a compile time
+    measured under it is a cold cache's, what a first run pays, and the same on every run (on a
+    warm cache a rerun's compile is mostly cache hits).  {} where TORCHINDUCTOR_CACHE_DIR is set
+    already: the caller chose that cache (the tests share one, to pay the cold compiles once)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="metassl_fast_inductor_") as d:
+        yield {"TORCHINDUCTOR_CACHE_DIR": d}
+
+
+def compile_legend(startups):
+    """The table's footnote on the compile column, with the start-up seconds the workers measured."""
+    startups = sorted(s for s in startups if s is not None)
+    span = "-" if not startups else f"{startups[0]:.1f}"
+    if len(startups) > 1 and f"{startups[-1]:.1f}" != span:
+        span += f"-{startups[-1]:.1f}"
+    cache = (f"on the inductor cache in TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (warm "
+             "on a rerun)" if os.environ.get("TORCHINDUCTOR_CACHE_DIR") else "on an empty inductor cache")
+    return ("compile: the baseline under torch.compile (inductor, dynamic=False, graph breaks allowed), "
+            f"compiled from scratch for each shape {cache}; compile s = its first call minus its median, "
+            "kept out of the medians; torch.compile's one-time start-up in a worker "
+            f"({span} s) is measured apart, before, and in no row.")
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -175,9 +294,24 @@ def fmt(x, spec):
 
 
 def append_csv(path, rows, meta, fields=CSV_FIELDS):
+    """Append rows to the CSV at path.  A file that lacks some of fields (written before they were
+    added) is first rewritten under the union of both headers, its rows blank in the new columns,
+    so that no value lands under another column's name."""
+    header = list(fields)
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = reader.fieldnames or []
+            old_rows = list(reader) if not set(fields) <= set(old) else None
+        header = old if old_rows is None else header + [k for k in old if k not in fields]
+        if old_rows is not None:
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header)
+                w.writeheader()
+                w.writerows(old_rows)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=header)
         if new:
             w.writeheader()
         for r in rows:

@@ -1,5 +1,9 @@
 """Benchmark of the drop-ins (metassl_fast.compat) against the original packages' own
-losses on the same inputs, in the same worker process, CPU.
+losses on the same inputs, in the same worker process, CPU; and against the original's loss
+under torch.compile (inductor, dynamic=False, graph breaks allowed: what a user tries first;
+a separate instance of it, so that a memory bank's state is not shared), compiled on an
+empty inductor cache, its compile time apart and out of the medians, or the error where it
+fails.
 
 Each case runs in a fresh worker (peak memory = peak RSS over the RSS before the call,
 as in benchmarks/contrastive.py).  Times are forward+backward medians of interleaved
@@ -63,7 +67,9 @@ def _case_table():
         L = originals.pml()
         (x,) = leaves((n, D))
         y = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(1))
-        return (lambda e: c_pml.SupConLoss(0.1)(e, y)), (lambda e: L.SupConLoss(0.1)(e, y)), [x]
+        # built once, as a trainer does (and torch.compile cannot trace pml's module constructor)
+        ours, orig = c_pml.SupConLoss(0.1), L.SupConLoss(0.1)
+        return (lambda e: ours(e, y)), (lambda e: orig(e, y)), [x]
 
     def pml_ntxent(n):
         L = originals.pml()
@@ -116,38 +122,52 @@ def _step(fn, inputs):
 
 
 def _worker(args):
+    make = _case_table()[args.case][1]
     try:
-        made = _case_table()[args.case][1](args.n)
+        ours, orig, inputs = make(args.n)
     except originals.OriginalMissing as exc:
         print("RESULT " + json.dumps({"missing": str(exc)}))
         return
-    ours, orig, inputs = made[:3]
-    fns = {"ours": ours}
+    with_compile = args.compile and not args.ours_only
+    startup = c.compile_startup_s() if with_compile else None
+    steps = {"ours": lambda: _step(ours, inputs)}
     if not args.ours_only:
-        fns["original"] = orig
-    times = {k: [] for k in fns}
-    peaks, outs = {}, {}
-    for impl, fn in fns.items():
-        _step(fn, inputs)  # warm-up
-        peaks[impl] = c.peak_extra_mb(lambda: outs.__setitem__(impl, _step(fn, inputs)))
+        steps["original"] = lambda: _step(orig, inputs)
+    if with_compile:  # a second instance of the original (same seeds: same state), compiled
+        compiled = c.compiled(make(args.n)[1])
+        steps["compile"] = c.CompiledStep(lambda: _step(compiled, inputs))
+    times = {k: [] for k in steps}
+    peaks, outs, res = {}, {}, {}
+    for impl, step in list(steps.items()):
+        if impl == "compile":
+            if not step.first():  # its warm-up: the compile, timed apart
+                res[impl] = {"note": step.failure}
+                del steps[impl]
+                continue
+        else:
+            step()  # warm-up
+        peaks[impl] = c.peak_extra_mb(lambda: outs.__setitem__(impl, step()))
         outs[impl] = [None if t is None else t.clone() for t in outs[impl]]
     for _ in range(args.repeats):
-        for impl, fn in fns.items():
+        for impl, step in steps.items():
             t0 = time.perf_counter()
-            _step(fn, inputs)
+            step()
             times[impl].append((time.perf_counter() - t0) * 1e3)
-    res = {}
-    for impl in fns:
+    for impl, step in steps.items():
         res[impl] = {**c.quantiles(times[impl]), "peak_mb": peaks[impl]}
-    if "original" in outs:
-        res["ours"]["max_rel_diff"] = c.max_rel_err(outs["ours"], outs["original"])
-    print("RESULT " + json.dumps(res))
+        if impl == "compile":
+            res[impl].update(step.fields(res[impl]["median_ms"]))
+        if impl != "original" and "original" in outs:  # ours, and compile: the same loss as the original's?
+            res[impl]["max_rel_diff"] = c.max_rel_err(outs[impl], outs["original"])
+    order = [k for k in ("ours", "original", "compile") if k in res]
+    print("RESULT " + json.dumps({"compile_startup_s": startup, "impls": {k: res[k] for k in order}}))
 
 
-def _run_worker(case, n, repeats, ours_only, threads):
+def _run_worker(case, n, repeats, ours_only, threads, compile=True):
     args = ["--case", case, "--n", str(n), "--repeats", str(repeats), "--threads", str(threads)]
-    return c.worker_result("metassl_fast.benchmarks.family", args + (["--ours-only"] if ours_only else []),
-                           c.pinned_malloc_env())
+    args += (["--ours-only"] if ours_only else []) + ([] if compile else ["--no-compile"])
+    with c.cold_compile_cache() as cache:
+        return c.worker_result("metassl_fast.benchmarks.family", args, {**c.pinned_malloc_env(), **cache})
 
 
 # (case, N, ours only): N = rows fed to the loss (both views together for NT-Xent);
@@ -158,48 +178,63 @@ PLAN = [("lightly.NTXentLoss", 8192, False), ("lightly.NTXentLoss+bank", 1024, F
         ("open_clip.ClipLoss", 8192, False), ("open_clip.SigLipLoss", 8192, False)]
 
 
-def run(out_dir="bench/out", repeats=3, threads=None, stream=sys.stdout, plan=PLAN):
-    """Run the drop-in benchmark of each (case, N, ours only) in plan; returns the rows
-    (also appended to out_dir/family.csv)."""
+def run(out_dir="bench/out", repeats=3, threads=None, stream=sys.stdout, plan=PLAN, compile=True):
+    """Run the drop-in benchmark of each (case, N, ours only) in plan (compile: with the
+    torch.compile column of the original); returns the rows (also appended to out_dir/family.csv)."""
     threads = threads or torch.get_num_threads()
     descr = {k: v[0] for k, v in _case_table().items()}
-    rows = []
+    rows, startups = [], []
     for i, (case, n, ours_only) in enumerate(plan):
         sys.stderr.write(f"\r[family {i + 1}/{len(plan)}] {case} N={n}          ")
         sys.stderr.flush()
-        res = _run_worker(case, n, repeats, ours_only, threads)
+        res = _run_worker(case, n, repeats, ours_only, threads, compile)
         if "missing" in res:
-            rows.append({"op": case, "impl": "original", "N": n, "note": res["missing"]})
+            for impl in ("original", "compile") if compile else ("original",):
+                rows.append({"op": case, "impl": impl, "N": n, "note": res["missing"]})
             continue
-        orig = res.get("original")
-        for impl, r in res.items():
+        startups.append(res["compile_startup_s"])
+        orig, comp = res["impls"].get("original"), res["impls"].get("compile", {}).get("median_ms")
+        for impl, r in res["impls"].items():
+            ms = r.get("median_ms")
             rows.append({"op": case, "impl": impl, "N": n, "D": D, "dtype": "float32", **r,
-                         "speedup": orig["median_ms"] / r["median_ms"] if orig else None,
-                         "mem_ratio": (r["peak_mb"] / orig["peak_mb"]) if orig and orig["peak_mb"] else None,
-                         "note": descr[case]})
+                         "speedup": orig["median_ms"] / ms if orig and ms else None,
+                         "speedup_vs_compile": comp / ms if comp and ms else None,
+                         "mem_ratio": (r["peak_mb"] / orig["peak_mb"]) if orig and orig["peak_mb"] and ms else None,
+                         "inputs": descr[case]})
     sys.stderr.write("\n")
     meta = c.run_meta(c.cpu_name(), threads)
-    table = format_table(rows, meta)
+    table = format_table(rows, meta, startups)
     print(table, file=stream)
     fields = ["date", "version", "torch", "device", "threads", "op", "impl", "N", "D", "dtype", "median_ms",
-              "p20_ms", "p80_ms", "speedup", "peak_mb", "mem_ratio", "max_rel_diff", "note"]
+              "p20_ms", "p80_ms", "speedup", "speedup_vs_compile", "peak_mb", "mem_ratio", "max_rel_diff",
+              "compile_s", "graph_breaks", "note", "inputs"]
     c.write_outputs(out_dir, table, "family.md", "family.csv", rows, meta, fields)
     return rows
 
 
-def format_table(rows, meta):
+def _ratio(x):
+    return f"{c.fmt(x, '.2f')}{'x' if x else ''}"
+
+
+def format_table(rows, meta, startups=()):
     lines = [f"drop-ins vs the original packages, forward+backward, {meta['device']}, {meta['threads']} threads, "
              f"torch {meta['torch']}, metassl_fast {meta['version']}, {meta['date']}, D={D}, float32\n",
-             "| loss | impl | N | median ms (p20-p80) | speed-up | peak MiB | mem ratio | max rel diff | inputs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| loss | impl | N | median ms (p20-p80) | speed-up vs original | vs compile | peak MiB | mem ratio | "
+             "max rel diff | compile s | inputs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        if "median_ms" not in r:
-            lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | - | - | - | - | - | {r['note']} |")
+        if not r.get("median_ms"):  # a missing original, or a compile that failed: the reason
+            lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['note']} | - | - | - | - | - | - | "
+                         f"{r.get('inputs', '-')} |")
             continue
+        compile_s = "; ".join(([f"{r['compile_s']:.1f}"] if r.get("compile_s") is not None else [])
+                              + ([r["note"]] if r.get("note") else [])) or "-"
         lines.append(f"| {r['op']} | {r['impl']} | {r['N']} | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-"
-                     f"{r['p80_ms']:.1f}) | {c.fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | "
+                     f"{r['p80_ms']:.1f}) | {_ratio(r['speedup'])} | {_ratio(r['speedup_vs_compile'])} | "
                      f"{c.fmt(r['peak_mb'], '.1f')} | {c.fmt(r['mem_ratio'], '.4f')} | "
-                     f"{c.fmt(r.get('max_rel_diff'), '.1e')} | {r['note']} |")
+                     f"{c.fmt(r.get('max_rel_diff'), '.1e')} | {compile_s} | {r['inputs']} |")
+    if any(r["impl"] == "compile" for r in rows):
+        lines.append("\n" + c.compile_legend(startups) + "  max rel diff of compile: against the original.")
     return "\n".join(lines)
 
 
@@ -213,6 +248,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/out")
     p.add_argument("--op", choices=sorted(CASES_OF_OP), help="only the cases of this op (default: all)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="without the torch.compile column (its compiles take seconds per case)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +257,7 @@ def main(argv=None):
         _worker(args)
     else:
         plan = [row for row in PLAN if args.op is None or row[0] in CASES_OF_OP[args.op]]
-        run(args.out, args.repeats, args.threads or None, plan=plan)
+        run(args.out, args.repeats, args.threads or None, plan=plan, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,13 @@ def _svm_case(cfg, D, shot, mode, backend):
     note = _qpth_note()
     for it in cfg["qpth_iters"]:
         impls[f"qpth-{it}"] = (lambda it: lambda *a: metaoptnet_svm_loss(*a, max_iter=it))(it)
+    # qpth-3 under torch.compile, timed in the first (D, shot) only: its compile takes ~1 min here
+    first_case = (D, shot) == (cfg["Ds"][0], cfg["shots"][0])
+    if cfg["compile"] and mode == "time" and first_case:
+        impls["compile"] = _compiled(impls["qpth-3"])
     res = {k: {} for k in impls}
+    if not cfg["compile"] and first_case:
+        res["compile"] = {"note": "skipped in --quick"}
     if note:
         for k in impls:
             if k != "ours":
@@ -228,10 +234,16 @@ def _svm_case(cfg, D, shot, mode, backend):
     run = {k: f for k, f in impls.items() if "note" not in res[k]}
     if mode == "time":
         steps = {}
-        for k, f in run.items():
+        for k, f in list(run.items()):
             steps[k] = _loss_step(f, *data)
             with contextlib.redirect_stdout(io.StringIO()):
-                steps[k]()  # warm-up
+                if k != "compile":
+                    steps[k]()  # warm-up
+                    continue
+                steps[k] = c.CompiledStep(steps[k])
+                if not steps[k].first():  # its warm-up: the compile, timed apart
+                    res[k]["note"] = steps[k].failure
+                    del steps[k], run[k]
         with contextlib.redirect_stdout(io.StringIO()):
             t = _interleaved(steps, {k: cfg["repeats"]["svm"] for k in steps})
         xs64, ys, xq64, yq = [a.double() if a.is_floating_point() else a for a in data]
@@ -240,6 +252,10 @@ def _svm_case(cfg, D, shot, mode, backend):
         for k, f in run.items():
             g, warn = _grad_support(f, *data)
             res[k].update(t[k], max_rel_err=c.max_rel_err([g], [g_ref]), note=warn)
+            if k == "compile":
+                fields = steps[k].fields(t[k]["median_ms"])
+                res[k].update(compile_s=fields["compile_s"],
+                              note="; ".join(x for x in ("qpth-3 under torch.compile", warn, fields["note"]) if x))
         res["ours"]["kkt_residual"], res["ours"]["kkt_solver"] = _svm_kkt(data[0], data[1], backend)
     else:
         for k, f in run.items():
@@ -305,7 +321,9 @@ def _logreg_case(cfg, shot, mode, backend):
             "sklearn": lambda: sklearn_eval(*[a[:2] for a in np_args])}
     for w in warm.values():
         w()
-    res = {"ours": {}, "sklearn": {}}
+    res = {"ours": {}, "sklearn": {},
+           "compile": {"note": "not applicable: the baseline is a scikit-learn (numpy) loop, no torch code for "
+                               "torch.compile to trace"}}
     if mode == "time":
         out = {}
 

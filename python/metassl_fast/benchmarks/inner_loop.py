@@ -1,7 +1,13 @@
 """Benchmark of the fused ANIL meta-loss (meta.anil_loss) against what users run today:
 the per-task autograd loop with create_graph=True (learn2learn / higher style, our
 "torch" backend), torch.func vmap(grad) over tasks, and higher's innerloop_ctx where
-that package is installed.  Second order, float32, forward+backward.
+that package is installed; and against those under torch.compile (inductor, dynamic=False,
+graph breaks allowed: "compile" is the vmap baseline's, in every case; "compile-loop" and
+"compile-higher" in the main case), compiled from scratch for each case on an empty
+inductor cache, their compile time apart and out of the medians.  Where compile cannot run
+a baseline (higher's second-order step needs a double backward through compiled graphs,
+which AOTAutograd refuses) its row holds the error.  Second order, float32,
+forward+backward.
 
 All configurations run in one worker process; peak memory of a call is its peak RSS
 (VmHWM reset through /proc/self/clear_refs) over the RSS before it.
@@ -82,6 +88,7 @@ def _higher(K):
 
 
 IMPLS = {"ours": _ours, "vmap": _vmap, "loop": _loop, "higher": _higher}
+COMPILED = {"compile": "vmap", "compile-loop": "loop", "compile-higher": "higher"}  # impl -> the baseline it compiles
 
 
 def _step(fn, args):
@@ -91,120 +98,159 @@ def _step(fn, args):
     fn(*args).backward()
 
 
-def _measure(makes, cfg, repeats, mode):
-    """makes: {impl: factory}.  mode "time": median (20/80 quantiles) of repeats after a
-    warm-up, the implementations interleaved repeat by repeat so that a slow spell of
-    this shared machine hits all of them alike; mode "memory": peak RSS of one call over
-    the RSS before it (in a worker whose mmap threshold is pinned, so freed buffers
-    leave the RSS)."""
+def _measure(impls, cfg, repeats, mode, check=False):
+    """impls: names in IMPLS or COMPILED.  mode "time": median (20/80 quantiles) of repeats
+    after a warm-up (for a compiled baseline its first call, the compile, timed apart), the
+    implementations interleaved repeat by repeat so that a slow spell of this shared machine
+    hits all of them alike; mode "memory": peak RSS of one call over the RSS before it (in a
+    worker whose mmap threshold is pinned, so freed buffers leave the RSS).  check: a compiled
+    baseline's max_rel_err against the float64 loop too (its compiled graphs reused: no recompile)."""
     out, runs = {}, {}
-    for impl, make in makes.items():
+    fresh = True  # one torch._dynamo.reset() per case, before its first compiled baseline
+    for impl in impls:
         args = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
         try:
-            fn = make(cfg["K"])
+            fn = IMPLS[COMPILED.get(impl, impl)](cfg["K"])
         except ImportError as exc:
             out[impl] = {"note": f"{exc.name} not installed"}
             continue
-        _step(fn, args)  # warm-up
+        if impl in COMPILED:
+            fn, fresh = c.compiled(fn, fresh), False
+            step = c.CompiledStep(lambda fn=fn, args=args: _step(fn, args))
+            if not step.first():  # its warm-up: the compile, timed apart
+                out[impl] = {"note": step.failure}
+                continue
+        else:
+            step = lambda fn=fn, args=args: _step(fn, args)  # noqa: E731
+            step()  # warm-up
         if mode == "memory":  # the gradients it makes count: drop the warm-up's first
             for a in args:
                 if isinstance(a, torch.Tensor):
                     a.grad = None
-            out[impl] = {"peak_mb": c.peak_extra_mb(lambda: _step(fn, args))}
-            del args, fn
+            out[impl] = {"peak_mb": c.peak_extra_mb(step)}
+            del args, fn, step
         else:
-            runs[impl] = (fn, args, [])
+            runs[impl] = (step, [], fn)
     for _ in range(repeats if mode == "time" else 0):
-        for fn, args, times in runs.values():
+        for step, times, _ in runs.values():
             t0 = time.perf_counter()
-            _step(fn, args)
+            step()
             times.append((time.perf_counter() - t0) * 1e3)
-    for impl, (_, _, times) in runs.items():
+    for impl, (step, times, fn) in runs.items():
         out[impl] = c.quantiles(times)
-    return {impl: out[impl] for impl in makes}
+        if impl in COMPILED:
+            out[impl].update(step.fields(out[impl]["median_ms"]))
+            if check:  # the compiled baseline computes the same meta-gradient
+                out[impl]["max_rel_err"] = _max_rel_err(cfg, fn)
+    return {impl: out[impl] for impl in impls}
 
 
-def _max_rel_err(cfg):
-    """ours (float32) against the per-task autograd loop in float64, loss and every gradient."""
+def _max_rel_err(cfg, fn=None):
+    """fn (default: ours; float32) against the per-task autograd loop in float64, loss and every
+    gradient."""
     args32 = _inputs(cfg["T"], cfg["S"], cfg["Q"], cfg["D"], cfg["C"])
     args64 = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args32]
     leaves = lambda a: [a[0], a[2], a[4], a[5]]  # noqa: E731
-    l32 = _ours(cfg["K"])(*args32)
+    l32 = (fn or _ours(cfg["K"]))(*args32)
     g32 = torch.autograd.grad(l32, leaves(args32))
     l64 = _loop(cfg["K"])(*args64)
     g64 = torch.autograd.grad(l64, leaves(args64))
     return c.max_rel_err([l32, *g32], [l64, *g64])
 
 
-def _configs():
+MAIN_IMPLS = ("ours", "vmap", "loop", "higher", "compile", "compile-loop", "compile-higher")
+SWEEP_IMPLS = ("ours", "vmap", "compile")
+
+
+def _configs(main=MAIN, sweep_k=SWEEP_K, sweep_t=SWEEP_T):
     """(label, cfg, impls, repeats): the main case with every baseline, then the sweeps."""
-    out = [("main", dict(MAIN), ("ours", "vmap", "loop", "higher"), 11)]
-    for K in SWEEP_K:
-        out.append(("sweep K", {**MAIN, "K": K}, ("ours", "vmap"), 7))
-    for T in SWEEP_T:
-        if T != MAIN["T"]:
-            out.append(("sweep T", {**MAIN, "T": T}, ("ours", "vmap"), 7))
+    out = [("main", dict(main), MAIN_IMPLS, 11)]
+    for K in sweep_k:
+        out.append(("sweep K", {**main, "K": K}, SWEEP_IMPLS, 7))
+    for T in sweep_t:
+        if T != main["T"]:
+            out.append(("sweep T", {**main, "T": T}, SWEEP_IMPLS, 7))
     return out
 
 
-def _worker(mode):
-    for label, cfg, impls, repeats in _configs():
-        res = _measure({impl: IMPLS[impl] for impl in impls}, cfg, repeats, mode)
+def _worker(mode, configs, compile=True):
+    startup = c.compile_startup_s() if compile else None
+    for label, cfg, impls, repeats in configs:
+        res = _measure([i for i in impls if compile or i not in COMPILED], cfg, repeats, mode,
+                       check=label == "main" and mode == "time")
+        res.update({i: {"note": c.COMPILE_SKIPPED} for i in impls if i not in res})
         err = _max_rel_err(cfg) if label == "main" and mode == "time" else None
-        print("ROW " + json.dumps({"label": label, **cfg, "results": res, "max_rel_err": err}), flush=True)
+        print("ROW " + json.dumps({"label": label, **cfg, "results": res, "max_rel_err": err,
+                                   "compile_startup_s": startup}), flush=True)
 
 
-def _run_worker(mode, total, done):
-    env = c.pinned_malloc_env() if mode == "memory" else dict(os.environ)
+def _run_worker(mode, configs, compile, cache, total, done):
+    env = {**(c.pinned_malloc_env() if mode == "memory" else os.environ), **cache}
     # the timing worker keeps glibc's default allocator: pinned, every output is a fresh
     # mmap whose page faults cost more than the kernel itself
-    return c.worker_rows([sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode], env,
-                         len(_configs()), total, done, lambda row: f"inner loop {mode} {row['label']}",
+    cmd = [sys.executable, "-m", "metassl_fast.benchmarks.inner_loop", "--worker", mode,
+           "--configs", json.dumps(configs)] + ([] if compile else ["--no-compile"])
+    return c.worker_rows(cmd, env, len(configs), total, done, lambda row: f"inner loop {mode} {row['label']}",
                          f"inner-loop benchmark ({mode})")
 
 
-def run(out_dir="bench/out", stream=sys.stdout):
-    """Run the inner-loop benchmark (a timing worker, then a memory worker); returns the rows."""
-    n = len(_configs())
+def run(out_dir="bench/out", stream=sys.stdout, compile=True, configs=None):
+    """Run the inner-loop benchmark (a timing worker, then a memory worker) of configs (default
+    _configs(): the main case and the sweeps), compile: with the torch.compile rows; returns the rows."""
+    configs = _configs() if configs is None else configs
+    n = len(configs)
     c.progress(0, 2 * n, "inner loop")
-    rows = _run_worker("time", 2 * n, 0)
-    for row, mem in zip(rows, _run_worker("memory", 2 * n, n)):
-        for impl, m in mem["results"].items():
-            row["results"][impl]["peak_mb"] = m.get("peak_mb")
+    with c.cold_compile_cache() as cache:  # the memory worker's compiles (not timed) find the timing one's
+        rows = _run_worker("time", configs, compile, cache, 2 * n, 0)
+        for row, mem in zip(rows, _run_worker("memory", configs, compile, cache, 2 * n, n)):
+            for impl, m in mem["results"].items():
+                row["results"][impl]["peak_mb"] = m.get("peak_mb")
     record = c.run_meta(c.cpu_name(), torch.get_num_threads())
     table = format_table(rows, record)
     print(table, file=stream)
     flat = []
     for r in rows:
         base = r["results"].get("vmap", {}).get("median_ms")
+        comp = r["results"].get("compile", {}).get("median_ms")
         for impl, m in r["results"].items():
+            ms = m.get("median_ms")
             flat.append({"op": "anil_loss", "impl": impl, "dtype": "float32", "N": r["T"], "D": r["D"],
-                         "median_ms": m.get("median_ms"), "p20_ms": m.get("p20_ms"), "p80_ms": m.get("p80_ms"),
-                         "speedup": base / m["median_ms"] if base and m.get("median_ms") else None,
+                         "median_ms": ms, "p20_ms": m.get("p20_ms"), "p80_ms": m.get("p80_ms"),
+                         "speedup": base / ms if base and ms else None,
+                         "speedup_vs_compile": comp / ms if comp and ms else None,
                          "peak_mb": m.get("peak_mb"), "mem_ratio": None,
-                         "max_rel_err": r["max_rel_err"] if impl == "ours" else None, "repeats": None,
-                         "S": r["S"], "Q": r["Q"], "C": r["C"], "K": r["K"]})
+                         "max_rel_err": r["max_rel_err"] if impl == "ours" else m.get("max_rel_err"),
+                         "repeats": None,
+                         "S": r["S"], "Q": r["Q"], "C": r["C"], "K": r["K"],
+                         **{k: m.get(k) for k in ("compile_s", "graph_breaks", "note")}})
     c.write_outputs(out_dir, table, "latest_inner_loop.md", "results_inner_loop.csv", flat, record,
-                    c.CSV_FIELDS + ["S", "Q", "C", "K"])
+                    c.CSV_FIELDS + ["speedup_vs_compile", "S", "Q", "C", "K", "compile_s", "graph_breaks", "note"])
     return rows
 
 
 def format_table(rows, meta):
     lines = [f"ANIL meta-loss, second order, float32, forward+backward, {meta['device']}, "
              f"{meta['threads']} threads, torch {meta['torch']}, metassl_fast {meta['version']}, {meta['date']}\n",
-             "| case | T | S | Q | D | C | K | impl | median ms (p20-p80) | ours faster by | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| case | T | S | Q | D | C | K | impl | median ms (p20-p80) | ours faster by | peak MiB | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         ours = r["results"]["ours"].get("median_ms")
         for impl, m in r["results"].items():
             ms = m.get("median_ms")
             timing = f"{ms:.1f} ({m['p20_ms']:.1f}-{m['p80_ms']:.1f})" if ms else m.get("note", "-")
             ratio = f"{ms / ours:.1f}x" if ms and impl != "ours" else "-"
+            compile_s = "; ".join(([f"{m['compile_s']:.1f}"] if m.get("compile_s") is not None else [])
+                                  + ([m["note"]] if ms and m.get("note") else [])) or "-"
             lines.append(f"| {r['label']} | {r['T']} | {r['S']} | {r['Q']} | {r['D']} | {r['C']} | {r['K']} | "
-                         f"{impl} | {timing} | {ratio} | {c.fmt(m.get('peak_mb'), '.1f')} |")
+                         f"{impl} | {timing} | {ratio} | {c.fmt(m.get('peak_mb'), '.1f')} | {compile_s} |")
     main = rows[0]
     lines.append(f"\nmax relative error of ours (float32) against the float64 autograd loop, main case: "
-                 f"{c.fmt(main['max_rel_err'], '.1e')}")
+                 f"{c.fmt(main['max_rel_err'], '.1e')}" + "".join(
+                     f"; {impl}: {c.fmt(m['max_rel_err'], '.1e')}" for impl, m in main["results"].items()
+                     if m.get("max_rel_err") is not None))
+    if any(i in COMPILED for r in rows for i in r["results"]):
+        lines.append("\n" + c.compile_legend([r["compile_startup_s"] for r in rows]) + "  compile is the vmap "
+                     "baseline's, compile-loop and compile-higher the loop's and higher's.")
     return "\n".join(lines)
 
 
@@ -269,14 +315,17 @@ def run_gpu(out_dir="bench/out", stream=sys.stdout, Ts=(32, 128)):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--configs", help=argparse.SUPPRESS)  # the worker's cases, as JSON
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="without the torch.compile rows (the compiles take minutes)")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--gpu", action="store_true", help="the GPU benchmark of the Triton kernel (needs CUDA)")
     args = p.parse_args(argv)
     if args.worker:
-        return _worker(args.worker)
+        return _worker(args.worker, json.loads(args.configs), args.compile)
     if args.gpu:
         return run_gpu(args.out)
-    run(args.out)
+    run(args.out, compile=args.compile)
 
 
 if __name__ == "__main__":
