@@ -333,10 +333,60 @@ def backward_op(op, what: str, *args):
     return fn.apply(*args)
 
 
-def call_op(op, fn: type, *args):
+def call_op(op, fn: type, *args, eager: type | None = None):
     """op(*args), or through the torch.func-compatible Function fn when a torch.func transform
-    is active (func_transforms)."""
-    return fn.apply(*args) if func_transforms() else op(*args)
+    is active (func_transforms), or through eager (eager_transformable) in plain eager mode
+    where one is given: no dispatcher, so the first call does not import torch._dynamo."""
+    if func_transforms():
+        return fn.apply(*args)
+    if eager is not None and _plain_eager(args):
+        return eager.apply(*args)
+    return op(*args)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """No compile, no dispatch mode (FakeTensorMode, FlopCounterMode, a recorder) and no tensor
+    subclass among args: the implementation may run without the dispatcher, which those
+    need to see the op."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+def eager_transformable(op_def, setup_context, backward, name: str) -> type:
+    """transformable() of a custom op's own Python function (op_def: the CustomOpDef), for
+    plain eager mode (call_op's eager).  torch.library runs a custom op's implementation
+    inside a torch._dynamo-disabled wrapper, which imports torch._dynamo (about 3 s and
+    150 MiB here) on the first call, and adds dispatch cost on every call; this Function
+    runs the same implementation and autograd formula without it.  Its ctx.eager is True,
+    so that the backward can call its backward op's function the same way
+    (eager_fn(ctx, op_def)).  torch.compile still traces the op (call_op checks)."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+    return transformable(op_def._init_fn, setup, backward, name)
+
+
+def eager_fn(ctx, op_def, what: str):
+    """The backward op to call from a backward formula: where the forward ran through
+    eager_transformable (ctx.eager), its own Python function, whose outputs are wrapped as
+    the op's registered formula (register_backward_op) would refuse them: under
+    create_graph=True they are usable and differentiating them again raises (refuse_later);
+    else the op."""
+    if not getattr(ctx, "eager", False):
+        return op_def
+    fn = op_def._init_fn
+
+    def run(*args):
+        with torch.no_grad():  # as the dispatcher runs an op's implementation: below autograd
+            out = fn(*args)
+        return refuse_later(what, [a for a in args if isinstance(a, torch.Tensor)], *out)
+
+    return run
 
 
 def refuse_later(what: str, anchors, *grads):

@@ -22,7 +22,8 @@ from torch import Tensor
 from ... import distributed as _dist
 from ...reference.contrastive import contrastive_loss as _reference
 from .. import labeled as _labeled
-from .._common import (acc_dtype, backend_module, backward_op, call_op, func_transforms, needs, one_device,
+from .._common import (acc_dtype, backend_module, backward_op, call_op, eager_fn, eager_transformable,
+                       func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_contrastive
 
@@ -130,7 +131,7 @@ def _backward(ctx, grad_loss, *_unused):
     else:
         query, key, negatives, scale, lse_row, lse_col = ctx.saved_tensors
         dq, dk, dneg, ds = backward_op(
-            contrastive_bwd, _WHAT, grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
+            eager_fn(ctx, contrastive_bwd, _WHAT), _WHAT, grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
             ctx.normalize, ctx.reduction, nq, nk, nn, ns, ctx.backend)
         outs = (dq if nq else None, dk if nk else None, dneg if nn else None, ds if ns else None)
     return outs + (None,) * 9
@@ -138,6 +139,7 @@ def _backward(ctx, grad_loss, *_unused):
 
 torch.library.register_autograd("metassl_fast::contrastive_fwd", _backward, setup_context=_setup_context)
 _Transformable = transformable(torch.ops.metassl_fast.contrastive_fwd, _setup_context, _backward, "contrastive_fwd")
+_Eager = eager_transformable(contrastive_fwd, _setup_context, _backward, "contrastive_fwd_eager")
 register_backward_op("metassl_fast::contrastive_bwd", _WHAT)
 
 
@@ -169,7 +171,7 @@ def loss(query: Tensor, key: Tensor, negatives: Tensor | None, scale: Tensor, *,
     # the CPU backend forms the gradient of a scalar loss during the forward (one pass)
     precompute = reduction != "none" and (need_dq or need_dk or need_dneg or need_ds) and not func_transforms()
     return call_op(torch.ops.metassl_fast.contrastive_fwd, _Transformable, query, key, negatives, scale, symmetric,
-                   normalize, reduction, precompute, need_dq, need_dk, need_dneg, need_ds, backend)[0]
+                   normalize, reduction, precompute, need_dq, need_dk, need_dneg, need_ds, backend, eager=_Eager)[0]
 
 
 def _paired_lse(query, negatives, scale, normalize):

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.labeled import labeled_contrastive_loss as _reference
-from .._common import (acc_dtype, backend_module, backward_op, call_op, check_op, func_transforms, needs, one_device,
+from .._common import (acc_dtype, backend_module, backward_op, call_op, check_op, eager_fn, eager_transformable,
+                       func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_labeled, positives_per_row
 
@@ -123,7 +124,7 @@ def _backward(ctx, grad_loss, *_unused):
         dq, dk, dp, ds = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
         query, key, labels, key_labels, pos_logit, scale = ctx.saved_tensors
-        outs = backward_op(labeled_bwd, _WHAT, grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive,
+        outs = backward_op(eager_fn(ctx, labeled_bwd, _WHAT), _WHAT, grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive,
                            scale, *ctx.args[:4], *need, ctx.args[4])
         dq, dk, dp, ds = (o if nd else None for o, nd in zip(outs, need))
     return (dq, dk, None, None, dp, None, ds) + (None,) * 10
@@ -131,6 +132,7 @@ def _backward(ctx, grad_loss, *_unused):
 
 torch.library.register_autograd("metassl_fast::labeled_fwd", _backward, setup_context=_setup)
 _Transformable = transformable(torch.ops.metassl_fast.labeled_fwd, _setup, _backward, "labeled_fwd")
+_Eager = eager_transformable(labeled_fwd, _setup, _backward, "labeled_fwd_eager")
 register_backward_op("metassl_fast::labeled_bwd", _WHAT)
 
 
@@ -150,7 +152,7 @@ def loss(query: Tensor, key: Tensor | None, labels: Tensor, key_labels: Tensor |
     precompute = reduction != "none" and (need_dq or need_dk or need_dp or need_ds) and not func_transforms()
     return call_op(torch.ops.metassl_fast.labeled_fwd, _Transformable, query, key, labels, key_labels, pos_logit,
                    ext_positive, scale, self_offset, normalize, reduction, pairwise, precompute, need_dq, need_dk,
-                   need_dp, need_ds, backend)[0]
+                   need_dp, need_ds, backend, eager=_Eager)[0]
 
 
 def gathered(query: Tensor, labels: Tensor, scale: Tensor, normalize: bool, reduction: str, pairwise: bool,

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.siglip import siglip_loss as _reference
-from .._common import (backend_module, backward_op, call_op, check_op, func_transforms, needs, one_device,
+from .._common import (backend_module, backward_op, call_op, check_op, eager_fn, eager_transformable,
+                       func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 
 _WHAT = "the contrastive family losses"
@@ -98,13 +99,14 @@ def _backward(ctx, grad_loss, *_unused):
         refuse_create_graph(_WHAT)
         outs = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
-        outs = backward_op(siglip_bwd, _WHAT, grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
+        outs = backward_op(eager_fn(ctx, siglip_bwd, _WHAT), _WHAT, grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
         outs = tuple(o if nd else None for o, nd in zip(outs, need))
     return tuple(outs) + (None,) * 7
 
 
 torch.library.register_autograd("metassl_fast::siglip_fwd", _backward, setup_context=_setup)
 _Transformable = transformable(torch.ops.metassl_fast.siglip_fwd, _setup, _backward, "siglip_fwd")
+_Eager = eager_transformable(siglip_fwd, _setup, _backward, "siglip_fwd_eager")
 register_backward_op("metassl_fast::siglip_bwd", _WHAT)
 
 
@@ -122,4 +124,4 @@ def loss(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, *, backend: st
     need = needs(query, key, scale, bias)
     precompute = any(need) and not func_transforms()
     return call_op(torch.ops.metassl_fast.siglip_fwd, _Transformable, query, key, scale, bias, offset, precompute,
-                   *need, backend)[0]
+                   *need, backend, eager=_Eager)[0]
