@@ -319,12 +319,20 @@ def func_transforms() -> bool:
 _BACKWARD_FNS: dict = {}
 
 
-def backward_op(op, what: str, *args):
+def backward_op(op, what: str, *args, ctx=None):
     """op(*args) for a backward op, called inside an autograd formula.  Under a torch.func
     transform (func_transforms) the call goes through an autograd.Function of the form
     torch.func accepts, whose own backward refuses (double backward is not supported):
-    torch.library's wrapper of the op would be refused by the transform itself."""
+    torch.library's wrapper of the op would be refused by the transform itself.  Where the
+    forward ran through eager_transformable (ctx.eager; op then is the CustomOpDef), the
+    op's own Python function runs instead, as the dispatcher would run it (below autograd),
+    its outputs refusing a second derivative as the op's registered formula does
+    (register_backward_op, refuse_later)."""
     if not func_transforms():
+        if ctx is not None and getattr(ctx, "eager", False):
+            with torch.no_grad():
+                out = op._init_fn(*args)
+            return refuse_later(what, [a for a in args if isinstance(a, torch.Tensor)], *out)
         return op(*args)
     fn = _BACKWARD_FNS.get(op)
     if fn is None:
@@ -361,32 +369,14 @@ def eager_transformable(op_def, setup_context, backward, name: str) -> type:
     inside a torch._dynamo-disabled wrapper, which imports torch._dynamo (about 3 s and
     150 MiB here) on the first call, and adds dispatch cost on every call; this Function
     runs the same implementation and autograd formula without it.  Its ctx.eager is True,
-    so that the backward can call its backward op's function the same way
-    (eager_fn(ctx, op_def)).  torch.compile still traces the op (call_op checks)."""
+    so that the backward calls its backward op's function the same way (backward_op's
+    ctx).  torch.compile still traces the op (call_op checks)."""
 
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.eager = True
 
     return transformable(op_def._init_fn, setup, backward, name)
-
-
-def eager_fn(ctx, op_def, what: str):
-    """The backward op to call from a backward formula: where the forward ran through
-    eager_transformable (ctx.eager), its own Python function, whose outputs are wrapped as
-    the op's registered formula (register_backward_op) would refuse them: under
-    create_graph=True they are usable and differentiating them again raises (refuse_later);
-    else the op."""
-    if not getattr(ctx, "eager", False):
-        return op_def
-    fn = op_def._init_fn
-
-    def run(*args):
-        with torch.no_grad():  # as the dispatcher runs an op's implementation: below autograd
-            out = fn(*args)
-        return refuse_later(what, [a for a in args if isinstance(a, torch.Tensor)], *out)
-
-    return run
 
 
 def refuse_later(what: str, anchors, *grads):

@@ -22,7 +22,7 @@ from torch import Tensor
 from ... import distributed as _dist
 from ...reference.contrastive import contrastive_loss as _reference
 from .. import labeled as _labeled
-from .._common import (acc_dtype, backend_module, backward_op, call_op, eager_fn, eager_transformable,
+from .._common import (acc_dtype, backend_module, backward_op, call_op, eager_transformable,
                        func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_contrastive
@@ -131,8 +131,8 @@ def _backward(ctx, grad_loss, *_unused):
     else:
         query, key, negatives, scale, lse_row, lse_col = ctx.saved_tensors
         dq, dk, dneg, ds = backward_op(
-            eager_fn(ctx, contrastive_bwd, _WHAT), _WHAT, grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
-            ctx.normalize, ctx.reduction, nq, nk, nn, ns, ctx.backend)
+            contrastive_bwd, _WHAT, grad_loss, query, key, negatives, scale, lse_row, lse_col, ctx.symmetric,
+            ctx.normalize, ctx.reduction, nq, nk, nn, ns, ctx.backend, ctx=ctx)
         outs = (dq if nq else None, dk if nk else None, dneg if nn else None, ds if ns else None)
     return outs + (None,) * 9
 

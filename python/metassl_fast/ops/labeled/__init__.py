@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.labeled import labeled_contrastive_loss as _reference
-from .._common import (acc_dtype, backend_module, backward_op, call_op, check_op, eager_fn, eager_transformable,
+from .._common import (acc_dtype, backend_module, backward_op, call_op, check_op, eager_transformable,
                        func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_labeled, positives_per_row
@@ -124,8 +124,8 @@ def _backward(ctx, grad_loss, *_unused):
         dq, dk, dp, ds = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
         query, key, labels, key_labels, pos_logit, scale = ctx.saved_tensors
-        outs = backward_op(eager_fn(ctx, labeled_bwd, _WHAT), _WHAT, grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive,
-                           scale, *ctx.args[:4], *need, ctx.args[4])
+        outs = backward_op(labeled_bwd, _WHAT, grad_loss, query, key, labels, key_labels, pos_logit, ctx.ext_positive,
+                           scale, *ctx.args[:4], *need, ctx.args[4], ctx=ctx)
         dq, dk, dp, ds = (o if nd else None for o, nd in zip(outs, need))
     return (dq, dk, None, None, dp, None, ds) + (None,) * 10
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ... import distributed as _dist
 from ...reference.siglip import siglip_loss as _reference
-from .._common import (backend_module, backward_op, call_op, check_op, eager_fn, eager_transformable,
+from .._common import (backend_module, backward_op, call_op, check_op, eager_transformable,
                        func_transforms, needs, one_device,
                        refuse_create_graph, register_backward_op, scale_precomputed, transformable)
 
@@ -99,7 +99,8 @@ def _backward(ctx, grad_loss, *_unused):
         refuse_create_graph(_WHAT)
         outs = scale_precomputed(ctx.saved_tensors, grad_loss, need)
     else:
-        outs = backward_op(eager_fn(ctx, siglip_bwd, _WHAT), _WHAT, grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend)
+        outs = backward_op(siglip_bwd, _WHAT, grad_loss, *ctx.saved_tensors, ctx.diag_offset, *need, ctx.backend,
+                           ctx=ctx)
         outs = tuple(o if nd else None for o, nd in zip(outs, need))
     return tuple(outs) + (None,) * 7
 
