@@ -14,44 +14,46 @@ i + self_col0 is the anchor itself and in no set:
   An anchor without positives has l_i = 0 and G_i = 0.
 The forward kernel stores per row the loss and the statistics the backward needs
 (lse and npos, or lse_neg and sig); the backward recomputes S tiles in a row-outer
-(dQ, sum G S per program) and a column-outer (dK) kernel, no atomics.  GEMM count:
-1 (forward; pairwise 2) + 2 + 2.
+(dQ, sum G S per program) and a column-outer (dK) kernel, each program owning one
+BLOCK_DO chunk of the output's D (grid axis 1), no atomics.  S is summed over D in
+BLOCK_K chunks (kernels/_tiles.py).  GEMM-equivalents, R = ceil(D / BLOCK_DO):
+1 (forward; pairwise 2) + (R + 1) + (R + 1); floor 3, so 2R over it (pairwise 2R + 1).
 
-Limits as kernels/contrastive.py: D <= 1024 (BLOCK_D holds all of D), fp32/fp16/bf16
-operands, fp32 accumulation, labels int64.
+Limits as kernels/contrastive.py: any D, fp32/fp16/bf16 operands, fp32 accumulation,
+labels int64.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._tiles import _s_tile, _sigmoid, _softplus, _span, _store_rows
+from ._tiles import _chunk, _s_tile, _sigmoid, _softplus, _span, _store_rows
 
 
 @triton.jit
-def _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, d, d_ok, stride_q, stride_k, scale, self_col0,
-               SELF: tl.constexpr, PRECISION: tl.constexpr):
-    """The S tile, its operands and its (valid, pos, neg) masks."""
+def _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, D, stride_q, stride_k, scale, self_col0,
+               SELF: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The S tile and its (valid, pos, neg) masks."""
     yk = tl.load(YK + cols, mask=col_ok, other=0)
-    s, q, k = _s_tile(Q, K, rows, cols, row_ok, col_ok, d, d_ok, stride_q, stride_k, scale, PRECISION)
+    s = _s_tile(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k, scale, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     ok = row_ok[:, None] & col_ok[None, :]
     valid = ok
     if SELF:
         valid = ok & (cols[None, :] != rows[:, None] + self_col0)
     same = yq[:, None] == yk[None, :]
-    return s, q, k, valid, valid & same, ok & (same == 0)
+    return s, valid, valid & same, ok & (same == 0)
 
 
 @triton.jit
 def labeled_fwd_kernel(Q, K, YQ, YK, EXT, LOSS, STAT_A, STAT_B, N, C, D, stride_q, stride_k, scale, self_col0,
                        SELF: tl.constexpr, PAIRWISE: tl.constexpr, HAS_EXT: tl.constexpr, EXT_POS: tl.constexpr,
                        PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row: LOSS, STAT_A = lse (pairwise: lse over the negatives), STAT_B = npos
     (pairwise: sum of the positives' sigmoids)."""
     pid = tl.program_id(0)
     rows, row_ok = _span(pid * BLOCK_M, BLOCK_M, N)
-    d, d_ok = _span(0, BLOCK_D, D)
     yq = tl.load(YQ + rows, mask=row_ok, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -59,8 +61,8 @@ def labeled_fwd_kernel(Q, K, YQ, YK, EXT, LOSS, STAT_A, STAT_B, N, C, D, stride_
     npos = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, C, BLOCK_N):
         cols, col_ok = _span(start, BLOCK_N, C)
-        s, _q, _k, valid, pos, neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, d, d_ok, stride_q,
-                                                stride_k, scale, self_col0, SELF, PRECISION)
+        s, valid, pos, neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, D, stride_q, stride_k, scale,
+                                        self_col0, SELF, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         npos += tl.sum(tl.where(pos, 1.0, 0.0), 1)
         if PAIRWISE:
             in_lse = neg
@@ -81,8 +83,8 @@ def labeled_fwd_kernel(Q, K, YQ, YK, EXT, LOSS, STAT_A, STAT_B, N, C, D, stride_
         sig = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, C, BLOCK_N):
             cols, col_ok = _span(start, BLOCK_N, C)
-            s, _q, _k, _valid, pos, _neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, d, d_ok,
-                                                      stride_q, stride_k, scale, self_col0, SELF, PRECISION)
+            s, _valid, pos, _neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, D, stride_q, stride_k,
+                                              scale, self_col0, SELF, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             t = lse[:, None] - s
             total += tl.sum(tl.where(pos, _softplus(t), 0.0), 1)
             sig += tl.sum(tl.where(pos, _sigmoid(t), 0.0), 1)
@@ -113,11 +115,12 @@ def _anchors(YQ, G, STAT_A, STAT_B, rows, row_ok):
 
 
 @triton.jit
-def _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, stat_a, stat_b, d, d_ok, stride_q, stride_k, scale,
-               self_col0, SELF: tl.constexpr, PAIRWISE: tl.constexpr, PRECISION: tl.constexpr):
-    """(S, Q rows, K rows, G) of a tile; g, stat_a, stat_b are the anchors' (len(rows),)."""
-    s, q, k, valid, pos, neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, d, d_ok, stride_q, stride_k,
-                                          scale, self_col0, SELF, PRECISION)
+def _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, stat_a, stat_b, D, stride_q, stride_k, scale,
+               self_col0, SELF: tl.constexpr, PAIRWISE: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(S, G) of a tile; g, stat_a, stat_b are the anchors' (len(rows),)."""
+    s, valid, pos, neg = _labeled_s(Q, K, YK, rows, cols, row_ok, col_ok, yq, D, stride_q, stride_k, scale,
+                                    self_col0, SELF, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     g = g[:, None]
     stat_a = stat_a[:, None]
     stat_b = stat_b[:, None]
@@ -131,43 +134,49 @@ def _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, stat_a, stat_b, d, d
     else:
         gv = g * e - tl.where(pos, g / tl.maximum(stat_b, 1.0), 0.0)
         gt = tl.where(valid & (stat_b > 0), gv, 0.0)
-    return s, q, k, gt
+    return s, gt
 
 
 @triton.jit
 def labeled_bwd_dq_kernel(Q, K, YQ, YK, G, STAT_A, STAT_B, DQ, DS_PART, N, C, D, stride_q, stride_k, stride_dq,
                           scale, self_col0, SELF: tl.constexpr, PAIRWISE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G K for a block of anchors (times s later) and the block's sum G S."""
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_DO: tl.constexpr):
+    """G K for a block of anchors and one BLOCK_DO chunk of D (times s later), and (chunk
+    0) the block's sum G S."""
     pid = tl.program_id(0)
     rows, row_ok = _span(pid * BLOCK_M, BLOCK_M, N)
-    d, d_ok = _span(0, BLOCK_D, D)
+    d, d_ok = _span(tl.program_id(1) * BLOCK_DO, BLOCK_DO, D)
     yq, g, a, b = _anchors(YQ, G, STAT_A, STAT_B, rows, row_ok)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     gs = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, C, BLOCK_N):
         cols, col_ok = _span(start, BLOCK_N, C)
-        s, _q, k, gt = _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, a, b, d, d_ok, stride_q, stride_k,
-                                  scale, self_col0, SELF, PAIRWISE, PRECISION)
+        s, gt = _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, a, b, D, stride_q, stride_k, scale,
+                           self_col0, SELF, PAIRWISE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         gs += tl.sum(gt * s, 1)
+        k = _chunk(K, cols, col_ok, d, d_ok, stride_k)
         acc = tl.dot(gt.to(k.dtype), k, acc, input_precision=PRECISION)
     _store_rows(DQ, rows, row_ok, d, d_ok, stride_dq, acc)
-    tl.store(DS_PART + pid, tl.sum(gs, 0))
+    if tl.program_id(1) == 0:
+        tl.store(DS_PART + pid, tl.sum(gs, 0))
 
 
 @triton.jit
 def labeled_bwd_dk_kernel(Q, K, YQ, YK, G, STAT_A, STAT_B, DK, N, C, D, stride_q, stride_k, stride_dk, scale,
                           self_col0, SELF: tl.constexpr, PAIRWISE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G^T Q for a block of columns (times s later)."""
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_DO: tl.constexpr):
+    """G^T Q for a block of columns and one BLOCK_DO chunk of D (times s later)."""
     pid = tl.program_id(0)
     cols, col_ok = _span(pid * BLOCK_N, BLOCK_N, C)
-    d, d_ok = _span(0, BLOCK_D, D)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    d, d_ok = _span(tl.program_id(1) * BLOCK_DO, BLOCK_DO, D)
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows, row_ok = _span(start, BLOCK_M, N)
         yq, g, a, b = _anchors(YQ, G, STAT_A, STAT_B, rows, row_ok)
-        _s, q, _k, gt = _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, a, b, d, d_ok, stride_q,
-                                   stride_k, scale, self_col0, SELF, PAIRWISE, PRECISION)
+        _s, gt = _labeled_g(Q, K, YK, rows, cols, row_ok, col_ok, yq, g, a, b, D, stride_q, stride_k, scale,
+                            self_col0, SELF, PAIRWISE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        q = _chunk(Q, rows, row_ok, d, d_ok, stride_q)
         acc = tl.dot(tl.trans(gt).to(q.dtype), q, acc, input_precision=PRECISION)
     _store_rows(DK, cols, col_ok, d, d_ok, stride_dk, acc)

@@ -367,9 +367,66 @@ def test_float64_is_refused(backend):
 
 @needs_triton
 def test_large_d_is_refused():
-    q = torch.randn(4, 1025, device=DEVICE)
-    with pytest.raises(ValueError, match="D <= 1024"):
+    q = torch.randn(4, 16385, device=DEVICE)
+    with pytest.raises(ValueError, match="D <= 16384, got D = 16385"):
         msf.info_nce(q, q, backend="triton")
+
+
+@needs_triton
+def test_d_beyond_a_whole_tile_streams_in_chunks():
+    """D = 1025 (the old whole-D tile's limit + 1): many D chunks and output chunks, and
+    an error within twice a float32 torch run's (plus a few ulp)."""
+    q, k = (torch.randn(5, 1025, dtype=torch.float64) for _ in range(2))
+    results = {}
+    for name, dtype, backend in (("ref", torch.float64, "torch"), ("f32", torch.float32, "torch"),
+                                 ("ours", torch.float32, "triton")):
+        dev = DEVICE if backend == "triton" else "cpu"
+        qx, kx = (x.to(dev, dtype, copy=True).requires_grad_() for x in (q, k))
+        loss = msf.clip_loss(qx, kx, 14.0, backend=backend)
+        loss.backward()
+        results[name] = [t.detach().double().cpu() for t in (loss, qx.grad, kx.grad)]
+    for ref, f32, ours in zip(results["ref"], results["f32"], results["ours"]):
+        floor = 4 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+        assert float((ours - ref).abs().max()) <= 2 * float((f32 - ref).abs().max()) + floor
+
+
+@needs_triton
+def test_deterministic_mode_takes_the_column_lse_from_a_second_one_sided_pass(monkeypatch):
+    """torch.use_deterministic_algorithms(True): the symmetric forward's lock-merged column
+    partials (merge order varies between GPU runs) give way to two one-sided passes,
+    (Q, K) and (K, Q), with the same loss and gradients."""
+    from metassl_fast.kernels import contrastive as tk
+
+    real, calls = tk.contrastive_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append(kwargs["SYMMETRIC"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tk, "contrastive_fwd_kernel", Spy())
+    q, k = (torch.randn(37, 20, dtype=torch.float64) for _ in range(2))
+    qr, kr = (x.clone().requires_grad_() for x in (q, k))
+    msf.clip_loss(qr, kr, 14.0, backend="torch").backward()
+    out = {}
+    for deterministic in (True, False):
+        calls.clear()
+        qx, kx = (x.to(DEVICE, torch.float32, copy=True).requires_grad_() for x in (q, k))
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            loss = msf.clip_loss(qx, kx, 14.0, backend="triton")
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        loss.backward()
+        assert calls == ([False, False] if deterministic else [True])
+        out[deterministic] = [t.detach().double().cpu() for t in (loss, qx.grad, kx.grad)]
+    want = [msf.clip_loss(q, k, 14.0, backend="torch").detach(), qr.grad, kr.grad]
+    for det, lock, ref in zip(out[True], out[False], want):
+        assert float((det - ref).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
+        assert float((det - lock).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -13,6 +13,7 @@ import functools
 import importlib
 import math
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -178,22 +179,47 @@ def operand_scale(dtype, weights) -> float:
     return math.ldexp(1.0, 1 - math.frexp(m)[1])
 
 
-def triton_config(d: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the contrastive-family Triton kernels.  A
-    fixed small tile under the interpreter; on a GPU a first guess by D, to be replaced by
-    measured tuning."""
+TRITON_MAX_D = 16384  # D is streamed in chunks, so any D fits; beyond this the table is not swept
+
+
+class TritonTiles(NamedTuple):
+    """Tile sizes and launch options of the contrastive-family Triton kernels (kernels/_tiles.py):
+    BLOCK_M query rows and BLOCK_N key rows per S tile (both >= 64 on a GPU: each is the
+    MMA's M in one of the backward passes, and wgmma's M is 64), D streamed in BLOCK_K
+    chunks over num_stages buffers, BLOCK_DO columns of D per backward program."""
+    block_m: int
+    block_n: int
+    block_k: int
+    block_do: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self, backward: bool) -> dict:
+        out = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps,
+                   num_stages=self.num_stages)
+        if backward:
+            out["BLOCK_DO"] = self.block_do
+        return out
+
+
+def triton_config(d: int, dtype: torch.dtype = torch.bfloat16) -> TritonTiles:
+    """The tiles for feature dimension d and operand dtype.  Under the interpreter small
+    ones, so that the tests cross every chunk edge; on a GPU the choice that
+    bench/aot/ shows fits sm_80 and sm_90 without spills (tests/test_aot.py keeps it so)."""
     from .. import _backend
 
-    block_d = max(16, 1 << (max(1, d) - 1).bit_length())
-    if block_d > 1024:
-        raise ValueError(f"backend='triton' supports feature dimension D <= 1024, got D = {d}")
+    if not 1 <= d <= TRITON_MAX_D:
+        raise ValueError(f"backend='triton' supports feature dimension 1 <= D <= {TRITON_MAX_D}, got D = {d}")
     if _backend.interpreting():
-        return 16, 16, block_d, 1
-    if block_d <= 128:
-        return 128, 64, block_d, 8
-    if block_d <= 256:
-        return 64, 64, block_d, 8
-    return 64, 32, block_d, 8
+        return TritonTiles(16, 16, 32, 64, 1, 1)
+    pow2 = max(16, 1 << (d - 1).bit_length())
+    if dtype == torch.float32 and precision(dtype) == "ieee":
+        # tl.dot on CUDA cores: every operand element passes through registers
+        return TritonTiles(32, 32, 16, min(64, pow2), 4, 2)
+    half = dtype != torch.float32  # 16-bit operands: half the shared memory and registers per element
+    # BLOCK_DO: the backward recomputes S once per chunk of the output's D, so as wide as
+    # the registers allow without spills (fp32 tf32 spills at 256 on sm_80)
+    return TritonTiles(64, 64, min(64 if half else 32, pow2), min(256 if half else 128, pow2), 8, 3)
 
 
 def precision(dtype) -> str:

@@ -1,7 +1,9 @@
 """The host side shared by the two GPU backends of the contrastive op (triton.py,
 cuda.py): the same buffers, the same kernel contract.  The forward saves only the
 row (and column) LSE; the backward recomputes S tiles for G K (with the per-program
-sums of G S) and for G^T Q.  A backend module supplies launch_fwd and launch_bwd."""
+sums of G S) and for G^T Q.  A backend module supplies launch_fwd and launch_bwd.
+Under torch.use_deterministic_algorithms(True) the symmetric forward takes the column
+LSE from a second one-sided pass instead of the lock-merged column partials."""
 from __future__ import annotations
 
 import math
@@ -30,8 +32,16 @@ def forward(launch_fwd, query, key, negatives, scale, symmetric, normalize, redu
     lse, pos, row_loss = (torch.empty(n, dtype=f32, device=dev) for _ in range(3))
     col_max = torch.full((n,), -math.inf, dtype=f32, device=dev)
     col_sum = torch.zeros(n, dtype=f32, device=dev)
-    launch_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, float(scale), symmetric)
-    lse_col, col_loss = col_lse_and_loss(col_max, col_sum, pos) if symmetric else (lse.new_empty(0), None)
+    if symmetric and torch.are_deterministic_algorithms_enabled():
+        # the symmetric kernel merges column partials in whatever order programs take its
+        # locks; deterministic instead: the column LSE is the row LSE of S^T, a one-sided
+        # pass over (keys, queries) in a fixed order (one more N x N x D product)
+        launch_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, float(scale), False)
+        lse_col, col_pos, col_loss = (torch.empty(n, dtype=f32, device=dev) for _ in range(3))
+        launch_fwd(k_op[:n], q_op, lse_col, col_pos, col_loss, col_max, col_sum, float(scale), False)
+    else:
+        launch_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, float(scale), symmetric)
+        lse_col, col_loss = col_lse_and_loss(col_max, col_sum, pos) if symmetric else (lse.new_empty(0), None)
     loss = reduce((row_loss, col_loss), symmetric, reduction, query.dtype)
     return (loss, lse, lse_col) + empty_grads(query, key, scale)
 

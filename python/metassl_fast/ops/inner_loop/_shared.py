@@ -51,8 +51,9 @@ def check_anil_shapes(support, labels, query, query_labels, weight, bias, lr_w, 
             raise ValueError(f"{name} is on {t.device} but support is on {support.device}")
     if min(T, S, D, C, query.shape[1]) < 1:
         raise ValueError(f"every dimension must be >= 1, got T={T} S={S} D={D} C={C} Q={query.shape[1]}")
-    # the (S x C) and (Q x C) blocks live in registers and shared memory: beyond these the
-    # backward kernel does not fit an A100's shared memory (the CUDA kernel checks its own)
+    # the (S x C) and (Q x C) blocks live in registers: at these caps every binary fits an
+    # A100's and an H100's shared memory (bench/aot/), the second-order reverse pass with
+    # a few KB of spills; beyond them it would spill more (the CUDA kernel checks its own)
     caps = (("support", S, MAX_TRITON_ROWS), ("query", query.shape[1], MAX_TRITON_ROWS),
             ("weight", C, MAX_TRITON_CLASSES)) if triton_caps else ()
     for name, n, cap in caps:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ... import _backend
 from ._shared import check_adapt_bwd, check_adapt_fwd, check_anil_shapes, f32
 
 
@@ -13,9 +12,16 @@ def _block(n):
 
 
 def _blocks(S, Q, C):
-    """(BLOCK_S, BLOCK_Q, BLOCK_C, BLOCK_D): powers of two, at least 16 (tl.dot's smallest
-    tile); a small D chunk under the interpreter."""
-    return _block(S), _block(Q), _block(C), 16 if _backend.interpreting() else 64
+    """(BLOCK_S, BLOCK_Q, BLOCK_C, BLOCK_D) and the launch options: powers of two, at least
+    16 (tl.dot's smallest tile).  The (S x C) matrices of the reverse pass live in
+    registers, so the warps grow with BLOCK_S x BLOCK_C; D streams in 16-wide chunks with
+    one stage (no prefetch buffers): bench/aot/ shows every block size up to the caps
+    within 78 KB of shared memory on sm_80 and sm_90, and where spills remain (second
+    order at S x C >= 64 x 64: 0.35-2.5 KB per thread)."""
+    bs, bq, bc = _block(S), _block(Q), _block(C)
+    cells = bs * bc
+    warps = 4 if cells <= 1024 else 8 if cells <= 4096 else 16
+    return bs, bq, bc, 16, dict(num_warps=warps, num_stages=1)
 
 
 def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
@@ -27,9 +33,9 @@ def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
     C = W.shape[0]
     traj = torch.empty(T, steps + 1, C, D, dtype=torch.float32, device=X.device)
     btraj = torch.empty(T, steps + 1, C, dtype=torch.float32, device=X.device)
-    bs, _, bc, bd = _blocks(S, 1, C)
+    bs, _, bc, bd, launch = _blocks(S, 1, C)
     tk.adapt_fwd_kernel[(T,)](X, labels.contiguous(), W, b, aW, ab, traj, btraj, S, D, C, steps, PRECISION="ieee",
-                              BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
+                              BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, **launch)
     dt = support.dtype
     return traj[:, steps].to(dt, copy=True), btraj[:, steps].to(dt, copy=True), traj.to(dt), btraj.to(dt)
 
@@ -41,10 +47,9 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
     X, aW, ab, Wt, bt, dWK, dbK = f32(support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K)
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
     dX, dW0, db0, daW, dab = torch.empty_like(X), new(T, C, D), new(T, C), new(T, C, D), new(T, C)
-    bs, _, bc, bd = _blocks(S, 1, C)
+    bs, _, bc, bd, launch = _blocks(S, 1, C)
     tk.adapt_bwd_kernel[(T,)](X, labels.contiguous(), aW, ab, Wt, bt, dWK, dbK, dX, dW0, db0, daW, dab, S, D, C, steps,
-                              FIRST_ORDER=first_order, PRECISION="ieee", BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd,
-                              num_warps=4)
+                              FIRST_ORDER=first_order, PRECISION="ieee", BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=bd, **launch)
     dt = support.dtype
     return dX.to(dt), dW0.sum(0).to(dt), db0.sum(0).to(dt), daW.sum(0).to(dt), dab.sum(0).to(dt)
 
@@ -71,10 +76,10 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
         dW0, daW, db0, dab = new(T, C, D), new(T, C, D), new(T, C), new(T, C)
     else:
         tw = dX = dXq = dW0 = daW = db0 = dab = loss  # not touched without COMPUTE_GRAD
-    bs, bq, bc, bd = _blocks(S, Q, C)
+    bs, bq, bc, bd, launch = _blocks(S, Q, C)
     tk.anil_kernel[(T,)](X, y, Xq, yq, W, b, aW, ab, tw, loss, hits, traj, btraj, dX, dXq, dW0, db0, daW, dab,
                          S, Q, D, C, steps, COMPUTE_GRAD=compute_grad, FIRST_ORDER=first_order,
-                         PRECISION="ieee", BLOCK_S=bs, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
+                         PRECISION="ieee", BLOCK_S=bs, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_D=bd, **launch)
     loss = loss.to(dtype)
     if correct is not None:
         correct.copy_(hits)

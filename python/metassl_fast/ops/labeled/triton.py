@@ -16,17 +16,16 @@ class Launch:
         self.q, self.k, self.y, self.yk, self.s, self.col0 = q_op, k_op, y, yk, s, col0
         self.n, self.d = q_op.shape
         self.c = k_op.shape[0]
-        self.bm, self.bn, bd, warps = triton_config(self.d)
-        self.meta = dict(SELF=col0 is not None, PAIRWISE=pairwise, PRECISION=precision(q_op.dtype),
-                         BLOCK_M=self.bm, BLOCK_N=self.bn, BLOCK_D=bd, num_warps=warps)
+        self.t = triton_config(self.d, q_op.dtype)
+        self.meta = dict(SELF=col0 is not None, PAIRWISE=pairwise, PRECISION=precision(q_op.dtype))
 
     def forward(self, ext, ext_positive, row_loss, stat_a, stat_b):
         from ...kernels import labeled as tk
 
-        tk.labeled_fwd_kernel[(cdiv(self.n, self.bm),)](
+        tk.labeled_fwd_kernel[(cdiv(self.n, self.t.block_m),)](
             self.q, self.k, self.y, self.yk, ext if ext is not None else row_loss, row_loss, stat_a, stat_b, self.n,
             self.c, self.d, self.q.stride(0), self.k.stride(0), self.s, self.col0 or 0, HAS_EXT=ext is not None,
-            EXT_POS=ext_positive, **self.meta)
+            EXT_POS=ext_positive, **self.meta, **self.t.meta(backward=False))
 
     def backward(self, dk, g, stat_a, stat_b, out):
         """G K into out (dk False; returns the per-block sums of G S) or G^T Q (dk True)."""
@@ -34,12 +33,14 @@ class Launch:
 
         args = (self.q, self.k, self.y, self.yk, g, stat_a, stat_b, out)
         tail = (self.n, self.c, self.d, self.q.stride(0), self.k.stride(0), out.stride(0), self.s, self.col0 or 0)
+        meta = dict(self.meta, **self.t.meta(backward=True))
+        chunks = cdiv(self.d, self.t.block_do)  # grid axis 1: BLOCK_DO columns of the output each
         if dk:
-            tk.labeled_bwd_dk_kernel[(cdiv(self.c, self.bn),)](*args, *tail, **self.meta)
+            tk.labeled_bwd_dk_kernel[(cdiv(self.c, self.t.block_n), chunks)](*args, *tail, **meta)
             return None
-        grid = cdiv(self.n, self.bm)
+        grid = cdiv(self.n, self.t.block_m)
         parts = torch.empty(grid, dtype=torch.float32, device=self.q.device)
-        tk.labeled_bwd_dq_kernel[(grid,)](*args, parts, *tail, **self.meta)
+        tk.labeled_bwd_dq_kernel[(grid, chunks)](*args, parts, *tail, **meta)
         return parts
 
 
