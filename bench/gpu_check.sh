@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU host (no network; torch, triton, nvcc,
 # pybind11 and scikit-build-core are installed there): build (the CUDA C++ module
-# included), GPU tests of the Triton and CUDA C++ backends, GPU benchmarks of both.
+# included), GPU tests of the Triton and CUDA C++ backends, GPU benchmarks of both (with Inf-CL
+# as a baseline where its wheel came along: run bash bench/fetch_gpu_wheels.sh here first).
 # Everything it prints also lands under $OUT (8 files: the device tool brings back 8).
 # Budget: each step has its own timeout (210 s tests, 150 s + 75 s benchmarks) and the build is
 # for this GPU's architecture only: about 8 minutes at most with the build.  Run from the repository root:  bash bench/gpu_check.sh
@@ -12,6 +13,12 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+# baselines that the GPU host lacks (no network there): wheels that bench/fetch_gpu_wheels.sh
+# put in .whl/ here, carried with the working tree (the device tool's carry: [".whl"])
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # build the CUDA module for this device only, on every core: the build is the one step without a timeout
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
 [ -n "$cap" ] && export METASSL_FAST_CUDA_ARCHS="$cap"

@@ -1,8 +1,8 @@
 """GPU benchmark of clip_loss and info_nce (and siglip_loss and nt_xent at N=16384,
-D=512): eager torch, torch.compile of the same eager code and ours (Triton, and the
-CUDA C++ kernels where _C_cuda is built).  Inf-CL is not
-compared yet: the lent GPU host has no network to install it, and its call has not
-been checked here.
+D=512): eager torch, torch.compile of the same eager code, ours (Triton, and the
+CUDA C++ kernels where _C_cuda is built) and, for clip_loss, Inf-CL (PyPI inf-cl,
+where it is importable: the GPU host has no network, so bench/gpu_check.sh installs
+its wheel from .whl/, which bench/fetch_gpu_wheels.sh downloads before the run).
 
 Forward+backward, bf16, median of triton.testing.do_bench (CUDA events), peak memory
 from torch.cuda.max_memory_allocated over the allocation before the call, achieved
@@ -52,6 +52,9 @@ def _contenders(op: str):
     if op == "clip_loss":
         for b in ours:
             out[b] = lambda q, k, s, b=b: msf.clip_loss(q, k, s, backend=b)
+        inf_cl = inf_cl_clip_loss()
+        if inf_cl is not None:
+            out["inf-cl"] = inf_cl
     elif op == "info_nce":
         for b in ours:
             out[b] = lambda q, k, s, b=b: msf.info_nce(q, k, temperature=TEMPERATURE, backend=b)
@@ -62,6 +65,20 @@ def _contenders(op: str):
         for b in ours:
             out[b] = lambda q, k, s, b=b: msf.nt_xent(q, k, temperature=0.5, backend=b)
     return out
+
+
+def inf_cl_clip_loss():
+    """Inf-CL's symmetric CLIP loss as its README writes it, (inf(img, txt) + inf(txt,
+    img)) / 2 with the logit scale multiplying the first argument, or None where inf_cl
+    is not importable.  Its default head_dim of 256 tiles D (D must be a multiple)."""
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        return None
+
+    def loss(q, k, s):
+        return 0.5 * (cal_inf_loss(q, k, scale=s) + cal_inf_loss(k, q, scale=s))
+    return loss
 
 
 def _inputs(n, d, dtype, seed=0):
@@ -92,7 +109,7 @@ def _measure(fn, q, k, s):
         return ms, peak, None
     except torch.OutOfMemoryError:
         return None, None, "OOM"
-    except RuntimeError as exc:  # a kernel that fails is reported in the table, not hidden
+    except Exception as exc:  # a kernel that fails (ours or a baseline's) is reported in the table, not hidden
         return None, None, f"{type(exc).__name__}: {exc}"[:60]
     finally:
         q.grad = k.grad = s.grad = None
@@ -133,7 +150,7 @@ def run(sizes=(4096, 16384, 65536), dims=(256, 512), huge=(262144,), dtype="bflo
         for name, fn in contenders.items():
             try:
                 errs[name] = _rel_err(fn, op)
-            except RuntimeError as exc:
+            except Exception as exc:  # reported, and the timings still run
                 print(f"{op} {name}: error check failed: {type(exc).__name__}: {exc}", file=stream)
                 errs[name] = None
         for d in dims:
