@@ -1,6 +1,7 @@
 """Interleaved A/B timing of metassl_fast's public ops between two package trees.
 
     python bench/ab_compare.py --a /work/ab/base --b /work/main/python --rounds 15 --out bench/out/ab.md
+    python bench/ab_compare.py --a SITE --b SITE --env-a METASSL_FAST_ISA=avx2 --env-b METASSL_FAST_ISA=avx512
 
 Each tree runs in its own long-lived worker process (the tree first on its PYTHONPATH,
 torch.set_num_threads fixed), which builds every case's inputs once, warms the case up,
@@ -245,8 +246,11 @@ def _worker(threads):
     out = sys.stdout
     sys.stdout = sys.stderr  # a stray print in the package must not corrupt the protocol
     table, built = cases(), {}
+    from metassl_fast import _ext
+
+    cpu = _ext.require("_C").__name__.rsplit(".", 1)[-1] if _ext.available("_C") else "none"
     hello = {"file": msf.__file__, "version": getattr(msf, "__version__", "?"), "torch": torch.__version__,
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "cpu_module": cpu}
     out.write(json.dumps(hello) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -278,8 +282,8 @@ class WorkerDied(RuntimeError):
 
 
 class Worker:
-    def __init__(self, tree, threads, wait_policy):
-        env = dict(os.environ)
+    def __init__(self, tree, threads, wait_policy, extra_env=None):
+        env = dict(os.environ, **(extra_env or {}))
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["OMP_NUM_THREADS"] = str(threads)
         if wait_policy:
@@ -346,8 +350,10 @@ def _repeats_for(worker, case, target_ms):
     return max(1, min(50, int(target_ms / max(reply["times_ms"][0], 1e-3)))), None
 
 
-def compare(a_tree, b_tree, rounds, threads, selected, target_ms, tol, wait_policy, log=sys.stderr):
-    workers = {"A": Worker(a_tree, threads, wait_policy), "B": Worker(b_tree, threads, wait_policy)}
+def compare(a_tree, b_tree, rounds, threads, selected, target_ms, tol, wait_policy, log=sys.stderr, envs=None):
+    envs = envs or {}
+    workers = {side: Worker(tree, threads, wait_policy, envs.get(side))
+               for side, tree in (("A", a_tree), ("B", b_tree))}
     trees = {"A": a_tree, "B": b_tree}
     hello = (workers["A"].hello, workers["B"].hello)
     rows = []
@@ -421,8 +427,10 @@ def format_report(rows, hello, args):
              f"OMP_WAIT_POLICY={args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
              f"{args.rounds} rounds, ABBA/BAAB interleaved, {time.strftime('%Y-%m-%d %H:%M:%S')}; "
              f"load average before the run {load} (a loaded machine inflates multi-threaded times)", "",
-             f"A: {ha['file']} (metassl_fast {ha['version']})  ",
-             f"B: {hb['file']} (metassl_fast {hb['version']})", "",
+             f"A: {ha['file']} (metassl_fast {ha['version']}, CPU module {ha.get('cpu_module')}"
+             f"{', ' + ' '.join(args.env_a) if args.env_a else ''})  ",
+             f"B: {hb['file']} (metassl_fast {hb['version']}, CPU module {hb.get('cpu_module')}"
+             f"{', ' + ' '.join(args.env_b) if args.env_b else ''})", "",
              f"Times: forward+backward (unless the case says forward), float32, CPU, medians over all repeats; "
              f"B/A: median over rounds of the per-round ratio (B's two visit medians over A's two, ABBA), "
              f"95% interval: its bootstrap over rounds; verdict 'same' when the interval lies "
@@ -452,6 +460,10 @@ def main(argv=None):
                    help="OMP_WAIT_POLICY of both workers ('' keeps the environment's): passive, so that "
                         "an OpenMP thread that lost its core to another process sleeps instead of spinning "
                         "(on a loaded 2-core machine, active waiting made identical trees differ 5x)")
+    p.add_argument("--env-a", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable of worker A only (repeatable), e.g. METASSL_FAST_ISA=avx2 "
+                        "to compare two CPU builds of one tree")
+    p.add_argument("--env-b", action="append", default=[], metavar="KEY=VALUE", help="the same for worker B")
     p.add_argument("--list", action="store_true", help="print the case names and exit")
     p.add_argument("--out", default="bench/out/ab.md")
     args = p.parse_args(argv)
@@ -471,8 +483,14 @@ def main(argv=None):
     if not selected:
         p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
     args.load_before = os.getloadavg()
+    envs = {}
+    for side, pairs in (("A", args.env_a), ("B", args.env_b)):
+        bad = [kv for kv in pairs if "=" not in kv]
+        if bad:
+            p.error(f"--env-{side.lower()} takes KEY=VALUE, got {bad}")
+        envs[side] = dict(kv.split("=", 1) for kv in pairs)
     rows, hello = compare(args.a, args.b, args.rounds, args.threads, selected, args.visit_ms, args.tolerance,
-                          args.omp_wait_policy)
+                          args.omp_wait_policy, envs=envs)
     report = format_report(rows, hello, args)
     print(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
