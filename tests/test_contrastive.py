@@ -372,29 +372,87 @@ def test_large_d_is_refused():
         msf.info_nce(q, q, backend="triton")
 
 
+def _family_case(name, n, d):
+    """(inputs in float64, loss(backend, *inputs)) of one contrastive-family op; every
+    input that can take a gradient is among the inputs."""
+    g = torch.Generator().manual_seed(3)
+    x = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if name == "clip_loss":  # symmetric, learnable scale: the ds partials of every chunk program
+        # open_clip's features are unit rows (unnormalised ones: helpers.RULE_EXCEPTIONS)
+        unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
+        return (unit(x(n, d)), unit(x(n, d)), torch.tensor(14.0, dtype=torch.float64)), \
+            lambda b, q, k, s: msf.clip_loss(q, k, s, backend=b)
+    if name == "info_nce+negatives":  # one-sided, extra columns that get no gradient of their own
+        return (x(n, d), x(n, d), x(n + 11, d)), \
+            lambda b, q, k, m: msf.info_nce(q, k, negatives=m, temperature=0.1, backend=b)
+    if name == "nt_xent":  # labelled rows, self-mask
+        return (x(n, d), x(n, d)), lambda b, z1, z2: msf.nt_xent(z1, z2, temperature=0.5, backend=b)
+    if name == "supcon_loss":
+        labels = torch.arange(n) % 5
+        return (x(n, d),), lambda b, f: msf.supcon_loss(f, labels.to(f.device), temperature=0.1, backend=b)
+    return (x(n, d), x(n, d), torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)), \
+        lambda b, q, k, s, t: msf.siglip_loss(q, k, s, t, backend=b)
+
+
+FAMILY_CHUNK_CASES = [(op, 37, 130) for op in ("clip_loss", "info_nce+negatives", "nt_xent", "supcon_loss",
+                                               "siglip_loss")] + [("clip_loss", 20, 1025)]
+
+
 @needs_triton
-def test_d_beyond_a_whole_tile_streams_in_chunks():
-    """D = 1025 (the old whole-D tile's limit + 1): many D chunks and output chunks, and
-    an error within twice a float32 torch run's (plus a few ulp)."""
-    q, k = (torch.randn(5, 1025, dtype=torch.float64) for _ in range(2))
+@pytest.mark.parametrize("name,n,d", FAMILY_CHUNK_CASES)
+def test_d_streams_in_chunks_across_row_tiles(name, n, d):
+    """Several row and column tiles (n > 16, the interpreter's tile), several D chunks of
+    the S product and several output chunks of the backward (grid axis 1; D = 1025 is the
+    old whole-D tile's limit + 1): loss and every gradient, the scalar parameters' (summed
+    by chunk 0's programs) included, within twice a float32 torch run's error + 4 ulp."""
+    inputs, loss_of = _family_case(name, n, d)
     results = {}
-    for name, dtype, backend in (("ref", torch.float64, "torch"), ("f32", torch.float32, "torch"),
-                                 ("ours", torch.float32, "triton")):
+    for tag, dtype, backend in (("ref", torch.float64, "torch"), ("f32", torch.float32, "torch"),
+                                ("ours", torch.float32, "triton")):
         dev = DEVICE if backend == "triton" else "cpu"
-        qx, kx = (x.to(dev, dtype, copy=True).requires_grad_() for x in (q, k))
-        loss = msf.clip_loss(qx, kx, 14.0, backend=backend)
-        loss.backward()
-        results[name] = [t.detach().double().cpu() for t in (loss, qx.grad, kx.grad)]
-    for ref, f32, ours in zip(results["ref"], results["f32"], results["ours"]):
+        xs = [t.to(dev, dtype, copy=True).requires_grad_() for t in inputs]
+        loss = loss_of(backend, *xs)
+        grads = torch.autograd.grad(loss, xs)
+        results[tag] = [t.detach().double().cpu() for t in (loss, *grads)]
+    for i, (ref, f32, ours) in enumerate(zip(results["ref"], results["f32"], results["ours"])):
         floor = 4 * torch.finfo(torch.float32).eps * float(ref.abs().max())
-        assert float((ours - ref).abs().max()) <= 2 * float((f32 - ref).abs().max()) + floor
+        err = float((ours - ref).abs().max())
+        assert err <= 2 * float((f32 - ref).abs().max()) + floor, (name, i, err)
 
 
 @needs_triton
-def test_deterministic_mode_takes_the_column_lse_from_a_second_one_sided_pass(monkeypatch):
+def test_offsets_beyond_int32_are_refused_before_any_kernel():
+    """The Triton kernels offset in 32 bits: rows x D >= 2^31 is a ValueError from the
+    launcher (meta tensors: nothing is allocated, no kernel runs)."""
+    from metassl_fast.ops.contrastive import triton as ct
+    from metassl_fast.ops.inner_loop import triton as it
+    from metassl_fast.ops.labeled import triton as lt
+    from metassl_fast.ops.siglip import triton as st
+
+    n, d = 131072, 16384  # 2^31 elements
+    q = torch.empty(n, d, dtype=torch.bfloat16, device="meta")
+    vec = torch.empty(n, device="meta")
+    msg = r"rows x D must be < 2\^31, got 2147483648"
+    with pytest.raises(ValueError, match=msg):
+        ct.launch_fwd(q, q, vec, vec, vec, vec, vec, 14.0, False)
+    with pytest.raises(ValueError, match=msg):
+        ct.launch_bwd(q, q, vec, vec, vec, 14.0, False, True, (0, n))
+    with pytest.raises(ValueError, match=msg):
+        lt.Launch(q, q, vec.long(), vec.long(), 14.0, None, False)
+    with pytest.raises(ValueError, match=msg):
+        st.Launch(q, q, 10.0, -10.0, 0)
+    with pytest.raises(ValueError, match=r"\(steps \+ 1\) x C x D must be < 2\^31"):
+        it._offsets(25, 75, 64, 2**20, 31)
+    it._offsets(128, 128, 64, 16384, 100)  # the largest sizes that fit pass
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_deterministic_mode_takes_the_column_lse_from_a_second_one_sided_pass(monkeypatch, reduction):
     """torch.use_deterministic_algorithms(True): the symmetric forward's lock-merged column
     partials (merge order varies between GPU runs) give way to two one-sided passes,
-    (Q, K) and (K, Q), with the same loss and gradients."""
+    (Q, K) and (K[:N], Q), with the same loss and gradients (negatives in K included: the
+    column loss runs over the N queries only), bit for bit the same on a second run."""
     from metassl_fast.kernels import contrastive as tk
 
     real, calls = tk.contrastive_fwd_kernel, []
@@ -407,26 +465,36 @@ def test_deterministic_mode_takes_the_column_lse_from_a_second_one_sided_pass(mo
             return run
 
     monkeypatch.setattr(tk, "contrastive_fwd_kernel", Spy())
-    q, k = (torch.randn(37, 20, dtype=torch.float64) for _ in range(2))
-    qr, kr = (x.clone().requires_grad_() for x in (q, k))
-    msf.clip_loss(qr, kr, 14.0, backend="torch").backward()
-    out = {}
-    for deterministic in (True, False):
-        calls.clear()
-        qx, kx = (x.to(DEVICE, torch.float32, copy=True).requires_grad_() for x in (q, k))
+    g = torch.Generator().manual_seed(5)
+    q, k, m = (torch.randn(r, 20, generator=g, dtype=torch.float64) for r in (37, 37, 9))
+    w = torch.rand(37, generator=g, dtype=torch.float64)  # weights of the per-row losses ('none')
+
+    def run(backend, dtype, deterministic=False):
+        qx, kx, mx = (x.to(DEVICE if backend == "triton" else "cpu", dtype, copy=True).requires_grad_()
+                      for x in (q, k, m))
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic)
         try:
-            loss = msf.clip_loss(qx, kx, 14.0, backend="triton")
+            loss = msf.info_nce(qx, kx, negatives=mx, temperature=0.1, symmetric=True, reduction=reduction,
+                                backend=backend)
         finally:
             torch.use_deterministic_algorithms(previous)
-        loss.backward()
+        total = loss if reduction == "mean" else (loss * w.to(loss)).sum()
+        total.backward()
+        return [t.detach().double().cpu() for t in (loss, qx.grad, kx.grad)]
+
+    want = run("torch", torch.float64)
+    out = {}
+    for deterministic in (True, False):
+        calls.clear()
+        out[deterministic] = run("triton", torch.float32, deterministic)
         assert calls == ([False, False] if deterministic else [True])
-        out[deterministic] = [t.detach().double().cpu() for t in (loss, qx.grad, kx.grad)]
-    want = [msf.clip_loss(q, k, 14.0, backend="torch").detach(), qr.grad, kr.grad]
-    for det, lock, ref in zip(out[True], out[False], want):
-        assert float((det - ref).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
-        assert float((det - lock).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
+    again = run("triton", torch.float32, True)
+    for det, lock, ref, det2 in zip(out[True], out[False], want, again):
+        tol = 1e-5 * max(1.0, float(ref.abs().max()))
+        assert float((det - ref).abs().max()) < tol
+        assert float((det - lock).abs().max()) < tol
+        assert torch.equal(det, det2)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -202,14 +202,16 @@ class TritonTiles(NamedTuple):
         return out
 
 
-def triton_config(d: int, dtype: torch.dtype = torch.bfloat16) -> TritonTiles:
-    """The tiles for feature dimension d and operand dtype.  Under the interpreter small
-    ones, so that the tests cross every chunk edge; on a GPU the choice that
-    bench/aot/ shows fits sm_80 and sm_90 without spills (tests/test_aot.py keeps it so)."""
+def triton_config(d: int, dtype: torch.dtype = torch.bfloat16, rows: int = 0) -> TritonTiles:
+    """The tiles for feature dimension d and operand dtype (rows: the most rows of any
+    (rows, d) operand or output).  Under the interpreter small ones, so that the tests
+    cross every chunk edge; on a GPU the choice that bench/aot/ shows fits sm_80 and sm_90
+    without spills (tests/test_aot.py keeps it so)."""
     from .. import _backend
 
     if not 1 <= d <= TRITON_MAX_D:
         raise ValueError(f"backend='triton' supports feature dimension 1 <= D <= {TRITON_MAX_D}, got D = {d}")
+    check_int32_offsets("backend='triton'", ("rows x D", rows * d))
     if _backend.interpreting():
         return TritonTiles(16, 16, 32, 64, 1, 1)
     pow2 = max(16, 1 << (d - 1).bit_length())
@@ -220,6 +222,15 @@ def triton_config(d: int, dtype: torch.dtype = torch.bfloat16) -> TritonTiles:
     # BLOCK_DO: the backward recomputes S once per chunk of the output's D, so as wide as
     # the registers allow without spills (fp32 tf32 spills at 256 on sm_80)
     return TritonTiles(64, 64, min(64 if half else 32, pow2), min(256 if half else 128, pow2), 8, 3)
+
+
+def check_int32_offsets(who: str, *sizes) -> None:
+    """The Triton kernels form element offsets in 32-bit integers: each (name, count) must
+    stay below 2^31, or the addresses would wrap (out-of-bounds reads and writes)."""
+    for name, count in sizes:
+        if count >= 2**31:
+            raise ValueError(f"{who} addresses a tensor with 32-bit element offsets: {name} must be < 2^31, "
+                             f"got {count}; use backend='cuda', 'cpu' or 'torch', or split the batch")
 
 
 def precision(dtype) -> str:

@@ -17,7 +17,7 @@ def launch_fwd(q_op, k_op, lse, pos, row_loss, col_max, col_sum, s, symmetric):
 
     n, d = q_op.shape
     c = k_op.shape[0]
-    t = triton_config(d, q_op.dtype)
+    t = triton_config(d, q_op.dtype, rows=max(n, c))
     lock = torch.zeros(cdiv(c, t.block_n), dtype=torch.int32, device=q_op.device)
     tk.contrastive_fwd_kernel[(cdiv(n, t.block_m),)](
         q_op, k_op, lse, pos, row_loss, col_max, col_sum, lock, n, c, d, q_op.stride(0), k_op.stride(0),
@@ -31,7 +31,7 @@ def launch_bwd(q_op, k_op, lse_row, g, lse_c, s, symmetric, want_dq, rows):
 
     n, d = q_op.shape
     c = k_op.shape[0]
-    t = triton_config(d, q_op.dtype)
+    t = triton_config(d, q_op.dtype, rows=max(n, c))
     meta = dict(SYMMETRIC=symmetric, PRECISION=precision(q_op.dtype), **t.meta(backward=True))
     chunks = cdiv(d, t.block_do)  # grid axis 1: one program per BLOCK_DO columns of the output
     dq = parts = dk = None

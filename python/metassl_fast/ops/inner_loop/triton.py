@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import check_int32_offsets
 from ._shared import check_adapt_bwd, check_adapt_fwd, check_anil_shapes, f32
 
 
@@ -11,15 +12,21 @@ def _block(n):
     return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
+def _offsets(S, Q, C, D, steps):
+    """Within a task the kernels offset in 32 bits (the task's base is 64-bit)."""
+    check_int32_offsets("backend='triton'", ("support or query rows x D", max(S, Q) * D),
+                        ("(steps + 1) x C x D", (steps + 1) * C * D))
+
+
 def _blocks(S, Q, C):
     """(BLOCK_S, BLOCK_Q, BLOCK_C, BLOCK_D) and the launch options: powers of two, at least
     16 (tl.dot's smallest tile).  The (S x C) matrices of the reverse pass live in
-    registers, so the warps grow with BLOCK_S x BLOCK_C; D streams in 16-wide chunks with
+    registers, so the warps grow with max(BLOCK_S, BLOCK_Q) x BLOCK_C; D streams in 16-wide chunks with
     one stage (no prefetch buffers): bench/aot/ shows every block size up to the caps
     within 78 KB of shared memory on sm_80 and sm_90, and where spills remain (second
     order at S x C >= 64 x 64: 0.35-2.5 KB per thread)."""
     bs, bq, bc = _block(S), _block(Q), _block(C)
-    cells = bs * bc
+    cells = max(bs, bq) * bc  # the support's and the query's (rows x C) blocks
     warps = 4 if cells <= 1024 else 8 if cells <= 4096 else 16
     return bs, bq, bc, 16, dict(num_warps=warps, num_stages=1)
 
@@ -31,6 +38,7 @@ def adapt_forward(support, labels, weight, bias, lr_w, lr_b, steps):
     X, W, b, aW, ab = f32(support, weight, bias, lr_w, lr_b)
     T, S, D = X.shape
     C = W.shape[0]
+    _offsets(S, 1, C, D, steps)
     traj = torch.empty(T, steps + 1, C, D, dtype=torch.float32, device=X.device)
     btraj = torch.empty(T, steps + 1, C, dtype=torch.float32, device=X.device)
     bs, _, bc, bd, launch = _blocks(S, 1, C)
@@ -45,6 +53,7 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
 
     T, S, D, C, steps = check_adapt_bwd(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj)
     X, aW, ab, Wt, bt, dWK, dbK = f32(support, lr_w, lr_b, W_traj, b_traj, dW_K, db_K)
+    _offsets(S, 1, C, D, steps)
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
     dX, dW0, db0, daW, dab = torch.empty_like(X), new(T, C, D), new(T, C), new(T, C, D), new(T, C)
     bs, _, bc, bd, launch = _blocks(S, 1, C)
@@ -67,6 +76,7 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
     y, yq = labels.contiguous(), query_labels.contiguous()
     T, S, D = X.shape
     Q, C = Xq.shape[1], W.shape[0]
+    _offsets(S, Q, C, D, steps)
     new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=X.device)  # noqa: E731
     loss, hits = new(T), new(T)
     traj, btraj = new(T, steps + 1, C, D), new(T, steps + 1, C)

@@ -16,7 +16,7 @@ class Launch:
         self.q, self.k, self.y, self.yk, self.s, self.col0 = q_op, k_op, y, yk, s, col0
         self.n, self.d = q_op.shape
         self.c = k_op.shape[0]
-        self.t = triton_config(self.d, q_op.dtype)
+        self.t = triton_config(self.d, q_op.dtype, rows=max(self.n, self.c))
         self.meta = dict(SELF=col0 is not None, PAIRWISE=pairwise, PRECISION=precision(q_op.dtype))
 
     def forward(self, ext, ext_positive, row_loss, stat_a, stat_b):

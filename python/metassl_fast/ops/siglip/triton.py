@@ -16,7 +16,7 @@ class Launch:
         self.q, self.k = q_op, k_op
         self.n, self.d = q_op.shape
         self.c = k_op.shape[0]
-        self.t = triton_config(self.d, q_op.dtype)
+        self.t = triton_config(self.d, q_op.dtype, rows=max(self.n, self.c))
         self.precision = precision(q_op.dtype)
         self.sbd = (s, b, diag_offset)
 
