@@ -59,10 +59,15 @@ def test_table_key_matches_the_code(version):
 
 
 def test_the_table_covers_exactly_what_the_launchers_choose():
-    ids = {s["id"] for s in aot.capture()}
+    """The launches recorded from the launchers now, spec for spec (signature,
+    constexprs, divisibility, warps, stages), are the table's rows."""
+    captured = {s["id"]: s for s in aot.capture()}
+    assert any("odd=" in i for i in captured) and any("odd=" not in i for i in captured)
     for version, table in TABLES.items():
-        rows = {r["id"] for r in table["rows"]}
-        assert rows == ids, (version, sorted(rows ^ ids)[:5])
+        rows = {r["id"]: r for r in table["rows"]}
+        assert rows.keys() == captured.keys(), (version, sorted(rows.keys() ^ captured.keys())[:5])
+        for i, row in rows.items():
+            assert all(row["spec"][k] == captured[i][k] for k in aot._SPEC_FIELDS), (version, i)
 
 
 def test_the_launcher_refuses_d_beyond_what_the_table_covers():
@@ -78,10 +83,11 @@ def _block(row, name):
     return int(m.group(1)) if m else None
 
 
-# Stack bytes any binary may have: a few registers' worth that ptxas puts on the stack
-# in some fp32 binaries (tl.dot on CUDA cores, tf32 on sm_80) and at the inner loop's
-# smallest blocks (8-24 bytes measured); not the hot-path spills the issue is about.
-SMALL_SPILL = 32
+# Stack bytes any binary may have: a few registers' worth that ptxas puts on the stack in
+# binaries at the 255-register limit (fp32 on CUDA cores; on sm_80 the backward kernels at
+# sizes that are not multiples of 16) and at the inner loop's smallest blocks: 8-56 bytes
+# measured (bench/aot/*.md); not the kilobytes of hot-path spills the issue is about.
+SMALL_SPILL = 64
 
 
 def _violations(row):
@@ -101,12 +107,14 @@ def _violations(row):
 # (kind, kernel regex, predicate over the row).  Each must still occur in some table:
 # when one is fixed, its entry goes.
 KNOWN_DEFECTS = [
-    # The inner loop's (S x C) matrices live in registers: the second-order reverse pass
-    # at BLOCK_S x BLOCK_C >= 64 x 64 (8-16 warps) spills 296-352 bytes per thread, at the
-    # caps 128 x 64 1.4-2.5 KB, first order at the caps 0.7 KB (triton 3.9; was 9-17 KB
-    # with 4 warps and 3 stages of 64-wide D chunks, which also needed 240 KB of shared
-    # memory).  Fixing it means keeping them in shared memory or splitting S over warps.
-    ("spill", r"^inner_loop\.", lambda r: _block(r, "BLOCK_S") >= 64 and r["stack"] <= 3072),
+    # The inner loop's (rows x C) matrices live in registers: with a 64- or 128-row support
+    # or query block and 64 classes the reverse pass spills 0.3 KB (64 x 64) to 0.7-2.7 KB
+    # (128 x 64, second and first order; S = 16 with Q = 128 0.7-1.0 KB) per thread (was
+    # 9-17 KB with 4 warps and 3 stages of 64-wide D chunks, which also needed 240 KB of
+    # shared memory).  Fixing it means keeping them in shared memory or splitting rows over
+    # warps.
+    ("spill", r"^inner_loop\.",
+     lambda r: max(_block(r, "BLOCK_S"), _block(r, "BLOCK_Q") or 0) >= 64 and r["stack"] <= 3072),
 ]
 
 
@@ -127,15 +135,19 @@ def test_every_binary_within_the_limits_or_a_known_defect():
 
 
 def test_sixteen_bit_contrastive_kernels_use_wgmma_and_async_copies_on_sm_90():
-    """The restructured kernels' point: on H100 the 16-bit binaries issue wgmma (HGMMA)
-    and cp.async (LDGSTS) from the pipelined D loop, for every kernel of the family."""
+    """The restructured kernels' point: on H100 the 16-bit binaries issue wgmma (HGMMA),
+    and where D and the row strides are multiples of 16 cp.async (LDGSTS) from the
+    pipelined D loop, for every kernel of the family.  At other sizes (the table's odd=
+    rows) the loads are not provably 16-byte aligned and triton emits no cp.async:
+    measured, documented in bench/RESULTS.md (pad D to a multiple of 16)."""
     for version in VERSIONS:
         rows = [r for r in TABLES[version]["rows"] if r["arch"] == 90 and not r["kernel"].startswith("inner_loop")
                 and r["config"].split(",", 1)[0] in ("bf16", "fp16")]
         assert len({r["kernel"] for r in rows}) == 9, version
         for r in rows:
             assert r["mma"] == "wgmma" and r["sass"]["HGMMA"] > 0, (version, r["id"])
-            assert r["sass"]["LDGSTS"] > 0 or r["sass"]["UTMALDG"] > 0, (version, r["id"])
+            if "odd=" not in r["config"]:
+                assert r["sass"]["LDGSTS"] > 0 or r["sass"]["UTMALDG"] > 0, (version, r["id"])
 
 
 # ----------------------------------------------------------------------------- live subset

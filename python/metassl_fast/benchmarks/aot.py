@@ -43,6 +43,9 @@ ARCHS = (90, 80)
 # D buckets: every tile choice of triton_config (it changes up to D = 256), and large D
 # up to TRITON_MAX_D, which stream through the same binaries
 D_BUCKETS = (16, 32, 64, 128, 256, 1024, 2048, 16384)
+# the same tiles with sizes that are not multiples of 16 (triton specialises on
+# divisibility by 16): one shape, both D and N odd; mixed cases are not swept
+ODD_SHAPES = ((1000, 4097),)
 PRECISIONS = (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
               ("fp32-ieee", torch.float32, False), ("fp32-tf32", torch.float32, True))
 N_ROWS = 4096  # rows of Q / K in the recorded launches: a size, not a config choice
@@ -127,13 +130,12 @@ def _recording(sink: list):
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
 
 
-def _contrastive_family(d, dtype):
-    """The contrastive, labelled-row and SigLIP launchers at feature dimension d."""
+def _contrastive_family(d, dtype, n=N_ROWS):
+    """The contrastive, labelled-row and SigLIP launchers at feature dimension d, n rows."""
     from ..ops.contrastive import triton as ct
     from ..ops.labeled import triton as lt
     from ..ops.siglip import triton as st
 
-    n = N_ROWS
     q = torch.empty(n, d, dtype=dtype, device="meta")
     vec = lambda: torch.empty(n, dtype=torch.float32, device="meta")  # noqa: E731
     mat = lambda: torch.empty(n, d, dtype=torch.float32, device="meta")  # noqa: E731
@@ -174,30 +176,33 @@ def _inner_loop(s, q, c):
 
 
 def inner_loop_sizes():
-    """(S, Q, C) for the inner-loop launcher: its caps (the largest blocks it can pick,
-    which bound the shared memory and registers of every smaller block), the mid size
-    S = Q = C = 64, and the smallest blocks.  Every block size in between costs 5-30 s of
-    compile per binary, so the sweep stops at these three."""
+    """(BLOCK_S, BLOCK_Q, BLOCK_C) for the inner-loop launcher (captured at one less than
+    each, odd sizes as real tasks have): its caps (the largest blocks it can pick), the mid
+    size 64, the smallest blocks, and a small support with the largest query (the launcher's
+    warps follow the larger of the two row blocks).  Other block sizes are not compiled
+    (5-30 s a binary before this change); their shared memory lies between these."""
     from ..ops.inner_loop._shared import MAX_TRITON_CLASSES, MAX_TRITON_ROWS
 
-    return [(16, 16, 16), (64, 64, min(64, MAX_TRITON_CLASSES)), (MAX_TRITON_ROWS, MAX_TRITON_ROWS, MAX_TRITON_CLASSES)]
+    return [(16, 16, 16), (64, 64, min(64, MAX_TRITON_CLASSES)), (16, MAX_TRITON_ROWS, MAX_TRITON_CLASSES),
+            (MAX_TRITON_ROWS, MAX_TRITON_ROWS, MAX_TRITON_CLASSES)]
 
 
 def capture() -> list:
     """Every distinct launch (one per binary) for every arch, each with the cases that pick it."""
     sink, by_id = [], {}
+    family = [(d, N_ROWS, f"D<={d}") for d in D_BUCKETS] + [(d, n, f"D={d} N={n}") for d, n in ODD_SHAPES]
     with _recording(sink):
-        for d in D_BUCKETS:
+        for d, n, label in family:
             for pname, dtype, tf32 in PRECISIONS:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 start = len(sink)
-                _contrastive_family(d, dtype)
+                _contrastive_family(d, dtype, n)
                 for spec in sink[start:]:
-                    spec["case"] = f"D<={d} {pname}"
+                    spec["case"] = f"{label} {pname}"
         torch.backends.cuda.matmul.allow_tf32 = False
         for s, q, c in inner_loop_sizes():
             start = len(sink)
-            _inner_loop(s, q, c)
+            _inner_loop(s - 1, q - 1, c - 1)  # odd sizes, as real tasks have (S = 25, C = 5)
             for spec in sink[start:]:
                 spec["case"] = f"S<={s} Q<={q} C<={c} fp32"
     for spec in sink:
@@ -205,17 +210,23 @@ def capture() -> list:
         for arch in ARCHS:
             full = dict(spec, arch=arch)
             full["id"] = spec_id(full)
-            if full["id"] not in by_id:
-                by_id[full["id"]] = dict(full, cases=[])
-            if case not in by_id[full["id"]]["cases"]:
-                by_id[full["id"]]["cases"].append(case)
+            seen = by_id.setdefault(full["id"], dict(full, cases=[]))
+            if any(seen[k] != full[k] for k in _SPEC_FIELDS):  # one id, one binary: never merge two
+                raise RuntimeError(f"two different launches share the id {full['id']}")
+            if case not in seen["cases"]:
+                seen["cases"].append(case)
     return list(by_id.values())
 
 
 def spec_id(spec: dict) -> str:
-    """kernel[constexprs, operand dtype, warps, stages]@sm_XX: one binary."""
+    """kernel[operand dtype, constexprs, warps, stages(, the integer arguments not divisible
+    by 16: triton specialises on it)]@sm_XX: one binary."""
     const = ",".join(f"{k}={v}" for k, v in spec["constexprs"].items())
     operand = next(t for t in spec["signature"].values() if t.startswith("*"))
+    odd = [name for i, (name, t) in enumerate(spec["signature"].items())
+           if t in ("i32", "i64") and i not in spec["divisible"]]
+    if odd:
+        const += ",odd=" + "+".join(odd)
     return f"{spec['kernel']}[{operand[1:]},{const},w{spec['num_warps']},s{spec['num_stages']}]@sm_{spec['arch']}"
 
 
@@ -314,14 +325,14 @@ def code_key() -> str:
     files = sorted(os.path.join(KERNELS_DIR, f) for f in os.listdir(KERNELS_DIR) if f.endswith(".py"))
     files += sorted(os.path.join(_PKG, "ops", op, "triton.py") for op in ("contrastive", "inner_loop", "labeled",
                                                                          "siglip"))
+    files += [os.path.abspath(__file__), _aot_compile.__file__]  # the capture and the measurement
     for path in files:
-        h.update(os.path.relpath(path, _PKG).encode())
+        h.update(os.path.basename(os.path.dirname(path)).encode() + os.path.basename(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
-    for fn in (_common.triton_config, _common.precision, _contrastive_family, _inner_loop, inner_loop_sizes,
-               _spec):
-        h.update(inspect.getsource(fn).encode())
-    h.update(f"{_shared.MAX_TRITON_ROWS},{_shared.MAX_TRITON_CLASSES},{D_BUCKETS},{ARCHS}".encode())
+    for obj in (_common.TritonTiles, _common.triton_config, _common.precision, _common.check_int32_offsets):
+        h.update(inspect.getsource(obj).encode())
+    h.update(f"{_shared.MAX_TRITON_ROWS},{_shared.MAX_TRITON_CLASSES}".encode())
     return h.hexdigest()[:16]
 
 
@@ -342,12 +353,14 @@ def _triton_version(python: str) -> str:
 
 
 def kernels_key() -> str:
-    """sha256 of kernels/*.py alone: a binary compiled from the same spec and the same
-    kernel source is the same binary, whatever the launchers choose elsewhere."""
+    """sha256 of kernels/*.py and of the compile-and-measure code: a binary compiled from
+    the same spec and the same kernel source, measured the same way, is the same row,
+    whatever the launchers choose elsewhere."""
     h = hashlib.sha256()
-    for name in sorted(f for f in os.listdir(KERNELS_DIR) if f.endswith(".py")):
-        h.update(name.encode())
-        with open(os.path.join(KERNELS_DIR, name), "rb") as f:
+    paths = [os.path.join(KERNELS_DIR, f) for f in sorted(os.listdir(KERNELS_DIR)) if f.endswith(".py")]
+    for path in paths + [_aot_compile.__file__]:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
 
