@@ -404,20 +404,10 @@ def test_d_streams_in_chunks_across_row_tiles(name, n, d):
     """Several row and column tiles (n > 16, the interpreter's tile), several D chunks of
     the S product and several output chunks of the backward (grid axis 1; D = 1025 is the
     old whole-D tile's limit + 1): loss and every gradient, the scalar parameters' (summed
-    by chunk 0's programs) included, within twice a float32 torch run's error + 4 ulp."""
+    by chunk 0's programs) included, against float64 and within twice a float32 torch
+    run's error (helpers.check)."""
     inputs, loss_of = _family_case(name, n, d)
-    results = {}
-    for tag, dtype, backend in (("ref", torch.float64, "torch"), ("f32", torch.float32, "torch"),
-                                ("ours", torch.float32, "triton")):
-        dev = DEVICE if backend == "triton" else "cpu"
-        xs = [t.to(dev, dtype, copy=True).requires_grad_() for t in inputs]
-        loss = loss_of(backend, *xs)
-        grads = torch.autograd.grad(loss, xs)
-        results[tag] = [t.detach().double().cpu() for t in (loss, *grads)]
-    for i, (ref, f32, ours) in enumerate(zip(results["ref"], results["f32"], results["ours"])):
-        floor = 4 * torch.finfo(torch.float32).eps * float(ref.abs().max())
-        err = float((ours - ref).abs().max())
-        assert err <= 2 * float((f32 - ref).abs().max()) + floor, (name, i, err)
+    check(loss_of, [t.float() for t in inputs], backend="triton", what=name)
 
 
 @needs_triton

@@ -7,8 +7,8 @@ that it runs in an environment holding nothing but another triton version:
 
     python _aot_compile.py SPECS.json OUT.json [--kernels DIR] [--jobs N]
 
-SPECS.json is what `python -m metassl_fast.benchmarks.aot --specs` writes (the launches
-the launchers chose, recorded, see aot.py).  A spec: {"kernel": "contrastive.name",
+SPECS.json is what `aot.build()` writes for it (the launches the launchers chose,
+recorded by aot.capture()).  A spec: {"kernel": "contrastive.name",
 "signature": {arg: type or "constexpr"}, "constexprs": {...}, "divisible": [arg index
 with 16-divisible value], "num_warps", "num_stages", "arch"}.
 
@@ -70,6 +70,12 @@ def _tool(name: str) -> str:
     return found
 
 
+def sass_census(sass: str) -> dict:
+    """How many of each instruction in SASS_OPS a SASS listing holds."""
+    counts = collections.Counter(re.findall(r"\b(" + "|".join(SASS_OPS) + r")\b", sass))
+    return {op: counts.get(op, 0) for op in SASS_OPS}
+
+
 def mma_kind(ops: dict) -> str:
     if ops.get("HGMMA"):
         return "wgmma"
@@ -109,8 +115,7 @@ def compile_spec(spec: dict, kernels_dir: str) -> dict:
         row.update(ok=False, error=f"no resource usage in cuobjdump's output: {res[-300:]}")
         return row
     regs, stack, static_smem, local = map(int, m.groups())
-    counts = collections.Counter(re.findall(r"\b(" + "|".join(SASS_OPS) + r")\b", sass))
-    ops = {op: counts.get(op, 0) for op in SASS_OPS}
+    ops = sass_census(sass)
     smem = int(k.metadata.shared) + static_smem
     row.update(ok=True, regs=regs, stack=stack, local=local, smem=smem,
                smem_limit=SMEM_LIMIT[spec["arch"]], fits=smem <= SMEM_LIMIT[spec["arch"]],

@@ -242,8 +242,6 @@ _PTXAS_USED = re.compile(r"Used (\d+) registers(?:[^\n]*?(\d+) bytes smem)?")
 def cuda_rows(csrc: str, archs=ARCHS, nvcc: str = "nvcc", sources=CUDA_SOURCES) -> list:
     """Every kernel instantiation of csrc/cuda/*.cu as nvcc -Xptxas -v reports it (registers,
     stack, spill bytes, static shared memory) plus the SASS MMA kind, per arch."""
-    import collections
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources:
@@ -257,8 +255,7 @@ def cuda_rows(csrc: str, archs=ARCHS, nvcc: str = "nvcc", sources=CUDA_SOURCES) 
                 per_fn = {}
                 for part in re.split(r"\n\s*Function : ", sass)[1:]:
                     name, body = part.split("\n", 1)
-                    counts = collections.Counter(re.findall(r"\b(" + "|".join(_aot_compile.SASS_OPS) + r")\b", body))
-                    per_fn[name.strip()] = {op: counts.get(op, 0) for op in _aot_compile.SASS_OPS}
+                    per_fn[name.strip()] = _aot_compile.sass_census(body)
                 for block in log.split("ptxas info    : Compiling entry function")[1:]:
                     block = "Compiling entry function" + block
                     name = _PTXAS_ENTRY.search(block).group(1)
@@ -455,11 +452,16 @@ def summary(table: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def operand(row: dict) -> str:
+    """The operand dtype of a table row ("bf16", "fp16", "fp32"): its config's first field."""
+    return row["config"].split(",", 1)[0]
+
+
 def needs_wgmma(row: dict) -> bool:
     """16-bit operands on sm_90, where the MMA tile has at least 64 rows (wgmma's M).
     The 64-row condition is read from the config's block sizes: the kernel's smaller
     block of rows and columns is the MMA's M in the row-outer and column-outer passes."""
-    if row["arch"] != 90 or not any(t in row["config"] for t in ("[bf16", "bf16,", "fp16,")):
+    if row["arch"] != 90 or operand(row) not in ("bf16", "fp16"):
         return False
     blocks = dict(kv.split("=") for kv in row["config"].split(",") if kv.startswith("BLOCK_M=")
                   or kv.startswith("BLOCK_N="))

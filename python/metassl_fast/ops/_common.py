@@ -202,7 +202,7 @@ class TritonTiles(NamedTuple):
         return out
 
 
-def triton_config(d: int, dtype: torch.dtype = torch.bfloat16, rows: int = 0) -> TritonTiles:
+def triton_config(d: int, dtype: torch.dtype = torch.bfloat16, *, rows: int) -> TritonTiles:
     """The tiles for feature dimension d and operand dtype (rows: the most rows of any
     (rows, d) operand or output).  Under the interpreter small ones, so that the tests
     cross every chunk edge; on a GPU the choice that bench/aot/ shows fits sm_80 and sm_90

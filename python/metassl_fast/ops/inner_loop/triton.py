@@ -23,8 +23,8 @@ def _blocks(S, Q, C):
     16 (tl.dot's smallest tile).  The (S x C) matrices of the reverse pass live in
     registers, so the warps grow with max(BLOCK_S, BLOCK_Q) x BLOCK_C; D streams in 16-wide chunks with
     one stage (no prefetch buffers): bench/aot/ shows every block size up to the caps
-    within 78 KB of shared memory on sm_80 and sm_90, and where spills remain (second
-    order at S x C >= 64 x 64: 0.35-2.5 KB per thread)."""
+    within 78 KB of shared memory on sm_80 and sm_90, and where spills remain (the
+    reverse pass with 64- or 128-row blocks: 0.3-2.7 KB per thread)."""
     bs, bq, bc = _block(S), _block(Q), _block(C)
     cells = max(bs, bq) * bc  # the support's and the query's (rows x C) blocks
     warps = 4 if cells <= 1024 else 8 if cells <= 4096 else 16
