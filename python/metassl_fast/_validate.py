@@ -267,7 +267,7 @@ def int_labels(name: str, labels: object, shape: tuple, n_classes: int | None,
             raise ValueError(f"{name} holds values >= 2**63: class labels must lie in [0, n_classes)")
     labels = labels.long()
     if labels.numel() and not _compiling():
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = (int(v) for v in torch.aminmax(labels))  # one reduction: this runs on every call
         if lo < 0 or (n_classes is not None and hi >= n_classes):
             where = f"[0, {n_classes})" if n_classes is not None else "[0, n_classes): no negative class"
             raise ValueError(f"{name} must lie in {where}, got values in [{lo}, {hi}]")
@@ -337,8 +337,7 @@ def step_sizes(lr: object, C: int, D: int, like: Tensor) -> tuple[Tensor, Tensor
         raise TypeError(f"lr must be a float, a 0-dim tensor or a pair of tensors, got {type(lr).__name__}")
     if not math.isfinite(_float("lr", lr, "finite")):
         raise ValueError(f"lr must be finite, got {lr}")
-    full = torch.full((), float(lr), dtype=like.dtype, device=like.device)
-    return full.expand(C, D), full.expand(C), True
+    return like.new_full((C, D), float(lr)), like.new_full((C,), float(lr)), True
 
 
 def steps(value: object) -> int:

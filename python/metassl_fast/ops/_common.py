@@ -251,6 +251,16 @@ def ptr_args(**tensors) -> dict:
     return out
 
 
+def ptr_pairs(*tensors) -> list:
+    """pointer, element count, pointer, ... of the tensors, for a positional call of a
+    compiled function whose arguments are in that order (the hot entries: keyword parsing
+    of some fifty arguments and ptr_args's dict cost about 6 us a call)."""
+    out = []
+    for t in tensors:
+        out += (t.data_ptr(), t.numel())
+    return out
+
+
 def cuda_call(name: str, device: torch.device, **kwargs) -> None:
     """_C_cuda.<name>(**kwargs) with `device` current and torch's current stream on it."""
     mod = _ext.require("_C_cuda")
@@ -413,7 +423,23 @@ def eager_transformable(op_def, setup_context, backward, name: str) -> type:
         setup_context(ctx, inputs, output)
         ctx.eager = True
 
-    return transformable(op_def._init_fn, setup, backward, name)
+    return eager_function(op_def._init_fn, setup, backward, name)
+
+
+def eager_function(run, setup_context, backward, name: str) -> type:
+    """An autograd.Function of the classic form, forward(ctx, *args) = run(*args) followed by
+    setup_context(ctx, args, output), with the op's backward: for plain eager mode only
+    (never under torch.func, which needs transformable()'s form).  torch binds the arguments
+    of a Function that defines setup_context with inspect.signature on every call, about
+    20 us here, a tenth of a small call (bench/RESULTS.md, fixed per-call cost)."""
+
+    def forward(ctx, *args):
+        output = run(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
 
 
 def refuse_later(what: str, anchors, *grads):

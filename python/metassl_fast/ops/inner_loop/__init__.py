@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...reference.inner_loop import adapt_reference
-from .._common import (backend_module, backward_op, call_op, func_transforms, one_device, refuse_later,
-                       register_backward_op, scale_precomputed, transformable)
+from .._common import (backend_module, backward_op, call_op, eager_function, func_transforms, one_device,
+                       refuse_later, register_backward_op, scale_precomputed, transformable)
 from ._shared import check_op_sizes
 
 _WHAT = "the fused inner loop (a Hessian of the meta-loss)"
@@ -182,14 +182,20 @@ def _train_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Te
     anil_apply; correct counts each task's correctly classified queries."""
     one_device("anil_loss_train", support, labels, query, query_labels, weight, bias, lr_w, lr_b)
     check_op_sizes(support, weight, steps)
+    return _train_run(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order,
+                      _impl("cpu").anil)
+
+
+def _train_run(support, labels, query, query_labels, weight, bias, lr_w, lr_b, steps, first_order, run):
+    """_train_impl after its checks; run: the CPU backend's anil (checked) or anil_unchecked."""
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     defer = (support.new_empty(T, S + 2 * C, S), support.new_empty(T, C, D), support.new_empty(T, C, Q),
              support.new_empty(T, C, D))
     weights = support.new_full((T,), 1.0 / T)
     correct = support.new_empty(T)  # every task writes its count
-    loss_t, (_, _, dW, db, _, _) = _impl("cpu").anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b,
-                                                    weights, steps, first_order, True, False, correct, defer)
+    loss_t, (_, _, dW, db, _, _) = run(support, labels, query, query_labels, weight, bias, lr_w, lr_b, weights, steps,
+                                       first_order, True, False, correct, defer)
     return (loss_t.mean(), dW, db) + defer + (correct,)
 
 
@@ -246,13 +252,16 @@ torch.library.register_autograd("metassl_fast::anil_loss_train", _train_backward
 register_backward_op("metassl_fast::anil_apply", _WHAT)
 
 
-# anil_loss_train's forward and backward without the dispatcher: in eager mode the custom
-# op's Python dispatch costs ~0.2 ms a call here, a tenth of the whole step at the
-# benchmark's shape.  Same implementation functions; torch.compile gets the op.  (Its type
-# name holds "_AnilTrainEager": the tests tell the one-pass path by its grad_fn.)
-_AnilTrainEager = transformable(_train_impl, _train_setup,
-                                lambda ctx, grad, *_unused: _train_backward(ctx, grad, apply=_apply_impl),
-                                "_AnilTrainEager")
+# anil_loss_train's forward and backward without the dispatcher and without the Python
+# checks of a direct op call (the entry's inputs come from meta.anil.prepared, which
+# ensures what they check; the C++ side checks every size and label): in eager mode the
+# custom op's dispatch cost ~0.2 ms a call, and each layer of checks tens of microseconds
+# at T=1 (bench/RESULTS.md, fixed per-call cost).  Same kernels and autograd formula;
+# torch.compile gets the op.  (Its type name holds "_AnilTrainEager": the tests tell the
+# one-pass path by its grad_fn.)
+_AnilTrainEager = eager_function(
+    lambda *inputs: _train_run(*inputs, _impl("cpu").anil_unchecked), _train_setup,
+    lambda ctx, grad, *_unused: _train_backward(ctx, grad, apply=_impl("cpu").apply_unchecked), "_AnilTrainEager")
 
 
 # ---------------------------------------------------------------------------

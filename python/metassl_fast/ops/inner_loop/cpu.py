@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import nthreads, ptr_args
+from .._common import nthreads, ptr_args, ptr_pairs
 from ._shared import check_adapt_bwd, check_adapt_fwd, check_apply_shapes, check_cpu, check_cpu_layout
 
 
@@ -51,15 +51,24 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
 def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
          compute_grad, need_dlr=True, correct=None, defer=None):
     """-> (loss (T,), None or the gradients (dX, dXq, dW, db, d lr_w, d lr_b)); without
-    need_dlr the step sizes' gradients are zeros (and the kernel may take its
+    need_dlr the step sizes' gradients are zeros (None with defer; and the kernel may take its
     support-space path, inner_loop.cpp gram_task).  correct (T,) in the support's dtype,
     or None: filled with each task's number of correctly classified queries.  defer =
     (coef, lamK, dzqT, WK): keep what dX and dXq are formed from (apply) instead of
     forming them."""
-    C_ext = _ext.require("_C")
     check_cpu((labels, query_labels), support=support, query=query, weight=weight, bias=bias, lr_w=lr_w,
               lr_b=lr_b, **({"task_weight": task_weight} if task_weight is not None else {}))
     check_cpu_layout(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight)
+    return anil_unchecked(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps,
+                          first_order, compute_grad, need_dlr, correct, defer)
+
+
+def anil_unchecked(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, steps, first_order,
+                   compute_grad, need_dlr=True, correct=None, defer=None):
+    """anil() without its Python checks, for callers whose inputs are known to satisfy them
+    (meta.anil's prepared(): contiguous CPU tensors of one float dtype, int64 labels, the
+    shapes above); the C++ side still checks every buffer's size and every label."""
+    C_ext = _ext.require("_C")
     T, S, D = support.shape
     Q = query.shape[1]
     C = weight.shape[0]
@@ -77,32 +86,38 @@ def anil(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_we
         daW, dab = (support.new_empty(T, C, D), support.new_empty(T, C)) if need_dlr else (none, none)
     else:
         dX = dXq = dW0 = daW = db0 = dab = task_weight = none
-    C_ext.anil_loss(
-        dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, W0=weight, b0=bias, aW=lr_w, ab=lr_b,
-                task_weight=task_weight, loss=loss, dX=dX, dXq=dXq, dW0=dW0, db0=db0, daW=daW, dab=dab, coef=coef,
-                lamK=lamK, dzqT=dzqT, WK=WK, correct=none if correct is None else correct),
-        T=T, S=S, Q=Q, D=D, C=C, K=steps, first_order=first_order, compute_grad=compute_grad, need_dlr=need_dlr,
-        defer=defer is not None, nthreads=nthreads())
+    # positional, in the binding's order (csrc/cpu/bindings.cpp anil_loss)
+    C_ext.anil_loss(_ext.DTYPE_CODE[support.dtype],
+                    *ptr_pairs(support, labels, query, query_labels, weight, bias, lr_w, lr_b, task_weight, loss, dX,
+                               dXq, dW0, db0, daW, dab),
+                    T, S, Q, D, C, steps, first_order, compute_grad, need_dlr, defer is not None,
+                    *ptr_pairs(coef, lamK, dzqT, WK), nthreads(), *ptr_pairs(none if correct is None else correct))
     if not compute_grad:
         return loss, None
     if need_dlr:
         dlw, dlb = daW.sum(0), dab.sum(0)
-    else:
+    elif defer is None:
         dlw, dlb = support.new_zeros(C, D), support.new_zeros(C)
+    else:  # the one-pass op returns no step-size gradients
+        dlw = dlb = None
     return loss, (dX, dXq, dW0.sum(0), db0.sum(0), dlw, dlb)
 
 
 def apply(grad, support, query, weight, coef, lamK, dzqT, WK):
     """-> (d support (T, S, D), d query (T, Q, D)) of the one-pass training loss, times grad ()."""
-    C_ext = _ext.require("_C")
     check_cpu((), support=support, query=query, weight=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK)
     check_apply_shapes(grad, support, query, weight, coef, lamK, dzqT, WK)
+    return apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK)
+
+
+def apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK):
+    """apply() without its Python checks: the operands are anil_unchecked's own deferred
+    outputs and the inputs it was given (the C++ side checks every size)."""
+    C_ext = _ext.require("_C")
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
     dX, dXq = torch.empty_like(support), torch.empty_like(query)
-    C_ext.anil_apply(
-        dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, W0=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK, dX=dX, dXq=dXq),
-        g=float(grad), T=T, S=S, Q=Q, D=D, C=C, nthreads=nthreads())
+    # positional, in the binding's order (csrc/cpu/bindings.cpp anil_apply)
+    C_ext.anil_apply(_ext.DTYPE_CODE[support.dtype], *ptr_pairs(support, weight, coef, lamK, dzqT, WK), float(grad),
+                     *ptr_pairs(dX, dXq), T, S, Q, D, C, nthreads())
     return dX, dXq
