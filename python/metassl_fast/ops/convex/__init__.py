@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...reference.convex import head_loss as reference_loss, head_weights as reference_weights
-from .._common import (backend_module, backward_op, func_transforms, one_device, refuse_later,
+from .._common import (backend_module, backward_op, eager_function, func_transforms, one_device, refuse_later,
                        register_backward_op, transformable)
 from ._shared import KIND_CODE, check_convex
 
@@ -52,6 +52,14 @@ def _fwd_impl(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tens
                  max_iter)
     return _impl(backend).forward(support, labels, query, query_labels, float(reg), float(scale), kind, n_way,
                                   label_smoothing, dual_reg, tol, max_iter)
+
+
+def _fwd_unchecked(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol,
+                   max_iter, backend):
+    """_fwd_impl for the eager entry, whose inputs meta/convex.py has validated (with named
+    errors) and laid out: the CPU kernel without the op's own checks."""
+    return _impl(backend).forward_unchecked(support, labels, query, query_labels, float(reg), float(scale), kind,
+                                            n_way, label_smoothing, dual_reg, tol, max_iter)
 
 
 convex_fwd = torch.library.custom_op("metassl_fast::convex_fwd", _fwd_impl, mutates_args=())
@@ -82,9 +90,16 @@ def _bwd_impl(grad: Tensor, support: Tensor, labels: Tensor, query: Tensor, quer
     one_device("convex_bwd", grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits)
     check_convex(support, labels, query, query_labels, kind, n_way, reg, scale, label_smoothing, dual_reg, 0.5, 1,
                  grad=grad, A=A, b=b, W=W, factor=factor, logits=logits)
-    dX, dXq, dreg, dscale = _impl(backend).backward(grad, support, labels, query, query_labels, float(reg),
-                                                    float(scale), A, b, W, factor, logits, kind, n_way,
-                                                    label_smoothing, dual_reg)
+    return _bwd_run(_impl(backend).backward, grad, support, labels, query, query_labels, reg, scale, A, b, W, factor,
+                    logits, kind, n_way, label_smoothing, dual_reg)
+
+
+def _bwd_run(run, grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
+             label_smoothing, dual_reg, backend=None):
+    """run: the CPU backend's backward (checked) or backward_unchecked (the eager entry's,
+    on its own forward's outputs)."""
+    dX, dXq, dreg, dscale = run(grad, support, labels, query, query_labels, float(reg), float(scale), A, b, W, factor,
+                                logits, kind, n_way, label_smoothing, dual_reg)
     return dX, dXq, dreg.to(reg.dtype), dscale.to(scale.dtype)
 
 
@@ -119,17 +134,18 @@ torch.library.register_autograd("metassl_fast::convex_fwd", _backward, setup_con
 _ConvexTransformable = transformable(torch.ops.metassl_fast.convex_fwd, _setup, _backward, "convex_fwd")
 register_backward_op("metassl_fast::convex_bwd", _WHAT)
 # Eager mode without the dispatcher (its Python path costs ~0.1 ms a call here, as much as
-# the whole kernel at 5-shot): the same implementation functions; torch.compile and the
-# torch.func transforms get the op.
+# the whole kernel at 5-shot) and without the op's own checks (meta/convex.py validated the
+# inputs; the C++ side still checks sizes and labels): the same kernels and formula;
+# torch.compile and the torch.func transforms get the op.
 def _eager_backward(ctx, grad, *_unused):
-    grads = _backward(ctx, grad, bwd=_bwd_impl)
+    grads = _backward(ctx, grad, bwd=partial(_bwd_run, _impl(ctx.backend).backward_unchecked))
     # create_graph=True: the gradient is usable, differentiating it again raises (it is formed in
     # closed form, a constant to autograd: a Hessian through it would silently miss terms)
     dX, dXq, dreg, dscale = refuse_later(_WHAT, ctx.saved_tensors[:6], grads[0], grads[2], grads[4], grads[5])
     return (dX, None, dXq, None, dreg, dscale) + grads[6:]
 
 
-_ConvexEager = transformable(_fwd_impl, _setup, _eager_backward, "_ConvexEager")
+_ConvexEager = eager_function(_fwd_unchecked, _setup, _eager_backward, "_ConvexEager")
 
 
 def _fit_impl(support: Tensor, labels: Tensor, reg: Tensor, kind: str, n_way: int, dual_reg: float, tol: float,

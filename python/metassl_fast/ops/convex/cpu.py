@@ -5,20 +5,24 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import nthreads, ptr_args
+from .._common import nthreads, ptr_pairs
 from ._shared import KIND_CODE, check_cpu_buffers
-
-
-def _sizes(support, n_way, query=None):
-    T, S, D = support.shape
-    return dict(T=T, S=S, Q=0 if query is None else query.shape[1], D=D, C=n_way)
 
 
 def _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol,
                  max_iter):
-    C_ext = _ext.require("_C")
     check_cpu_buffers(support, n_way, query, labels=labels,
                       **({} if query is None else {"query_labels": query_labels}))
+    return forward_unchecked(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg,
+                             tol, max_iter)
+
+
+def forward_unchecked(support, labels, query, query_labels, reg, scale, kind, n_way, label_smoothing, dual_reg, tol,
+                      max_iter):
+    """forward() without its Python checks, for inputs known to pass them (meta/convex.py's
+    _prepare: contiguous CPU tensors in float32 / float64, int64 labels); the C++ side
+    still checks every element count and label."""
+    C_ext = _ext.require("_C")
     T, S, D = support.shape
     f64 = torch.float64
     A = support.new_empty(T, S, n_way, dtype=f64)
@@ -33,12 +37,11 @@ def _run_forward(support, labels, query, query_labels, reg, scale, kind, n_way, 
         q, ql = query, query_labels
     else:
         fac = logits = loss = correct = q = ql = none
-    C_ext.convex_forward(
-        dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, y=labels, Xq=q, yq=ql, A=A, b=b, W=W, fac=fac, logits=logits, loss=loss,
-                   correct=correct, residual=residual),
-        **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
-        label_smoothing=label_smoothing, dual_reg=dual_reg, tol=tol, max_iter=max_iter, nthreads=nthreads())
+    # positional, in the binding's order (csrc/cpu/bindings.cpp convex_forward)
+    C_ext.convex_forward(_ext.DTYPE_CODE[support.dtype],
+                         *ptr_pairs(support, labels, q, ql, A, b, W, fac, logits, loss, correct, residual),
+                         T, S, 0 if query is None else query.shape[1], D, n_way, KIND_CODE[kind], reg, scale,
+                         label_smoothing, dual_reg, tol, max_iter, nthreads())
     return loss, correct, A, b, W, fac, logits, residual
 
 
@@ -58,18 +61,26 @@ def fit(support, labels, reg, kind, n_way, dual_reg, tol, max_iter):
 def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
              label_smoothing, dual_reg):
     """-> (d support, d query, d reg (), d scale ()) of sum_t grad_t loss_t."""
-    C_ext = _ext.require("_C")
     check_cpu_buffers(support, n_way, query, labels=labels, query_labels=query_labels, A=A, b=b, W=W, factor=factor,
                       logits=logits)
-    T = support.shape[0]
+    return backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind,
+                              n_way, label_smoothing, dual_reg)
+
+
+def backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
+                       label_smoothing, dual_reg):
+    """backward() without its Python checks: A .. logits are forward_unchecked's own outputs
+    for these inputs (the C++ side checks every element count)."""
+    C_ext = _ext.require("_C")
+    T, S, D = support.shape
     g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()
     dX, dXq = torch.empty_like(support), torch.empty_like(query)
     dreg = support.new_empty(T, dtype=torch.float64)
     dscale = support.new_empty(T, dtype=torch.float64)
-    C_ext.convex_backward(
-        dtype=_ext.DTYPE_CODE[support.dtype],
-        **ptr_args(X=support, y=labels, Xq=query, yq=query_labels, A=A, b=b, W=W, fac=factor, logits=logits, g=g,
-                   dX=dX, dXq=dXq, dreg=dreg, dscale=dscale),
-        **_sizes(support, n_way, query), kind=KIND_CODE[kind], reg=reg, scale=scale,
-        label_smoothing=label_smoothing, dual_reg=dual_reg, nthreads=nthreads())
+    # positional, in the binding's order (csrc/cpu/bindings.cpp convex_backward)
+    C_ext.convex_backward(_ext.DTYPE_CODE[support.dtype],
+                          *ptr_pairs(support, labels, query, query_labels, A, b, W, factor, logits, g, dX, dXq, dreg,
+                                     dscale),
+                          T, S, query.shape[1], D, n_way, KIND_CODE[kind], reg, scale, label_smoothing, dual_reg,
+                          nthreads())
     return dX, dXq, dreg.sum(), dscale.sum()
