@@ -16,21 +16,29 @@ namespace products {
 // registers and every row chunk of X is loaded once per block.
 constexpr int CB = 8;
 
-// out (R, C) = X (R, D) W (C, D)^T + bias (C, may be null).  Two rows at a time: each
-// loaded vector of W feeds two FMAs (NC <= 8 classes x 2 rows = 16 accumulators at most,
-// the ymm register file).
-template <typename T, int NC>
-void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C,
-               int64_t c0) {
+// Rows from this length on count as long (xwt_block).
+constexpr int64_t kLongRow = 1024;
+
+// How far ahead (elements) atx_block asks for each row's next piece.
+constexpr int64_t kPrefetchAhead = 512;
+
+// out (R, C) = X (R, D) W (C, D)^T + bias (C, may be null), RB rows at a time: each loaded
+// vector of W feeds RB FMAs (RB x NC accumulators in registers).  The epilogue sums each
+// accumulator's lanes: with 16-lane vectors all of them at once (Vec::hsums), whose
+// per-vector chains of adds cost as much as the main loop at D = 640.
+template <typename T, int NC, int RB>
+void xwt_rows(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C, int64_t c0) {
   using Xv = Vec<T>;
-  constexpr int RB = NC <= 6 ? 2 : 1;
+  auto put = [&](int64_t r, int j, const T* x, T v) {
+    for (int64_t e = D / Xv::W * Xv::W; e < D; ++e) v += x[e] * W[(c0 + j) * D + e];
+    out[r * C + c0 + j] = v + (bias ? bias[c0 + j] : T(0));
+  };
   int64_t r = 0;
   for (; r + RB <= R; r += RB) {
     typename Xv::V acc[RB][NC];
     for (int i = 0; i < RB; ++i)
       for (int j = 0; j < NC; ++j) acc[i][j] = Xv::splat(0);
-    int64_t d = 0;
-    for (; d + Xv::W <= D; d += Xv::W) {
+    for (int64_t d = 0; d + Xv::W <= D; d += Xv::W) {
       typename Xv::V xv[RB];
       for (int i = 0; i < RB; ++i) xv[i] = Xv::load(X + (r + i) * D + d);
       for (int j = 0; j < NC; ++j) {
@@ -38,29 +46,36 @@ void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t
         for (int i = 0; i < RB; ++i) acc[i][j] += xv[i] * wv;
       }
     }
+    T sums[RB * NC];
+    if constexpr (Xv::W >= 16) Xv::template hsums<RB * NC>(&acc[0][0], sums);
     for (int i = 0; i < RB; ++i)
-      for (int j = 0; j < NC; ++j) {
-        const T* x = X + (r + i) * D;
-        T v = Xv::hsum(acc[i][j]);
-        for (int64_t e = d; e < D; ++e) v += x[e] * W[(c0 + j) * D + e];
-        out[(r + i) * C + c0 + j] = v + (bias ? bias[c0 + j] : T(0));
-      }
+      for (int j = 0; j < NC; ++j)
+        put(r + i, j, X + (r + i) * D, Xv::W >= 16 ? sums[i * NC + j] : Xv::hsum(acc[i][j]));
   }
   for (; r < R; ++r) {
     const T* x = X + r * D;
     typename Xv::V acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = Xv::splat(0);
-    int64_t d = 0;
-    for (; d + Xv::W <= D; d += Xv::W) {
+    for (int64_t d = 0; d + Xv::W <= D; d += Xv::W) {
       const typename Xv::V xv = Xv::load(x + d);
       for (int j = 0; j < NC; ++j) acc[j] += xv * Xv::load(W + (c0 + j) * D + d);
     }
-    for (int j = 0; j < NC; ++j) {
-      T v = Xv::hsum(acc[j]);
-      for (int64_t e = d; e < D; ++e) v += x[e] * W[(c0 + j) * D + e];
-      out[r * C + c0 + j] = v + (bias ? bias[c0 + j] : T(0));
-    }
+    T sums[NC];
+    if constexpr (Xv::W >= 16) Xv::template hsums<NC>(acc, sums);
+    for (int j = 0; j < NC; ++j) put(r, j, x, Xv::W >= 16 ? sums[j] : Xv::hsum(acc[j]));
   }
+}
+
+// Rows per pass: 2 (1 past 6 classes: 16 accumulators fill the ymm registers), or with
+// 16-lane vectors (32 registers) 4 on long rows, where the classes' rows no longer stay
+// in L1 and each of their loads then feeds 4 FMAs (24 rows x 6 classes at D = 2560: 1.9x;
+// on short rows the larger epilogue costs more than it saves).
+template <typename T, int NC>
+void xwt_block(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C, int64_t c0) {
+  if constexpr (Vec<T>::W >= 16 && NC <= 6) {
+    if (D >= kLongRow) return xwt_rows<T, NC, 4>(X, W, bias, out, R, D, C, c0);
+  }
+  xwt_rows<T, NC, (NC <= 6 ? 2 : 1)>(X, W, bias, out, R, D, C, c0);
 }
 
 // out (C, D) = alpha A (R, C)^T X (R, D), added to out when accumulate.  Two vectors of
@@ -76,6 +91,11 @@ void atx_block(const T* A, const T* X, T* out, int64_t R, int64_t D, int64_t C, 
     for (int u = 0; u < DB; ++u)
       for (int j = 0; j < NC; ++j) acc[u][j] = Xv::splat(0);
     for (int64_t r = 0; r < R; ++r) {
+      // the rows are read in short pieces, R of them in turn: a sequential stream per row
+      // that the hardware prefetchers do not follow once the rows outgrow the cache
+      if (d + kPrefetchAhead + DB * Xv::W <= D)
+        for (int64_t l = 0; l < DB * static_cast<int64_t>(sizeof(typename Xv::V)); l += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(X + r * D + d + kPrefetchAhead) + l);
       typename Xv::V xv[DB];
       for (int u = 0; u < DB; ++u) xv[u] = Xv::load(X + r * D + d + u * Xv::W);
       for (int j = 0; j < NC; ++j) {
@@ -130,7 +150,9 @@ void class_blocks(int64_t C, F&& blk) {
 
 template <typename T>
 void xwt(const T* X, const T* W, const T* bias, T* out, int64_t R, int64_t D, int64_t C) {
-  class_blocks(C, [&](auto nc, int64_t c0) { xwt_block<T, decltype(nc)::value>(X, W, bias, out, R, D, C, c0); });
+  class_blocks(C, [&](auto nc, int64_t c0) {
+    xwt_block<T, decltype(nc)::value>(X, W, bias, out, R, D, C, c0);
+  });
 }
 
 // out (C, D) = alpha A^T X (+ out); CB_ = 6 keeps the two-vector blocking for wide C.
