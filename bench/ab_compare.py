@@ -168,11 +168,33 @@ def _meta_cases():
             return call
         return make
 
+    def convex(kind, T, dim):
+        # the heads benchmark's episodes: 5-shot, 15 queries per class, labels in order
+        def make(torch, msf):
+            from metassl_fast import meta
+
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(T, S, dim, generator=g).requires_grad_()
+            xq = torch.randn(T, Q, dim, generator=g).requires_grad_()
+            y = torch.arange(S).remainder(C).repeat(T, 1)
+            yq = torch.arange(Q).remainder(C).repeat(T, 1)
+            loss_of = {"svm": lambda: meta.svm_loss(x, y, xq, yq, C=0.1, n_way=C),
+                       "ridge": lambda: meta.ridge_loss(x, y, xq, yq, lam=50.0, n_way=C)}[kind]
+
+            def call():
+                x.grad = xq.grad = None
+                loss_of().backward()
+            return call
+        return make
+
     return {
         f"meta.anil_loss T=32 S={S} Q={Q} D={D} C={C} steps={K}": anil(32),
         f"meta.anil_loss T=1 S={S} Q={Q} D={D} C={C} steps={K}": anil(1),
         f"meta.adapt_linear_head T=32 S={S} D={D} C={C} steps={K}": adapt(32),
         f"meta.ANILHead T=32 S={S} Q={Q} D={D} C={C} steps={K}": head(32),
+        f"meta.svm_loss T=8 S={S} Q={Q} D={D} C={C}": convex("svm", 8, D),
+        f"meta.ridge_loss T=8 S={S} Q={Q} D={D} C={C}": convex("ridge", 8, D),
+        f"meta.svm_loss T=8 S={S} Q={Q} D=16000 C={C}": convex("svm", 8, 16000),
     }
 
 

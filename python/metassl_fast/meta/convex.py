@@ -96,9 +96,8 @@ def _head_loss(kind, support, support_labels, query, query_labels, reg_name, reg
     X, y, Xq, yq, reg_t, scale_t, C = _prepare(kind, support, support_labels, query, query_labels, reg_name, reg,
                                                scale, n_way, kind == "logreg")
     which = _backend(backend, support.device)
-    loss_t, correct = _op.head_loss(kind, X, y, Xq, yq, reg_t, scale_t, C, ls, float(dual_reg), tol, max_iter,
-                                    which)
-    loss = loss_t.mean() if reduction == "mean" else loss_t
+    loss, correct = _op.head_loss(kind, X, y, Xq, yq, reg_t, scale_t, C, ls, float(dual_reg), tol, max_iter, which,
+                                  reduction)
     return loss.to(query.dtype), correct
 
 

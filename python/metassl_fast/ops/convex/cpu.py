@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import nthreads, ptr_pairs
+from .._common import fresh_like, nthreads, ptr_pairs
 from ._shared import KIND_CODE, check_cpu_buffers
 
 
@@ -74,7 +74,7 @@ def backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()
-    dX, dXq = torch.empty_like(support), torch.empty_like(query)
+    dX, dXq = fresh_like(support), fresh_like(query)
     dreg = support.new_empty(T, dtype=torch.float64)
     dscale = support.new_empty(T, dtype=torch.float64)
     # positional, in the binding's order (csrc/cpu/bindings.cpp convex_backward)

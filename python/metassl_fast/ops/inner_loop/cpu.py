@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import nthreads, ptr_args, ptr_pairs
+from .._common import fresh_like, nthreads, ptr_args, ptr_pairs
 from ._shared import check_adapt_bwd, check_adapt_fwd, check_apply_shapes, check_cpu, check_cpu_layout
 
 
@@ -37,7 +37,7 @@ def adapt_backward(dW_K, db_K, support, labels, lr_w, lr_b, W_traj, b_traj, firs
     T, S, D = support.shape
     C = lr_w.shape[0]
     steps = W_traj.shape[1] - 1
-    dX = torch.empty_like(support)
+    dX = fresh_like(support)
     dW0, daW = support.new_empty(T, C, D), support.new_empty(T, C, D)
     db0, dab = support.new_empty(T, C), support.new_empty(T, C)
     C_ext.inner_loop_backward(
@@ -81,7 +81,7 @@ def anil_unchecked(support, labels, query, query_labels, weight, bias, lr_w, lr_
         dX = dXq = none
         dW0, db0, daW, dab = support.new_empty(T, C, D), support.new_empty(T, C), none, none
     elif compute_grad:
-        dX, dXq = torch.empty_like(support), torch.empty_like(query)
+        dX, dXq = fresh_like(support), fresh_like(query)
         dW0, db0 = support.new_empty(T, C, D), support.new_empty(T, C)
         daW, dab = (support.new_empty(T, C, D), support.new_empty(T, C)) if need_dlr else (none, none)
     else:
@@ -116,7 +116,7 @@ def apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK):
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
-    dX, dXq = torch.empty_like(support), torch.empty_like(query)
+    dX, dXq = fresh_like(support), fresh_like(query)
     # positional, in the binding's order (csrc/cpu/bindings.cpp anil_apply)
     C_ext.anil_apply(_ext.DTYPE_CODE[support.dtype], *ptr_pairs(support, weight, coef, lamK, dzqT, WK), float(grad),
                      *ptr_pairs(dX, dXq), T, S, Q, D, C, nthreads())
