@@ -471,6 +471,39 @@ def test_torch_func_vjp_vmap_and_a_clear_error_for_forward_mode():
 
 
 @needs_c
+def test_plain_forward_ad_is_refused_by_name():
+    """Dual tensors of torch.autograd.forward_ad (no torch.func transform) reach the eager
+    entries' own Functions: the library's forward-mode error, not torch's generic one."""
+    import torch.autograd.forward_ad as fwAD
+
+    X, y, Xq, yq, W, b = _task(dtype=torch.float64)
+    k = torch.randn(6, 4, dtype=torch.float64)
+    calls = {"info_nce": lambda d: m.info_nce(d, k),
+             "anil_loss": lambda d: meta.anil_loss(X, y, Xq, yq, d, b.requires_grad_()),
+             "svm_loss": lambda d: meta.svm_loss(d, y, Xq, yq, C=0.1)}
+    primals = {"info_nce": torch.randn(6, 4, dtype=torch.float64), "anil_loss": W, "svm_loss": X}
+    for name, call in calls.items():
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode"):
+            call(fwAD.make_dual(primals[name], torch.ones_like(primals[name])))
+
+
+@needs_c
+def test_saved_tensors_hooks_that_change_the_layout_are_refused():
+    """The eager entries' backwards read their saved tensors raw: an unpack hook that hands
+    one back non-contiguous gets a clear error, never a read past a buffer."""
+    X, y, Xq, yq, W, b = _task()
+    strided = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() == 3 else t  # noqa: E731
+    losses = {"anil_loss": lambda: meta.anil_loss(X.requires_grad_(), y, Xq, yq, W.requires_grad_(), b),
+              "svm_loss": lambda: meta.svm_loss(X.requires_grad_(), y, Xq, yq, C=0.1),
+              "ridge_loss": lambda: meta.ridge_loss(X.requires_grad_(), y, Xq, yq, lam=1.0)}
+    for name, loss in losses.items():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, strided):
+            out = loss()
+        with pytest.raises(RuntimeError, match="saved for the backward"):
+            out.backward()
+
+
+@needs_c
 def test_plain_autograd_is_unchanged_by_the_func_path():
     """Outside torch.func the ops still precompute (the one-pass forward): same numbers."""
     a, k = (torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (6, 7))

@@ -587,10 +587,10 @@ PYBIND11_MODULE(MSF_MODULE, m) {
         py::arg("D"), py::arg("C"), py::arg("kind"), py::arg("reg"), py::arg("scale"), py::arg("label_smoothing"),
         py::arg("dual_reg"), py::arg("nthreads"),
         "The exact gradient of sum_t g_t loss_t of convex_forward's heads (csrc/cpu/convex.h).");
-  // The build's instruction set (CMakeLists.txt) and what its compiler flags enabled.
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of [ptr, ptr + nbytes), a buffer "
         "not yet written; advice only, False where not given.");
+  // The build's instruction set (CMakeLists.txt) and what its compiler flags enabled.
   m.attr("isa") = MSF_ISA;
   m.attr("vec_bytes") = MSF_VEC_BYTES;
 #if defined(__AVX512F__)

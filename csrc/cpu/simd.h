@@ -25,6 +25,14 @@ namespace msf {
 #endif
 static_assert(MSF_VEC_BYTES == 32 || MSF_VEC_BYTES == 64, "MSF_VEC_BYTES must be 32 or 64");
 
+// __builtin_shufflevector (Vec::hsums' tree): clang, and GCC from 12; older GCC sums each
+// vector on its own (the same results up to rounding order, the epilogue slower).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define MSF_HAS_SHUFFLEVECTOR 1
+#else
+#define MSF_HAS_SHUFFLEVECTOR 0
+#endif
+
 // One SIMD register of T: GCC vector extensions, lowered to what the build's -march offers
 // (AVX2, AVX-512; pairs of SSE registers in the base build).
 template <typename T>
@@ -39,11 +47,13 @@ struct Vec {
   static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
  private:
+#if MSF_HAS_SHUFFLEVECTOR
   using Lanes = std::make_index_sequence<W>;
   template <int O, std::size_t... I>
   static V pick(V a, V b, std::index_sequence<I...>) {
     return __builtin_shufflevector(a, b, (2 * I + O)...);
   }
+#endif
   static constexpr int ceil_pow2(int n) { return n <= 1 ? 1 : 2 * ceil_pow2((n + 1) / 2); }
 
  public:
@@ -53,8 +63,10 @@ struct Vec {
     for (int l = 0; l < W; ++l) s += v[l];
     return s;
   }
+#if MSF_HAS_SHUFFLEVECTOR
   // (a0 + a1, a2 + a3, ..., b0 + b1, b2 + b3, ...): the pair sums of a's lanes, then b's.
   static V pair_sums(V a, V b) { return pick<0>(a, b, Lanes{}) + pick<1>(a, b, Lanes{}); }
+#endif
   // out[k] = hsum(v[k]) for k < N, all at once: a tree of pair_sums halves the vectors and
   // their lanes together (N - 1 of them for N = W vectors, instead of N chains of W adds);
   // vector k's sum ends in lanes [k L, (k + 1) L) of vector k / (W / L).  The epilogue of
@@ -63,11 +75,18 @@ struct Vec {
   // the per-vector sums they replace (measured: 24 x 6 products of length 16, 0.40 -> 0.82 us).
   template <int N>
   static void hsums(const V* v, T* out) {
-    if constexpr (W < 16) {
-      for (int k = 0; k < N; ++k) out[k] = hsum(v[k]);
+#if MSF_HAS_SHUFFLEVECTOR
+    if constexpr (W >= 16) {
+      hsums_tree<N>(v, out);
       return;
     }
-    constexpr int P = N <= 1 ? 1 : 2 * ceil_pow2(N) / 2;
+#endif
+    for (int k = 0; k < N; ++k) out[k] = hsum(v[k]);
+  }
+#if MSF_HAS_SHUFFLEVECTOR
+  template <int N>
+  static void hsums_tree(const V* v, T* out) {
+    constexpr int P = ceil_pow2(N);
     V b[P];
     for (int k = 0; k < P; ++k) b[k] = k < N ? v[k] : splat(0);
     int n = P, lanes = W;
@@ -82,6 +101,7 @@ struct Vec {
       out[k] = s;
     }
   }
+#endif
   static T hmax(V v) {
     T m = v[0];
     for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;

@@ -266,6 +266,17 @@ def fresh_like(t: Tensor) -> Tensor:
     return out
 
 
+def check_saved(dtype: torch.dtype, *tensors: Tensor) -> None:
+    """What an unchecked backward reads raw, as its forward saved it: contiguous CPU tensors
+    of dtype (a saved_tensors_hooks unpack may hand back another dtype or layout; the C++
+    side checks only element counts)."""
+    for t in tensors:
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise RuntimeError(f"metassl_fast: a tensor saved for the backward came back as {t.dtype} on {t.device}"
+                               f"{'' if t.is_contiguous() else ', not contiguous'}; the kernel needs it as saved "
+                               f"({dtype}, contiguous, CPU): check the saved_tensors_hooks in use")
+
+
 def ptr_pairs(*tensors) -> list:
     """pointer, element count, pointer, ... of the tensors, for a positional call of a
     compiled function whose arguments are in that order (the hot entries: keyword parsing
@@ -360,13 +371,20 @@ def transformable(op, setup_context, backward, name: str) -> type:
     def forward(*args):
         return op(*args)
 
+    return type(f"{name}_transformable", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward), "vmap": staticmethod(loop_vmap(op)),
+                 "jvp": staticmethod(_no_forward_ad(name))})
+
+
+def _no_forward_ad(name: str):
+    """A Function's jvp that refuses forward-mode AD with the library's own message."""
+
     def jvp(ctx, *tangents):
         raise RuntimeError(f"metassl_fast: forward-mode AD (torch.func.jvp, jacfwd, hessian) of {name} is not "
                            "supported; use backend='torch' for it")
 
-    return type(f"{name}_transformable", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-                 "backward": staticmethod(backward), "vmap": staticmethod(loop_vmap(op)), "jvp": staticmethod(jvp)})
+    return jvp
 
 
 def func_transforms() -> bool:
@@ -454,7 +472,8 @@ def eager_function(run, setup_context, backward, name: str) -> type:
         return output
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward)})
+                                                   "backward": staticmethod(backward),
+                                                   "jvp": staticmethod(_no_forward_ad(name))})
 
 
 def refuse_later(what: str, anchors, *grads):

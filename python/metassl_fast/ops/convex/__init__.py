@@ -150,15 +150,21 @@ _ConvexEager = eager_function(_fwd_unchecked, _setup, _eager_backward, "_ConvexE
 
 # reduction "mean" in the same Function: its first output is the mean over tasks, and the
 # backward weights every task by grad / T (no separate mean node: about 15 us a call).
+def _fwd_mean(*args):
+    out = _fwd_unchecked(*args)
+    return (out[0].mean(),) + out[1:]
+
+
 def _mean_setup(ctx, inputs, output):
     _setup(ctx, inputs, output)
     ctx.tasks = inputs[0].shape[0]
 
 
-_ConvexEagerMean = eager_function(lambda *args: (lambda out: (out[0].mean(),) + out[1:])(_fwd_unchecked(*args)),
-                                  _mean_setup,
-                                  lambda ctx, grad, *unused: _eager_backward(ctx, grad / ctx.tasks, *unused),
-                                  "_ConvexEagerMean")
+def _mean_backward(ctx, grad, *unused):
+    return _eager_backward(ctx, grad / ctx.tasks, *unused)
+
+
+_ConvexEagerMean = eager_function(_fwd_mean, _mean_setup, _mean_backward, "_ConvexEagerMean")
 
 
 def _fit_impl(support: Tensor, labels: Tensor, reg: Tensor, kind: str, n_way: int, dual_reg: float, tol: float,
@@ -187,8 +193,9 @@ def head_loss(kind: str, X: Tensor, y: Tensor, Xq: Tensor, yq: Tensor, reg: Tens
               label_smoothing: float, dual_reg: float, tol: float, max_iter: int, backend: str, reduction: str
               ) -> tuple[Tensor, Tensor]:
     """The query loss (its mean over tasks, or per task (T,) for reduction "none") and the
-    correct counts (T,) of validated inputs (accumulation dtype, contiguous) on the
-    resolved backend."""
+    correct counts (T,) of validated inputs (meta/convex.py's _prepare: accumulation dtype,
+    contiguous, one device, int64 labels) on the resolved backend.  The eager CPU path
+    hands them to the kernel without checking them again."""
     mean = reduction == "mean"
     if backend == "torch":
         reg = reg.to(X.dtype)

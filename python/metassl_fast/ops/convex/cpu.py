@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import fresh_like, nthreads, ptr_pairs
+from .._common import check_saved, fresh_like, nthreads, ptr_pairs
 from ._shared import KIND_CODE, check_cpu_buffers
 
 
@@ -69,8 +69,11 @@ def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, fa
 
 def backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
                        label_smoothing, dual_reg):
-    """backward() without its Python checks: A .. logits are forward_unchecked's own outputs
-    for these inputs (the C++ side checks every element count)."""
+    """backward() without its shape checks: A .. logits are forward_unchecked's own outputs
+    for these inputs (the C++ side checks every element count), as saved."""
+    check_saved(support.dtype, support, query, W, logits)
+    check_saved(torch.float64, A, b, factor)
+    check_saved(torch.int64, labels, query_labels)
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()

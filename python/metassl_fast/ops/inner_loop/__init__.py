@@ -330,8 +330,9 @@ def _unfused(W_t, b_t, query, query_labels, reduction, head_dtype):
 def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, weight: Tensor, bias: Tensor,
          lr_w: Tensor, lr_b: Tensor, steps: int, first_order: bool, reduction: str, backend: str, *,
          lr_is_constant: bool, head_dtype: torch.dtype, any_query_count: bool = False) -> tuple[Tensor, Tensor]:
-    """The ANIL meta-loss of validated inputs (accumulation dtype, contiguous) on the
-    resolved backend, and each task's number of correctly classified queries (T,): the
+    """The ANIL meta-loss of validated inputs (meta.anil.prepared: accumulation dtype,
+    contiguous, one device, int64 labels; the one-pass CPU path hands them to the kernel
+    without checking them again) on the resolved backend, and each task's number of correctly classified queries (T,): the
     per-task autograd loop for "torch", else one fused op call (the one-pass training op
     where one_pass says so; lr_is_constant: the step size is one number that needs no
     gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted

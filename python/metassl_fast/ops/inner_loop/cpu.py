@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .._common import fresh_like, nthreads, ptr_args, ptr_pairs
+from .._common import check_saved, fresh_like, nthreads, ptr_args, ptr_pairs
 from ._shared import check_adapt_bwd, check_adapt_fwd, check_apply_shapes, check_cpu, check_cpu_layout
 
 
@@ -111,8 +111,9 @@ def apply(grad, support, query, weight, coef, lamK, dzqT, WK):
 
 
 def apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK):
-    """apply() without its Python checks: the operands are anil_unchecked's own deferred
-    outputs and the inputs it was given (the C++ side checks every size)."""
+    """apply() without its shape checks: the operands are anil_unchecked's own deferred
+    outputs and the inputs it was given (the C++ side checks every size), as saved."""
+    check_saved(support.dtype, support, query, weight, coef, lamK, dzqT, WK)
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
