@@ -63,8 +63,8 @@ def backward(grad, support, labels, query, query_labels, reg, scale, A, b, W, fa
     """-> (d support, d query, d reg (), d scale ()) of sum_t grad_t loss_t."""
     check_cpu_buffers(support, n_way, query, labels=labels, query_labels=query_labels, A=A, b=b, W=W, factor=factor,
                       logits=logits)
-    return backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind,
-                              n_way, label_smoothing, dual_reg)
+    return _backward_run(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
+                         label_smoothing, dual_reg)
 
 
 def backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
@@ -74,6 +74,12 @@ def backward_unchecked(grad, support, labels, query, query_labels, reg, scale, A
     check_saved(support.dtype, support, query, W, logits)
     check_saved(torch.float64, A, b, factor)
     check_saved(torch.int64, labels, query_labels)
+    return _backward_run(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
+                         label_smoothing, dual_reg)
+
+
+def _backward_run(grad, support, labels, query, query_labels, reg, scale, A, b, W, factor, logits, kind, n_way,
+                  label_smoothing, dual_reg):
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     g = grad.to(support.dtype).expand(T).contiguous() if grad.dim() == 0 else grad.to(support.dtype).contiguous()

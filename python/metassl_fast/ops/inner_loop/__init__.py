@@ -332,10 +332,10 @@ def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, w
          lr_is_constant: bool, head_dtype: torch.dtype, any_query_count: bool = False) -> tuple[Tensor, Tensor]:
     """The ANIL meta-loss of validated inputs (meta.anil.prepared: accumulation dtype,
     contiguous, one device, int64 labels; the one-pass CPU path hands them to the kernel
-    without checking them again) on the resolved backend, and each task's number of correctly classified queries (T,): the
-    per-task autograd loop for "torch", else one fused op call (the one-pass training op
-    where one_pass says so; lr_is_constant: the step size is one number that needs no
-    gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted
+    without checking them again) on the resolved backend, and each task's number of
+    correctly classified queries (T,): the per-task autograd loop for "torch", else one
+    fused op call (the one-pass training op where one_pass says so; lr_is_constant: the
+    step size is one number that needs no gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted
     heads to it).  any_query_count (ANILHead): where the GPU kernel of the fused loss
     cannot hold the query rows, adapt with the kernel and score the queries in torch."""
     if steps == 0:  # no inner step: the support does not enter (d support is 0, not 0 * inf = NaN)

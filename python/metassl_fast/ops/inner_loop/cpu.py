@@ -107,13 +107,17 @@ def apply(grad, support, query, weight, coef, lamK, dzqT, WK):
     """-> (d support (T, S, D), d query (T, Q, D)) of the one-pass training loss, times grad ()."""
     check_cpu((), support=support, query=query, weight=weight, coef=coef, lamK=lamK, dzqT=dzqT, WK=WK)
     check_apply_shapes(grad, support, query, weight, coef, lamK, dzqT, WK)
-    return apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK)
+    return _apply_run(grad, support, query, weight, coef, lamK, dzqT, WK)
 
 
 def apply_unchecked(grad, support, query, weight, coef, lamK, dzqT, WK):
     """apply() without its shape checks: the operands are anil_unchecked's own deferred
     outputs and the inputs it was given (the C++ side checks every size), as saved."""
     check_saved(support.dtype, support, query, weight, coef, lamK, dzqT, WK)
+    return _apply_run(grad, support, query, weight, coef, lamK, dzqT, WK)
+
+
+def _apply_run(grad, support, query, weight, coef, lamK, dzqT, WK):
     C_ext = _ext.require("_C")
     T, S, D = support.shape
     Q, C = query.shape[1], weight.shape[0]
