@@ -19,3 +19,11 @@ def small_blocks(monkeypatch):
 
     monkeypatch.setattr(ops, "TARGET_BLOCK_BYTES", 4096)
     monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
+
+
+@pytest.fixture(params=["own", "blas"])
+def gemm(request, monkeypatch):
+    """The CPU row sweep's three products each way (ops/_common.py sweep_gemm):
+    csrc/cpu/gemm.cpp and torch's BLAS, whichever this CPU would pick by default."""
+    monkeypatch.setenv("METASSL_FAST_GEMM", request.param)
+    return request.param

@@ -6,6 +6,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from metassl_fast import cli
 from metassl_fast.benchmarks import contrastive as bench
 
@@ -18,6 +20,14 @@ def test_info_lists_backends_and_device():
     for backend in ("cpu", "cuda", "triton", "torch"):
         assert f"  {backend}" in text
     assert "device:" in text
+
+
+@pytest.mark.parametrize("choice", ["own", "blas"])
+def test_info_says_which_products_the_sweep_runs(monkeypatch, choice):
+    monkeypatch.setenv("METASSL_FAST_GEMM", choice)
+    out = io.StringIO()
+    cli.info(stream=out)
+    assert f"contrastive CPU products: {choice} (" in out.getvalue()
 
 
 def test_bench_small_run_is_correct_and_recorded(tmp_path):

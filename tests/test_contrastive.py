@@ -62,7 +62,7 @@ def _names(neg):
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 257])
 @pytest.mark.parametrize("d", [1, 3, 64, 130])
 @pytest.mark.parametrize("m", [0, 5, 100])
-def test_float64_grid(backend, n, d, m, small_blocks):
+def test_float64_grid(backend, n, d, m, small_blocks, gemm):
     """The issue's shape grid, every reduction, symmetric on and off, float64."""
     q, k, neg, t = _make(n, d, m, torch.float64, seed=n * 1000 + d * 10 + m)
     for symmetric, reduction in itertools.product([False, True], ["mean", "sum", "none"]):
@@ -74,7 +74,7 @@ def test_float64_grid(backend, n, d, m, small_blocks):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("n,d,m", [(1, 3, 0), (65, 130, 5), (257, 64, 100)])
-def test_without_normalisation(backend, symmetric, reduction, n, d, m, small_blocks):
+def test_without_normalisation(backend, symmetric, reduction, n, d, m, small_blocks, gemm):
     q, k, neg, t = _make(n, d, m, torch.float64, temp=2.0)
     check(_info_nce(symmetric, reduction, normalize=False), [q, k, neg, t], backend=backend, names=_names(neg))
 
@@ -125,7 +125,7 @@ def test_non_contiguous_low_precision(backend, layout):
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck(backend, symmetric, reduction, small_blocks):
+def test_gradcheck(backend, symmetric, reduction, small_blocks, gemm):
     q, k, neg, t = _make(5, 3, 2, torch.float64, temp=0.5)
 
     def f(q, k, neg, t):
@@ -136,7 +136,7 @@ def test_gradcheck(backend, symmetric, reduction, small_blocks):
 
 
 @pytest.mark.parametrize("backend", F64)
-def test_gradcheck_clip(backend, small_blocks):
+def test_gradcheck_clip(backend, small_blocks, gemm):
     q, k, _, _ = _make(6, 4, 0, torch.float64)
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, s: msf.clip_loss(a, b, s, backend=backend), (q, k, scale))

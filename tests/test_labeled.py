@@ -52,7 +52,7 @@ def _labeled(reduction, pairwise, temperature):
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65])
 @pytest.mark.parametrize("d", [1, 3, 64, 130])
-def test_nt_xent_float64(backend, n, d, small_blocks):
+def test_nt_xent_float64(backend, n, d, small_blocks, gemm):
     z1, z2 = randn(n, d, seed=n * 100 + d), randn(n, d, seed=n * 100 + d + 1)
     t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     for reduction, normalize in itertools.product(["mean", "sum", "none"], [True, False]):
@@ -81,7 +81,7 @@ def test_nt_xent_is_simclr_cross_entropy(backend):
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("n,v,d,classes", [(1, 2, 3, 1), (5, 1, 3, 2), (17, 2, 16, 3), (33, 3, 40, 5),
                                            (65, 2, 130, 40)])
-def test_supcon_float64(backend, n, v, d, classes, small_blocks):
+def test_supcon_float64(backend, n, v, d, classes, small_blocks, gemm):
     g = torch.Generator().manual_seed(n)
     y = torch.randint(0, classes, (n,), generator=g)
     feats = randn(n, v, d, seed=n + v) if v > 1 else randn(n, d, seed=n)
@@ -117,7 +117,7 @@ def test_supcon_matches_khosla_formula(backend):
 @pytest.mark.parametrize("with_key", [False, True])
 @pytest.mark.parametrize("n,m,d,classes", [(1, 1, 3, 1), (3, 2, 1, 2), (17, 9, 16, 3), (65, 64, 40, 4),
                                            (64, 130, 3, 60)])
-def test_labeled_float64(backend, pairwise, with_key, n, m, d, classes, small_blocks):
+def test_labeled_float64(backend, pairwise, with_key, n, m, d, classes, small_blocks, gemm):
     g = torch.Generator().manual_seed(n * 7 + m)
     y = torch.randint(0, classes, (n,), generator=g)
     q = randn(n, d, seed=n)
@@ -154,7 +154,7 @@ def test_anchors_without_positives_or_negatives(backend, pairwise):
 
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck(backend, reduction, small_blocks):
+def test_gradcheck(backend, reduction, small_blocks, gemm):
     z1, z2 = randn(4, 3, seed=1), randn(4, 3, seed=2)
     t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
@@ -247,7 +247,7 @@ def test_explicit_negatives(backend, dtype):
 
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("n,m,d", [(1, 1, 3), (3, 5, 1), (17, 5, 16), (65, 2, 40)])
-def test_paired_negatives_float64(backend, n, m, d, small_blocks):
+def test_paired_negatives_float64(backend, n, m, d, small_blocks, gemm):
     from metassl_fast.reference import contrastive_loss
 
     q, k, neg = randn(n, d, seed=n), randn(n, d, seed=n + 1), randn(n, m, d, seed=n + 2)

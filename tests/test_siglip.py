@@ -26,7 +26,7 @@ def _siglip(backend, a, b, s, bias):
 
 @pytest.mark.parametrize("backend", F64)
 @pytest.mark.parametrize("n,d", [(1, 1), (2, 3), (17, 16), (64, 40), (65, 130)])
-def test_siglip_float64(backend, n, d, small_blocks):
+def test_siglip_float64(backend, n, d, small_blocks, gemm):
     a, b = randn(n, d, seed=n), randn(n, d, seed=n + 1)
     s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True)
@@ -69,7 +69,7 @@ def test_siglip_low_precision(backend, dtype, n, d):
 
 
 @pytest.mark.parametrize("backend", F64)
-def test_gradcheck(backend, small_blocks):
+def test_gradcheck(backend, small_blocks, gemm):
     z1, z2 = randn(4, 3, seed=1), randn(4, 3, seed=2)
     s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)

@@ -16,6 +16,7 @@
 
 #include "cpu/contrastive.h"
 #include "cpu/convex.h"
+#include "cpu/gemm.h"
 #include "cpu/inner_loop.h"
 #include "cpu/labeled.h"
 #include "cpu/siglip.h"
@@ -504,10 +505,83 @@ bool advise_huge_pages(uintptr_t p, int64_t nbytes) {
 #endif
 }
 
+
+// The row sweep's products (cpu/gemm.h).  Every matrix row-major; each buffer must hold
+// the span its sizes and row stride touch; C must not overlap A or B (not checked: an
+// overlap gives wrong numbers, never an access outside the buffers).
+void require_gemm_sizes(int dtype, int64_t M, int64_t N, int64_t K, int nthreads) {
+  require_dtype(dtype);
+  require(M >= 1 && N >= 1 && K >= 1, "need M, N, K >= 1");
+  require(nthreads >= 1, "nthreads must be >= 1");
+}
+
+int64_t gemm_packed_numel(int dtype, int64_t n, int64_t k) {
+  require_dtype(dtype);
+  require(n >= 1 && k >= 1, "need n, k >= 1");
+  prod(add(n, 64), k);  // the rounded-up size below cannot wrap
+  return msf::gemm::packed_numel(dtype == kFloat32 ? 4 : 8, n, k);
+}
+
+void gemm_pack(int dtype, uintptr_t B, int64_t B_numel, int64_t n, int64_t k, int64_t ldb, uintptr_t Bp,
+               int64_t Bp_numel, int nthreads) {
+  require_gemm_sizes(dtype, n, 1, k, nthreads);
+  require(ldb >= k, "need ldb >= k");
+  require_buffer(B, B_numel, span(n, k, ldb), "B");
+  require_buffer(Bp, Bp_numel, gemm_packed_numel(dtype, n, k), "Bp");
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    msf::gemm::pack<F>(in<F>(B), n, k, ldb, out<F>(Bp), nthreads);
+  });
+}
+
+void gemm_nt(int dtype, uintptr_t A, int64_t A_numel, int64_t lda, uintptr_t Bp, int64_t Bp_numel, uintptr_t C,
+             int64_t C_numel, int64_t ldc, int64_t M, int64_t N, int64_t K, double alpha, int nthreads) {
+  require_gemm_sizes(dtype, M, N, K, nthreads);
+  require(lda >= K && ldc >= N, "need lda >= K and ldc >= N");
+  require_buffer(A, A_numel, span(M, K, lda), "A");
+  require_buffer(Bp, Bp_numel, gemm_packed_numel(dtype, N, K), "Bp");
+  require_buffer(C, C_numel, span(M, N, ldc), "C");
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    msf::gemm::nt<F>(in<F>(A), lda, in<F>(Bp), out<F>(C), ldc, M, N, K, static_cast<F>(alpha), nthreads);
+  });
+}
+
+// transpose_a: C = alpha A^T B with A stored (K x M); otherwise C = alpha A B, A (M x K).
+void gemm_nn_tn(int dtype, bool transpose_a, uintptr_t A, int64_t A_numel, int64_t lda, uintptr_t B,
+                int64_t B_numel, int64_t ldb, uintptr_t C, int64_t C_numel, int64_t ldc, int64_t M, int64_t N,
+                int64_t K, double alpha, bool accumulate, int nthreads) {
+  require_gemm_sizes(dtype, M, N, K, nthreads);
+  require(lda >= (transpose_a ? M : K) && ldb >= N && ldc >= N,
+          transpose_a ? "need lda >= M, ldb >= N and ldc >= N" : "need lda >= K, ldb >= N and ldc >= N");
+  require_buffer(A, A_numel, transpose_a ? span(K, M, lda) : span(M, K, lda), "A");
+  require_buffer(B, B_numel, span(K, N, ldb), "B");
+  require_buffer(C, C_numel, span(M, N, ldc), "C");
+  py::gil_scoped_release nogil;
+  by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    auto f = transpose_a ? &msf::gemm::tn<F> : &msf::gemm::nn<F>;
+    f(in<F>(A), lda, in<F>(B), ldb, out<F>(C), ldc, M, N, K, static_cast<F>(alpha), accumulate, nthreads);
+  });
+}
 }  // namespace
 
 PYBIND11_MODULE(MSF_MODULE, m) {
   m.doc() = "metassl_fast CPU kernels (raw-pointer interface; use metassl_fast's Python API)";
+  m.def("gemm_packed_numel", &gemm_packed_numel, py::arg("dtype"), py::arg("n"), py::arg("k"),
+        "Elements gemm_pack writes for an (n x k) B. See csrc/cpu/gemm.h.");
+  m.def("gemm_pack", &gemm_pack, py::arg("dtype"), py::arg("B"), py::arg("B_numel"), py::arg("n"), py::arg("k"),
+        py::arg("ldb"), py::arg("Bp"), py::arg("Bp_numel"), py::arg("nthreads"),
+        "Bp <- B (n x k) in the column panels gemm_nt reads.");
+  m.def("gemm_nt", &gemm_nt, py::arg("dtype"), py::arg("A"), py::arg("A_numel"), py::arg("lda"), py::arg("Bp"),
+        py::arg("Bp_numel"), py::arg("C"), py::arg("C_numel"), py::arg("ldc"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("alpha"), py::arg("nthreads"), "C (M x N) = alpha A B^T, B packed by gemm_pack.");
+  m.def("gemm_nn_tn", &gemm_nn_tn, py::arg("dtype"), py::arg("transpose_a"), py::arg("A"), py::arg("A_numel"),
+        py::arg("lda"), py::arg("B"), py::arg("B_numel"), py::arg("ldb"), py::arg("C"), py::arg("C_numel"),
+        py::arg("ldc"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("alpha"), py::arg("accumulate"),
+        py::arg("nthreads"), "C (M x N) (+)= alpha op(A) B, op(A) = A (M x K) or A^T (A stored K x M).");
   m.def("block_rows", &block_rows, py::arg("dtype"), py::arg("S"), py::arg("S_numel"),
         py::arg("B"), py::arg("C"), py::arg("ld"), py::arg("row0"), py::arg("n_pairs"),
         py::arg("lse"), py::arg("lse_numel"), py::arg("compute_lse"), py::arg("pos"),

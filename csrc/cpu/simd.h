@@ -57,7 +57,9 @@ struct Vec {
   static constexpr int ceil_pow2(int n) { return n <= 1 ? 1 : 2 * ceil_pow2((n + 1) / 2); }
 
  public:
-  static V splat(T x) { return V{} + x; }
+  // x - (+0) is x for every x (-0 and NaN included), so the compiler drops the subtraction and
+  // emits a bare broadcast; V{} + x would keep an add (-0 + 0 is +0).
+  static V splat(T x) { return x - V{}; }
   static T hsum(V v) {
     T s = 0;
     for (int l = 0; l < W; ++l) s += v[l];

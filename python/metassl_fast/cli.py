@@ -26,6 +26,15 @@ def info(stream=sys.stdout) -> None:
         levels = ", ".join(k for k, v in mod.cpu_levels().items() if v) or "x86-64 baseline"
         print(f"_C: built, using {mod.__name__.rsplit('.', 1)[-1]} (simd: {mod.simd}, {mod.vec_bytes}-byte vectors; "
               f"this CPU: {levels})", file=stream)
+        from metassl_fast.ops._common import GEMM_ENV, sweep_gemm
+
+        try:
+            gemm = sweep_gemm()
+        except ValueError as exc:
+            gemm = f"none ({exc})"
+        print(f"contrastive CPU products: {gemm} ({'csrc/cpu/gemm.cpp' if gemm == 'own' else 'torch BLAS'}"
+              f"; {GEMM_ENV}=own|blas|auto)" if gemm in ("own", "blas") else f"contrastive CPU products: {gemm}",
+              file=stream)
     if _ext.available("_C_cuda"):
         mod = _ext.require("_C_cuda")
         print(f"_C_cuda: built against CUDA runtime {mod.runtime_version()}, "

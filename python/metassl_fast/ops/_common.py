@@ -2,16 +2,17 @@
 GPU operand scaling and launch helpers, the backend table lookup and the autograd
 helpers (precomputed gradients, refused double backward).
 
-The CPU sweep: S = rows keys^T is formed by torch's BLAS in row blocks of at most
-TARGET_BLOCK_BYTES; a C++ kernel (csrc/cpu/<op>.cpp) does the loss and overwrites the
-block with G in cache; BLAS multiplies G back into the gradients.  Extra memory is
-O(N D + block), never O(N M).
+The CPU sweep: S = rows keys^T is formed in row blocks of at most TARGET_BLOCK_BYTES; a
+C++ kernel (csrc/cpu/<op>.cpp) does the loss and overwrites the block with G in cache;
+G is multiplied back into the gradients.  The three products run in csrc/cpu/gemm.cpp or
+torch's BLAS (sweep_gemm).  Extra memory is O(N D + block), never O(N M).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import math
+import os
 from types import ModuleType
 from typing import NamedTuple
 
@@ -28,6 +29,9 @@ MIN_BLOCK_ROWS = 128
 NORM_EPS = 1e-12  # F.normalize's eps: |x| is clamped to it
 
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+GEMM_ENV = "METASSL_FAST_GEMM"
+GEMM_CHOICES = ("auto", "own", "blas")
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +82,78 @@ def operands(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
     return normalized(xa) if normalize else (xa, None)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    """cpuid's vendor string as Linux reports it ('' where /proc/cpuinfo says none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def sweep_gemm() -> str:
+    """Which products the CPU row sweep runs: "own" (csrc/cpu/gemm.cpp, register-blocked
+    AVX2 / AVX-512 micro-kernels) or "blas" (torch.mm, MKL in torch's x86 wheels).
+
+    METASSL_FAST_GEMM=own|blas forces one (read on every call); "auto" (the default) picks
+    "own" on x86 CPUs not made by Intel whose loaded _C has AVX2 or AVX-512 (MKL runs the
+    sweep's block shapes at 34-58% of the FMA peak on AMD Zen 3 / Zen 4, ours at 70-85%:
+    bench/RESULTS.md) and "blas" elsewhere (Intel, where MKL is the vendor's own kernel and
+    ours is unmeasured; the SSE base build; other architectures)."""
+    choice = os.environ.get(GEMM_ENV, "auto").strip() or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {GEMM_CHOICES}")
+    if choice != "auto":
+        return choice
+    vendor = _cpu_vendor()
+    simd = getattr(_ext.require("_C"), "simd", "baseline")
+    return "own" if vendor and vendor != "GenuineIntel" and simd in ("avx2", "avx512") else "blas"
+
+
+class _OwnProducts:
+    """The row sweep's three products in csrc/cpu/gemm.cpp: keys packed once per sweep."""
+
+    def __init__(self, rows: Tensor, keys: Tensor):
+        self.C = _ext.require("_C")
+        self.code = _ext.DTYPE_CODE[rows.dtype]
+        self.nt = nthreads()
+        self.rows, self.keys = rows, keys
+        n, d = keys.shape
+        self.packed = torch.empty(self.C.gemm_packed_numel(self.code, n, d), dtype=keys.dtype)
+        self.C.gemm_pack(self.code, keys.data_ptr(), keys.numel(), n, d, keys.stride(0), self.packed.data_ptr(),
+                         self.packed.numel(), self.nt)
+
+    def scores(self, r0: int, r1: int, S: Tensor) -> None:
+        """S = rows[r0:r1] keys^T."""
+        a = self.rows[r0:r1]
+        n, d = self.keys.shape
+        self.C.gemm_nt(self.code, a.data_ptr(), a.numel(), a.stride(0), self.packed.data_ptr(), self.packed.numel(),
+                       S.data_ptr(), S.numel(), S.stride(0), r1 - r0, n, d, 1.0, self.nt)
+
+    def rows_grad(self, S: Tensor, out: Tensor, alpha: float, accumulate: bool) -> None:
+        """out (+)= alpha S keys."""
+        n, d = self.keys.shape
+        self.C.gemm_nn_tn(self.code, False, S.data_ptr(), S.numel(), S.stride(0), self.keys.data_ptr(),
+                          self.keys.numel(), self.keys.stride(0), out.data_ptr(), out.numel(), out.stride(0),
+                          S.shape[0], d, n, alpha, accumulate, self.nt)
+
+    def keys_grad(self, S: Tensor, r0: int, r1: int, c0: int, c1: int, d_keys: Tensor, alpha: float) -> None:
+        """d_keys += alpha S[:, c0:c1]^T rows[r0:r1]."""
+        a = S[:, c0:c1]
+        b = self.rows[r0:r1]
+        self.C.gemm_nn_tn(self.code, True, a.data_ptr(), S.numel() - c0, S.stride(0), b.data_ptr(), b.numel(),
+                          b.stride(0), d_keys.data_ptr(), d_keys.numel(), d_keys.stride(0), c1 - c0, b.shape[1],
+                          r1 - r0, alpha, True, self.nt)
+
+
+def _row_major(t: Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+
+
 def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = None, d_keys: Tensor | None = None,
               key_cols: tuple[int, int] | None = None, row_alpha: float = 1.0, key_alpha: float = 1.0) -> None:
     """S = rows keys^T in row blocks; kernel(S, r0, r1) does the op's work on the block in
@@ -91,19 +167,32 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
     keys_t = keys.t()
     c0, c1 = key_cols if key_cols is not None else (0, n_cols)
     rows_beta = 1.0 if d_rows is not None and d_rows is d_keys else 0.0
+    own = None
+    if (sweep_gemm() == "own" and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
+            and rows.shape[1] > 0 and n_rows > 0 and n_cols > 0 and _row_major(rows) and _row_major(keys)
+            and all(t is None or (t.is_contiguous() and t.dtype == rows.dtype) for t in (d_rows, d_keys))):
+        own = _OwnProducts(rows, keys)
     for r0 in range(0, n_rows, B):
         r1 = min(n_rows, r0 + B)
         S = buf[: r1 - r0]
-        torch.mm(rows[r0:r1], keys_t, out=S)
+        if own is not None:
+            own.scores(r0, r1, S)
+        else:
+            torch.mm(rows[r0:r1], keys_t, out=S)
         kernel(S, r0, r1)
         if d_rows is not None:
             out = d_rows[r0:r1]
-            if rows_beta == 0.0 and row_alpha == 1.0:
+            if own is not None:
+                own.rows_grad(S, out, row_alpha, rows_beta == 1.0)
+            elif rows_beta == 0.0 and row_alpha == 1.0:
                 torch.mm(S, keys, out=out)
             else:
                 out.addmm_(S, keys, beta=rows_beta, alpha=row_alpha)
-        if d_keys is not None:
-            d_keys.addmm_(S[:, c0:c1].t(), rows[r0:r1], alpha=key_alpha)
+        if d_keys is not None and c1 > c0:
+            if own is not None:
+                own.keys_grad(S, r0, r1, c0, c1, d_keys, key_alpha)
+            else:
+                d_keys.addmm_(S[:, c0:c1].t(), rows[r0:r1], alpha=key_alpha)
 
 
 def one_device(op: str, *tensors: Tensor | None) -> None:

@@ -1,5 +1,6 @@
-"""CPU backend of the contrastive op: the row-block sweep (ops/_common.py row_sweep),
-torch's BLAS for S, G K and G^T Q, csrc/cpu/contrastive.cpp for the log-sum-exp,
+"""CPU backend of the contrastive op: the row-block sweep (ops/_common.py row_sweep; its
+products S, G K and G^T Q in csrc/cpu/gemm.cpp or torch's BLAS, sweep_gemm), and
+csrc/cpu/contrastive.cpp for the log-sum-exp,
 softmax and gradient of each block in cache.
 
 GEMM count: one-sided 3 (S, dQ, dK in one pass during the forward); symmetric 4

@@ -1,0 +1,281 @@
+// The row sweep's register-blocked products (what and why: cpu/gemm.h).
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace msf {
+namespace gemm {
+namespace {
+
+// MR x NR accumulators in registers, plus two vectors of B and one broadcast of A: 27 of
+// the 32 AVX-512 registers (MR = 12), 15 of the 16 AVX2 ones (MR = 6).
+template <typename T>
+struct Tile {
+  static constexpr int W = Vec<T>::W;
+  static constexpr int NR = 2 * W;
+  static constexpr int MR = MSF_VEC_BYTES == 64 ? 12 : 6;
+};
+
+// K is taken kKc steps at a time: a chunk of B's rows (kKc x N) stays in L2 while every
+// row group of A passes over it.
+constexpr int64_t kKc = 256;
+// gemm_nn / gemm_tn: a panel's chunk of B (kKcStored x NR) is what stays in L1.
+constexpr int64_t kKcStored = 128;
+// Row stride of gemm_nn's copy of a row group (kKcStored + one cache line): not a power of
+// two, so the MR rows land in different L1 sets.
+constexpr int64_t kRowPad = kKcStored + 16;
+
+// c (rows x cols of an MR x NR tile, row stride ldc) = alpha sum_k a_r[k] b[k b_ks + j]
+// (+ c when add), where a_r[k] is a[k a_ks + r] (MR-interleaved A: a_rs = 0) or
+// a[r a_rs + k] (A's rows read in place: a_ks = 1, a_rs = A's row stride).  a and b hold
+// MR and NR readable elements per step whatever rows and cols are (zero-filled copies at
+// the edges); only the tile's rows x cols are written.
+template <typename T>
+inline void micro(int64_t kc, const T* a, int64_t a_ks, int64_t a_rs, const T* b, int64_t b_ks, T* c, int64_t ldc,
+                  int rows, int cols, T alpha, bool add) {
+  using X = Vec<T>;
+  using V = typename X::V;
+  constexpr int W = Tile<T>::W, MR = Tile<T>::MR, NR = Tile<T>::NR;
+  V acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = X::splat(0);
+  if (a_rs == 0) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const V b0 = X::load(b), b1 = X::load(b + W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const V av = X::splat(a[r]);
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      }
+      a += a_ks;
+      b += b_ks;
+    }
+  } else {
+    const T* ar[MR];
+    for (int r = 0; r < MR; ++r) ar[r] = a + r * a_rs;
+    for (int64_t k = 0; k < kc; ++k) {
+      const V b0 = X::load(b), b1 = X::load(b + W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const V av = X::splat(ar[r][k]);
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      }
+      b += b_ks;
+    }
+  }
+  if (rows == MR && cols == NR) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2; ++v) {
+        T* p = c + r * ldc + v * W;
+        V o = acc[r][v] * alpha;
+        if (add) o += X::load(p);
+        X::store(p, o);
+      }
+    return;
+  }
+  T t[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) X::store(&t[r][v * W], acc[r][v]);
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < cols; ++j) {
+      T* p = c + r * ldc + j;
+      *p = add ? *p + alpha * t[r][j] : alpha * t[r][j];  // never 0 * (what C held)
+    }
+}
+
+// ap[k MR + r] = A[(r0 + r) lda + k0 + k] for r < rows, k < kc; zero for r >= rows.
+template <typename T>
+void pack_rows(const T* A, int64_t lda, int64_t r0, int rows, int64_t k0, int64_t kc, T* ap) {
+  constexpr int MR = Tile<T>::MR;
+  for (int r = 0; r < MR; ++r) {
+    if (r < rows) {
+      const T* src = A + (r0 + r) * lda + k0;
+      for (int64_t k = 0; k < kc; ++k) ap[k * MR + r] = src[k];
+    } else {
+      for (int64_t k = 0; k < kc; ++k) ap[k * MR + r] = T(0);
+    }
+  }
+}
+
+// ap[k MR + r] = A[(k0 + k) lda + c0 + r] for r < rows (A^T's rows), zero past them.
+template <typename T>
+void pack_cols(const T* A, int64_t lda, int64_t c0, int rows, int64_t k0, int64_t kc, T* ap) {
+  constexpr int MR = Tile<T>::MR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = A + (k0 + k) * lda + c0;
+    T* dst = ap + k * MR;
+    if (rows == MR) {
+      std::copy_n(src, MR, dst);  // a constant count: a few vector moves
+    } else {
+      for (int r = 0; r < rows; ++r) dst[r] = src[r];
+      for (int r = rows; r < MR; ++r) dst[r] = T(0);
+    }
+  }
+}
+
+// be[k NR + j] = B[(k0 + k) ldb + n0 + j] for j < cols, zero past them: the last, partial
+// column panel of B, so the micro-kernel reads NR elements per step inside the copy.
+template <typename T>
+void pack_edge(const T* B, int64_t ldb, int64_t n0, int cols, int64_t k0, int64_t kc, T* be) {
+  constexpr int NR = Tile<T>::NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = B + (k0 + k) * ldb + n0;
+    T* dst = be + k * NR;
+    for (int j = 0; j < cols; ++j) dst[j] = src[j];
+    for (int j = cols; j < NR; ++j) dst[j] = T(0);
+  }
+}
+
+// Where the micro-kernel reads a row group's chunk of op(A): a[k a_ks + r] or a[r a_rs + k].
+template <typename T>
+struct GroupA {
+  const T* a;
+  int64_t ks, rs;
+};
+
+// C (M x N) (+)= alpha op(A) B, with group(g, rows, k0, kc, scratch) saying where row group
+// g's chunk of op(A) is (in place, or copied into scratch: kRowPad x MR), and B (K x N, row
+// stride ldb) read as stored: the row groups are split across threads, each thread going
+// over K in chunks.
+template <typename T, typename Group>
+void product_b_as_stored(const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha,
+                         bool accumulate, int nthreads, Group&& group) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const int64_t groups = (M + MR - 1) / MR;
+  const int64_t full = N / NR;  // panels read in place
+  const int edge = static_cast<int>(N - full * NR);
+  parallel_chunks(groups, nthreads, [&](int64_t g0, int64_t g1, int) {
+    const int64_t n_groups = g1 - g0;
+    std::vector<T> scratch(static_cast<size_t>(n_groups * kRowPad * MR));
+    std::vector<GroupA<T>> ga(static_cast<size_t>(n_groups));
+    std::vector<T> be(edge ? static_cast<size_t>(kKcStored * NR) : 0);
+    for (int64_t k0 = 0; k0 < K; k0 += kKcStored) {
+      const int64_t kc = std::min(kKcStored, K - k0);
+      const bool add = accumulate || k0 > 0;
+      if (edge) pack_edge(B, ldb, full * NR, edge, k0, kc, be.data());
+      for (int64_t g = g0; g < g1; ++g) {
+        const int rows = static_cast<int>(std::min<int64_t>(MR, M - g * MR));
+        ga[g - g0] = group(g, rows, k0, kc, scratch.data() + (g - g0) * kRowPad * MR);
+      }
+      // panel-major: a panel's chunk of B (kc x NR, 16 KB) stays in L1 while the thread's
+      // row groups pass over it
+      for (int64_t p = 0; p < full + (edge ? 1 : 0); ++p) {
+        const T* b = p < full ? B + k0 * ldb + p * NR : be.data();
+        const int64_t b_ks = p < full ? ldb : NR;
+        const int cols = p < full ? NR : edge;
+        for (int64_t g = g0; g < g1; ++g) {
+          const GroupA<T>& a = ga[g - g0];
+          micro(kc, a.a, a.ks, a.rs, b, b_ks, C + g * MR * ldc + p * NR, ldc,
+                static_cast<int>(std::min<int64_t>(MR, M - g * MR)), cols, alpha, add);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+int64_t packed_numel(int dtype_bytes, int64_t n, int64_t k) {
+  const int64_t nr = dtype_bytes == 4 ? Tile<float>::NR : Tile<double>::NR;
+  return (n + nr - 1) / nr * nr * k;
+}
+
+template <typename T>
+void pack(const T* B, int64_t n, int64_t k, int64_t ldb, T* Bp, int nthreads) {
+  constexpr int NR = Tile<T>::NR;
+  const int64_t panels = (n + NR - 1) / NR;
+  parallel_chunks(panels, nthreads, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* dst = Bp + p * k * NR;
+      const int cols = static_cast<int>(std::min<int64_t>(NR, n - p * NR));
+      for (int j = 0; j < NR; ++j) {
+        if (j < cols) {
+          const T* src = B + (p * NR + j) * ldb;
+          for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = src[kk];
+        } else {
+          for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = T(0);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha,
+        int nthreads) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const int64_t groups = (M + MR - 1) / MR, panels = (N + NR - 1) / NR;
+  // A's row groups packed once (M x K rounded up to MR rows: the size of A), then the column
+  // panels split across threads: each panel's chunk of Bp (kKc x NR) stays in L1 while every
+  // row group passes over it.
+  std::vector<T> ap(static_cast<size_t>(groups * MR * K));
+  parallel_chunks(groups, nthreads, [&](int64_t g0, int64_t g1, int) {
+    for (int64_t g = g0; g < g1; ++g)
+      pack_rows(A, lda, g * MR, static_cast<int>(std::min<int64_t>(MR, M - g * MR)), 0, K, ap.data() + g * MR * K);
+  });
+  parallel_chunks(panels, nthreads, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int cols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, K - k0);
+        for (int64_t g = 0; g < groups; ++g) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, M - g * MR));
+          micro(kc, ap.data() + g * MR * K + k0 * MR, MR, 0, Bp + p * NR * K + k0 * NR, NR, C + g * MR * ldc + p * NR,
+                ldc, rows, cols, alpha, k0 > 0);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void nn(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
+        T alpha, bool accumulate, int nthreads) {
+  product_b_as_stored(B, ldb, C, ldc, M, N, K, alpha, accumulate, nthreads,
+                      [&](int64_t g, int rows, int64_t k0, int64_t kc, T* ap) -> GroupA<T> {
+                        // the group's rows copied as rows (a contiguous copy per row), kRowPad
+                        // apart: read in place, rows a power-of-two stride apart (S's rows of
+                        // 8192 floats) all fall in one L1 set and evict each other
+                        constexpr int MR = Tile<T>::MR;
+                        for (int r = 0; r < MR; ++r) {
+                          T* dst = ap + r * kRowPad;
+                          if (r < rows) {
+                            std::copy_n(A + (g * MR + r) * lda + k0, kc, dst);
+                            std::fill(dst + kc, dst + kKcStored, T(0));
+                          } else {
+                            std::fill(dst, dst + kKcStored, T(0));
+                          }
+                        }
+                        return {ap, 1, kRowPad};
+                      });
+}
+
+template <typename T>
+void tn(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
+        T alpha, bool accumulate, int nthreads) {
+  product_b_as_stored(B, ldb, C, ldc, M, N, K, alpha, accumulate, nthreads,
+                      [&](int64_t g, int rows, int64_t k0, int64_t kc, T* ap) -> GroupA<T> {
+                        // A^T's rows are A's columns: the step's MR elements are contiguous, but
+                        // the steps a row stride apart (one L1 set when it is a power of two),
+                        // so they are copied into one MR-interleaved block
+                        pack_cols(A, lda, g * Tile<T>::MR, rows, k0, kc, ap);
+                        return {ap, Tile<T>::MR, 0};
+                      });
+}
+
+#define MSF_GEMM_INSTANTIATE(T)                                                                                \
+  template void pack<T>(const T*, int64_t, int64_t, int64_t, T*, int);                                       \
+  template void nt<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, int64_t, T, int);          \
+  template void nn<T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t, T, bool, \
+                      int);                                                                                   \
+  template void tn<T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t, T, bool, int);
+MSF_GEMM_INSTANTIATE(float)
+MSF_GEMM_INSTANTIATE(double)
+#undef MSF_GEMM_INSTANTIATE
+
+}  // namespace gemm
+}  // namespace msf
