@@ -54,6 +54,6 @@ print("sanitize: using", c.__file__)
 EOF
 # the convex heads' tests apart: their backend="torch" cases (the reference, no _C) are deselected
 "$VPY" -m pytest -q -p no:cacheprovider tests/test_convex.py -k "not torch and not compile" "$@"
-exec "$VPY" -m pytest -q -p no:cacheprovider tests/test_hardening.py tests/test_fuzz.py tests/test_compat.py \
+exec "$VPY" -m pytest -q -p no:cacheprovider tests/test_hardening.py tests/test_fuzz.py tests/test_compat.py tests/test_gemm.py \
   tests/test_contrastive.py tests/test_labeled.py tests/test_siglip.py tests/test_inner_loop.py \
   -k "not triton and not cuda and not gpu and not compile" "$@"

@@ -24,6 +24,10 @@ def small_blocks(monkeypatch):
 @pytest.fixture(params=["own", "blas"])
 def gemm(request, monkeypatch):
     """The CPU row sweep's three products each way (ops/_common.py sweep_gemm):
-    csrc/cpu/gemm.cpp and torch's BLAS, whichever this CPU would pick by default."""
+    csrc/cpu/gemm.cpp and torch's BLAS, whichever this CPU would pick by default, at every
+    size (the own path's size floor lowered to 0)."""
+    from metassl_fast.ops import _common as ops
+
     monkeypatch.setenv("METASSL_FAST_GEMM", request.param)
+    monkeypatch.setattr(ops, "OWN_GEMM_MIN_MACS", 0)
     return request.param

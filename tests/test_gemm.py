@@ -120,9 +120,12 @@ def test_auto_choice(monkeypatch, vendor, simd, want):
     assert ops.sweep_gemm() == want
 
 
-@pytest.mark.parametrize("choice", ["own", "blas"])
-def test_the_sweep_takes_the_chosen_products(monkeypatch, choice, small_blocks):
+@pytest.mark.parametrize("choice,floor", [("own", 0), ("blas", 0), ("own", None)])
+def test_the_sweep_takes_the_chosen_products(monkeypatch, choice, floor, small_blocks):
+    """Under the size floor (None: the default, far above 40 x 40 x 9) the sweep keeps BLAS."""
     monkeypatch.setenv("METASSL_FAST_GEMM", choice)
+    if floor is not None:
+        monkeypatch.setattr(ops, "OWN_GEMM_MIN_MACS", floor)
     made = []
     real = ops._OwnProducts
 
@@ -135,4 +138,4 @@ def test_the_sweep_takes_the_chosen_products(monkeypatch, choice, small_blocks):
     q = torch.randn(40, 9, dtype=torch.float64, requires_grad=True)
     k = torch.randn(40, 9, dtype=torch.float64, requires_grad=True)
     msf.clip_loss(q, k, torch.tensor(1.0, dtype=torch.float64)).backward()
-    assert bool(made) == (choice == "own")
+    assert bool(made) == (choice == "own" and floor is not None)

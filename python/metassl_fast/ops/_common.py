@@ -32,6 +32,11 @@ KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 
 GEMM_ENV = "METASSL_FAST_GEMM"
 GEMM_CHOICES = ("auto", "own", "blas")
+# Sweeps below this many multiply-adds per product keep torch's BLAS whatever sweep_gemm
+# says: there the own path's fixed costs (packing the keys, two parallel regions per
+# product) outweigh its speed (measured on a Zen 4: info_nce N=256 D=128 5-8% slower with
+# it, N=2048 the same, N=4096 8% faster; bench/RESULTS.md).
+OWN_GEMM_MIN_MACS = 1 << 28
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,7 +173,7 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
     c0, c1 = key_cols if key_cols is not None else (0, n_cols)
     rows_beta = 1.0 if d_rows is not None and d_rows is d_keys else 0.0
     own = None
-    if (sweep_gemm() == "own" and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
+    if (n_rows * n_cols * rows.shape[1] >= OWN_GEMM_MIN_MACS and sweep_gemm() == "own" and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
             and rows.shape[1] > 0 and n_rows > 0 and n_cols > 0 and _row_major(rows) and _row_major(keys)
             and all(t is None or (t.is_contiguous() and t.dtype == rows.dtype) for t in (d_rows, d_keys))):
         own = _OwnProducts(rows, keys)
