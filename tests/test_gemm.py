@@ -38,8 +38,9 @@ def test_nt_against_torch(dtype, m, n, k):
     C.gemm_pack(CODE[dtype], b.data_ptr(), n * b.stride(0), n, k, b.stride(0),
                 bp.data_ptr(), bp.numel(), 2)
     out = torch.full((m, n + 5), float("nan"), dtype=dtype)
+    work = torch.full((C.gemm_nt_work_numel(CODE[dtype], m, k),), float("nan"), dtype=dtype)
     C.gemm_nt(CODE[dtype], a.data_ptr(), m * a.stride(0), a.stride(0), bp.data_ptr(), bp.numel(),
-              out.data_ptr(), out.numel(), out.stride(0), m, n, k, 0.5, 2)
+              out.data_ptr(), out.numel(), out.stride(0), m, n, k, 0.5, work.data_ptr(), work.numel(), 2)
     want = 0.5 * a.double() @ b.double().T
     torch.testing.assert_close(out[:, :n].double(), want, **_tol(dtype, k))
     assert out[:, n:].isnan().all(), "wrote past the row's N columns"
@@ -86,13 +87,19 @@ def test_bad_sizes_are_refused_by_name():
     with pytest.raises(ValueError, match="C holds 15 elements"):
         C.gemm_nn_tn(0, True, p, 16, 4, p, 16, 4, p, 15, 4, 4, 4, 4, 1.0, False, 1)
     with pytest.raises(ValueError, match="Bp holds 16 elements"):
-        C.gemm_nt(0, p, 16, 4, p, 16, p, 16, 4, 4, 4, 4, 1.0, 1)
+        C.gemm_nt(0, p, 16, 4, p, 16, p, 16, 4, 4, 4, 4, 1.0, p, 10**6, 1)
+    w = torch.zeros(C.gemm_nt_work_numel(0, 4, 4))
+    big = torch.zeros(C.gemm_packed_numel(0, 4, 4))
+    with pytest.raises(ValueError, match="work holds"):
+        C.gemm_nt(0, p, 16, 4, big.data_ptr(), big.numel(), p, 16, 4, 4, 4, 4, 1.0, w.data_ptr(), w.numel() - 1, 1)
     with pytest.raises(ValueError, match="overflow"):
         C.gemm_packed_numel(0, 2**62, 2**10)
     with pytest.raises(ValueError, match="dtype code"):
         C.gemm_pack(2, p, 16, 4, 4, 4, p, 16, 1)
     with pytest.raises(ValueError, match="null pointer"):
-        C.gemm_nt(0, 0, 16, 4, p, 16, p, 16, 4, 4, 4, 4, 1.0, 1)
+        C.gemm_nt(0, 0, 16, 4, p, 16, p, 16, 4, 4, 4, 4, 1.0, p, 16, 1)
+    with pytest.raises(ValueError, match="overflow"):
+        C.gemm_nt_work_numel(0, 2**62, 2**10)
 
 
 def test_env_var_is_checked(monkeypatch):

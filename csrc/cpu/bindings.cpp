@@ -535,17 +535,27 @@ void gemm_pack(int dtype, uintptr_t B, int64_t B_numel, int64_t n, int64_t k, in
   });
 }
 
+int64_t gemm_nt_work_numel(int dtype, int64_t m, int64_t k) {
+  require_dtype(dtype);
+  require(m >= 1 && k >= 1, "need m, k >= 1");
+  prod(add(m, 64), k);  // the rounded-up size below cannot wrap
+  return msf::gemm::nt_work_numel(dtype == kFloat32 ? 4 : 8, m, k);
+}
+
 void gemm_nt(int dtype, uintptr_t A, int64_t A_numel, int64_t lda, uintptr_t Bp, int64_t Bp_numel, uintptr_t C,
-             int64_t C_numel, int64_t ldc, int64_t M, int64_t N, int64_t K, double alpha, int nthreads) {
+             int64_t C_numel, int64_t ldc, int64_t M, int64_t N, int64_t K, double alpha, uintptr_t work,
+             int64_t work_numel, int nthreads) {
   require_gemm_sizes(dtype, M, N, K, nthreads);
   require(lda >= K && ldc >= N, "need lda >= K and ldc >= N");
   require_buffer(A, A_numel, span(M, K, lda), "A");
   require_buffer(Bp, Bp_numel, gemm_packed_numel(dtype, N, K), "Bp");
   require_buffer(C, C_numel, span(M, N, ldc), "C");
+  require_buffer(work, work_numel, gemm_nt_work_numel(dtype, M, K), "work");
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    msf::gemm::nt<F>(in<F>(A), lda, in<F>(Bp), out<F>(C), ldc, M, N, K, static_cast<F>(alpha), nthreads);
+    msf::gemm::nt<F>(in<F>(A), lda, in<F>(Bp), out<F>(C), ldc, M, N, K, static_cast<F>(alpha), out<F>(work),
+                     nthreads);
   });
 }
 
@@ -577,7 +587,10 @@ PYBIND11_MODULE(MSF_MODULE, m) {
         "Bp <- B (n x k) in the column panels gemm_nt reads.");
   m.def("gemm_nt", &gemm_nt, py::arg("dtype"), py::arg("A"), py::arg("A_numel"), py::arg("lda"), py::arg("Bp"),
         py::arg("Bp_numel"), py::arg("C"), py::arg("C_numel"), py::arg("ldc"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("alpha"), py::arg("nthreads"), "C (M x N) = alpha A B^T, B packed by gemm_pack.");
+        py::arg("K"), py::arg("alpha"), py::arg("work"), py::arg("work_numel"), py::arg("nthreads"),
+        "C (M x N) = alpha A B^T, B packed by gemm_pack; work (gemm_nt_work_numel elements) is scratch.");
+  m.def("gemm_nt_work_numel", &gemm_nt_work_numel, py::arg("dtype"), py::arg("m"), py::arg("k"),
+        "Elements of gemm_nt's workspace for an (m x k) A.");
   m.def("gemm_nn_tn", &gemm_nn_tn, py::arg("dtype"), py::arg("transpose_a"), py::arg("A"), py::arg("A_numel"),
         py::arg("lda"), py::arg("B"), py::arg("B_numel"), py::arg("ldb"), py::arg("C"), py::arg("C_numel"),
         py::arg("ldc"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("alpha"), py::arg("accumulate"),

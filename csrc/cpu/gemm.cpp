@@ -27,6 +27,9 @@ constexpr int64_t kKcStored = 128;
 // Row stride of gemm_nn's copy of a row group (kKcStored + one cache line): not a power of
 // two, so the MR rows land in different L1 sets.
 constexpr int64_t kRowPad = kKcStored + 16;
+// Row groups packed and swept together (their copies, kGroupBlock x MR x kRowPad elements,
+// 55 KB in float: in L2, and under glibc's mmap threshold, so no fresh pages per call).
+constexpr int64_t kGroupBlock = 8;
 
 // c (rows x cols of an MR x NR tile, row stride ldc) = alpha sum_k a_r[k] b[k b_ks + j]
 // (+ c when add), where a_r[k] is a[k a_ks + r] (MR-interleaved A: a_rs = 0) or
@@ -149,28 +152,30 @@ void product_b_as_stored(const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, 
   const int64_t full = N / NR;  // panels read in place
   const int edge = static_cast<int>(N - full * NR);
   parallel_chunks(groups, nthreads, [&](int64_t g0, int64_t g1, int) {
-    const int64_t n_groups = g1 - g0;
-    std::vector<T> scratch(static_cast<size_t>(n_groups * kRowPad * MR));
-    std::vector<GroupA<T>> ga(static_cast<size_t>(n_groups));
+    std::vector<T> scratch(static_cast<size_t>(kGroupBlock * kRowPad * MR));
+    GroupA<T> ga[kGroupBlock];
     std::vector<T> be(edge ? static_cast<size_t>(kKcStored * NR) : 0);
     for (int64_t k0 = 0; k0 < K; k0 += kKcStored) {
       const int64_t kc = std::min(kKcStored, K - k0);
       const bool add = accumulate || k0 > 0;
       if (edge) pack_edge(B, ldb, full * NR, edge, k0, kc, be.data());
-      for (int64_t g = g0; g < g1; ++g) {
-        const int rows = static_cast<int>(std::min<int64_t>(MR, M - g * MR));
-        ga[g - g0] = group(g, rows, k0, kc, scratch.data() + (g - g0) * kRowPad * MR);
-      }
-      // panel-major: a panel's chunk of B (kc x NR, 16 KB) stays in L1 while the thread's
-      // row groups pass over it
-      for (int64_t p = 0; p < full + (edge ? 1 : 0); ++p) {
-        const T* b = p < full ? B + k0 * ldb + p * NR : be.data();
-        const int64_t b_ks = p < full ? ldb : NR;
-        const int cols = p < full ? NR : edge;
-        for (int64_t g = g0; g < g1; ++g) {
-          const GroupA<T>& a = ga[g - g0];
-          micro(kc, a.a, a.ks, a.rs, b, b_ks, C + g * MR * ldc + p * NR, ldc,
-                static_cast<int>(std::min<int64_t>(MR, M - g * MR)), cols, alpha, add);
+      for (int64_t h0 = g0; h0 < g1; h0 += kGroupBlock) {
+        const int64_t h1 = std::min(g1, h0 + kGroupBlock);
+        for (int64_t g = h0; g < h1; ++g) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, M - g * MR));
+          ga[g - h0] = group(g, rows, k0, kc, scratch.data() + (g - h0) * kRowPad * MR);
+        }
+        // panel-major within a block of row groups: a panel's chunk of B (kc x NR, 16 KB)
+        // stays in L1 while the block's groups (in L2) pass over it
+        for (int64_t p = 0; p < full + (edge ? 1 : 0); ++p) {
+          const T* b = p < full ? B + k0 * ldb + p * NR : be.data();
+          const int64_t b_ks = p < full ? ldb : NR;
+          const int cols = p < full ? NR : edge;
+          for (int64_t g = h0; g < h1; ++g) {
+            const GroupA<T>& a = ga[g - h0];
+            micro(kc, a.a, a.ks, a.rs, b, b_ks, C + g * MR * ldc + p * NR, ldc,
+                  static_cast<int>(std::min<int64_t>(MR, M - g * MR)), cols, alpha, add);
+          }
         }
       }
     }
@@ -204,18 +209,24 @@ void pack(const T* B, int64_t n, int64_t k, int64_t ldb, T* Bp, int nthreads) {
   });
 }
 
+int64_t nt_work_numel(int dtype_bytes, int64_t m, int64_t k) {
+  const int64_t mr = dtype_bytes == 4 ? Tile<float>::MR : Tile<double>::MR;
+  return (m + mr - 1) / mr * mr * k;
+}
+
 template <typename T>
-void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha,
+void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha, T* work,
         int nthreads) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   const int64_t groups = (M + MR - 1) / MR, panels = (N + NR - 1) / NR;
-  // A's row groups packed once (M x K rounded up to MR rows: the size of A), then the column
-  // panels split across threads: each panel's chunk of Bp (kKc x NR) stays in L1 while every
-  // row group passes over it.
-  std::vector<T> ap(static_cast<size_t>(groups * MR * K));
+  // A's row groups packed once into work (M x K rounded up to MR rows: the size of A; the
+  // caller's, so that a sweep allocates it once), then the column panels split across
+  // threads: each panel's chunk of Bp (kKc x NR) stays in L1 while every row group passes
+  // over it.
+  T* ap = work;
   parallel_chunks(groups, nthreads, [&](int64_t g0, int64_t g1, int) {
     for (int64_t g = g0; g < g1; ++g)
-      pack_rows(A, lda, g * MR, static_cast<int>(std::min<int64_t>(MR, M - g * MR)), 0, K, ap.data() + g * MR * K);
+      pack_rows(A, lda, g * MR, static_cast<int>(std::min<int64_t>(MR, M - g * MR)), 0, K, ap + g * MR * K);
   });
   parallel_chunks(panels, nthreads, [&](int64_t p0, int64_t p1, int) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -224,7 +235,7 @@ void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int6
         const int64_t kc = std::min(kKc, K - k0);
         for (int64_t g = 0; g < groups; ++g) {
           const int rows = static_cast<int>(std::min<int64_t>(MR, M - g * MR));
-          micro(kc, ap.data() + g * MR * K + k0 * MR, MR, 0, Bp + p * NR * K + k0 * NR, NR, C + g * MR * ldc + p * NR,
+          micro(kc, ap + g * MR * K + k0 * MR, MR, 0, Bp + p * NR * K + k0 * NR, NR, C + g * MR * ldc + p * NR,
                 ldc, rows, cols, alpha, k0 > 0);
         }
       }
@@ -269,7 +280,7 @@ void tn(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int
 
 #define MSF_GEMM_INSTANTIATE(T)                                                                                \
   template void pack<T>(const T*, int64_t, int64_t, int64_t, T*, int);                                       \
-  template void nt<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, int64_t, T, int);          \
+  template void nt<T>(const T*, int64_t, const T*, T*, int64_t, int64_t, int64_t, int64_t, T, T*, int);      \
   template void nn<T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t, T, bool, \
                       int);                                                                                   \
   template void tn<T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t, T, bool, int);

@@ -12,7 +12,8 @@
 // panels, gemm_tn reads them in place (A^T's rows are A's columns).  B is read as stored
 // (gemm_nn, gemm_tn) or from panels packed once per sweep (gemm_nt).  K is taken in
 // chunks of kKc so the B rows a chunk touches stay in L2.  Edges (M, N, K any size >= 1)
-// go through zero-filled copies; nothing reads or writes past the sizes given.
+// go through zero-filled copies; nothing reads or writes past the sizes given.  No call
+// allocates more than a few tens of KB: gemm_nt packs A into the caller's workspace.
 //
 // Limits: T is float or double; every matrix row-major with unit column stride; the row
 // strides are at least the row lengths; C does not overlap A or B.
@@ -30,8 +31,11 @@ int64_t packed_numel(int dtype_bytes, int64_t n, int64_t k);
 template <typename T>
 void pack(const T* B, int64_t n, int64_t k, int64_t ldb, T* Bp, int nthreads);
 
+// Elements of gemm_nt's workspace for an (m x k) A: A packed in row groups of MR.
+int64_t nt_work_numel(int dtype_bytes, int64_t m, int64_t k);
+
 template <typename T>
-void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha,
+void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int64_t N, int64_t K, T alpha, T* work,
         int nthreads);
 
 template <typename T>

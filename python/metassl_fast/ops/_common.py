@@ -122,12 +122,13 @@ def sweep_gemm() -> str:
 class _OwnProducts:
     """The row sweep's three products in csrc/cpu/gemm.cpp: keys packed once per sweep."""
 
-    def __init__(self, rows: Tensor, keys: Tensor):
+    def __init__(self, rows: Tensor, keys: Tensor, block: int):
         self.C = _ext.require("_C")
         self.code = _ext.DTYPE_CODE[rows.dtype]
         self.nt = nthreads()
         self.rows, self.keys = rows, keys
         n, d = keys.shape
+        self.work = torch.empty(self.C.gemm_nt_work_numel(self.code, block, d), dtype=keys.dtype)
         self.packed = torch.empty(self.C.gemm_packed_numel(self.code, n, d), dtype=keys.dtype)
         self.C.gemm_pack(self.code, keys.data_ptr(), keys.numel(), n, d, keys.stride(0), self.packed.data_ptr(),
                          self.packed.numel(), self.nt)
@@ -137,7 +138,8 @@ class _OwnProducts:
         a = self.rows[r0:r1]
         n, d = self.keys.shape
         self.C.gemm_nt(self.code, a.data_ptr(), a.numel(), a.stride(0), self.packed.data_ptr(), self.packed.numel(),
-                       S.data_ptr(), S.numel(), S.stride(0), r1 - r0, n, d, 1.0, self.nt)
+                       S.data_ptr(), S.numel(), S.stride(0), r1 - r0, n, d, 1.0, self.work.data_ptr(),
+                       self.work.numel(), self.nt)
 
     def rows_grad(self, S: Tensor, out: Tensor, alpha: float, accumulate: bool) -> None:
         """out (+)= alpha S keys."""
@@ -176,7 +178,7 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
     if (n_rows * n_cols * rows.shape[1] >= OWN_GEMM_MIN_MACS and sweep_gemm() == "own" and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
             and rows.shape[1] > 0 and n_rows > 0 and n_cols > 0 and _row_major(rows) and _row_major(keys)
             and all(t is None or (t.is_contiguous() and t.dtype == rows.dtype) for t in (d_rows, d_keys))):
-        own = _OwnProducts(rows, keys)
+        own = _OwnProducts(rows, keys, B)
     for r0 in range(0, n_rows, B):
         r1 = min(n_rows, r0 + B)
         S = buf[: r1 - r0]
