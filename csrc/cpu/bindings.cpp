@@ -515,11 +515,17 @@ void require_gemm_sizes(int dtype, int64_t M, int64_t N, int64_t K, int nthreads
   require(nthreads >= 1, "nthreads must be >= 1");
 }
 
-int64_t gemm_packed_numel(int dtype, int64_t n, int64_t k) {
+// A (rows x k) matrix padded to whole tiles (at most 64 rows more): sizes checked so that
+// the padded count cannot wrap.  Returns the element size.
+int padded_sizes(int dtype, int64_t rows, int64_t k) {
   require_dtype(dtype);
-  require(n >= 1 && k >= 1, "need n, k >= 1");
-  prod(add(n, 64), k);  // the rounded-up size below cannot wrap
-  return msf::gemm::packed_numel(dtype == kFloat32 ? 4 : 8, n, k);
+  require(rows >= 1 && k >= 1, "need n, k >= 1");
+  prod(add(rows, 64), k);
+  return dtype == kFloat32 ? 4 : 8;
+}
+
+int64_t gemm_packed_numel(int dtype, int64_t n, int64_t k) {
+  return msf::gemm::packed_numel(padded_sizes(dtype, n, k), n, k);
 }
 
 void gemm_pack(int dtype, uintptr_t B, int64_t B_numel, int64_t n, int64_t k, int64_t ldb, uintptr_t Bp,
@@ -536,10 +542,7 @@ void gemm_pack(int dtype, uintptr_t B, int64_t B_numel, int64_t n, int64_t k, in
 }
 
 int64_t gemm_nt_work_numel(int dtype, int64_t m, int64_t k) {
-  require_dtype(dtype);
-  require(m >= 1 && k >= 1, "need m, k >= 1");
-  prod(add(m, 64), k);  // the rounded-up size below cannot wrap
-  return msf::gemm::nt_work_numel(dtype == kFloat32 ? 4 : 8, m, k);
+  return msf::gemm::nt_work_numel(padded_sizes(dtype, m, k), m, k);
 }
 
 void gemm_nt(int dtype, uintptr_t A, int64_t A_numel, int64_t lda, uintptr_t Bp, int64_t Bp_numel, uintptr_t C,

@@ -104,32 +104,18 @@ void pack_rows(const T* A, int64_t lda, int64_t r0, int rows, int64_t k0, int64_
   }
 }
 
-// ap[k MR + r] = A[(k0 + k) lda + c0 + r] for r < rows (A^T's rows), zero past them.
-template <typename T>
-void pack_cols(const T* A, int64_t lda, int64_t c0, int rows, int64_t k0, int64_t kc, T* ap) {
-  constexpr int MR = Tile<T>::MR;
-  for (int64_t k = 0; k < kc; ++k) {
-    const T* src = A + (k0 + k) * lda + c0;
-    T* dst = ap + k * MR;
-    if (rows == MR) {
-      std::copy_n(src, MR, dst);  // a constant count: a few vector moves
+// dst[k WIDTH + j] = src[k ld + j] for j < n, zero for n <= j < WIDTH, k < kc: the
+// MR-wide columns of A that are A^T's rows (gemm_tn), or the last, partial column panel of
+// B (so the micro-kernel reads NR elements per step inside the copy).
+template <int WIDTH, typename T>
+void copy_padded(const T* src, int64_t ld, int n, int64_t kc, T* dst) {
+  for (int64_t k = 0; k < kc; ++k, src += ld, dst += WIDTH) {
+    if (n == WIDTH) {
+      std::copy_n(src, WIDTH, dst);  // a constant count: a few vector moves
     } else {
-      for (int r = 0; r < rows; ++r) dst[r] = src[r];
-      for (int r = rows; r < MR; ++r) dst[r] = T(0);
+      for (int j = 0; j < n; ++j) dst[j] = src[j];
+      for (int j = n; j < WIDTH; ++j) dst[j] = T(0);
     }
-  }
-}
-
-// be[k NR + j] = B[(k0 + k) ldb + n0 + j] for j < cols, zero past them: the last, partial
-// column panel of B, so the micro-kernel reads NR elements per step inside the copy.
-template <typename T>
-void pack_edge(const T* B, int64_t ldb, int64_t n0, int cols, int64_t k0, int64_t kc, T* be) {
-  constexpr int NR = Tile<T>::NR;
-  for (int64_t k = 0; k < kc; ++k) {
-    const T* src = B + (k0 + k) * ldb + n0;
-    T* dst = be + k * NR;
-    for (int j = 0; j < cols; ++j) dst[j] = src[j];
-    for (int j = cols; j < NR; ++j) dst[j] = T(0);
   }
 }
 
@@ -158,7 +144,7 @@ void product_b_as_stored(const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, 
     for (int64_t k0 = 0; k0 < K; k0 += kKcStored) {
       const int64_t kc = std::min(kKcStored, K - k0);
       const bool add = accumulate || k0 > 0;
-      if (edge) pack_edge(B, ldb, full * NR, edge, k0, kc, be.data());
+      if (edge) copy_padded<NR>(B + k0 * ldb + full * NR, ldb, edge, kc, be.data());
       for (int64_t h0 = g0; h0 < g1; h0 += kGroupBlock) {
         const int64_t h1 = std::min(g1, h0 + kGroupBlock);
         for (int64_t g = h0; g < h1; ++g) {
@@ -273,7 +259,7 @@ void tn(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int
                         // A^T's rows are A's columns: the step's MR elements are contiguous, but
                         // the steps a row stride apart (one L1 set when it is a power of two),
                         // so they are copied into one MR-interleaved block
-                        pack_cols(A, lda, g * Tile<T>::MR, rows, k0, kc, ap);
+                        copy_padded<Tile<T>::MR>(A + k0 * lda + g * Tile<T>::MR, lda, rows, kc, ap);
                         return {ap, Tile<T>::MR, 0};
                       });
 }
