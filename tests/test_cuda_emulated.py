@@ -52,6 +52,10 @@ def _run(exe, tmp_path, dtype, q, k, g, scale, symmetric):
     c = k.shape[0]
     out = _call(exe, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), scale], [q, k, g],
                 ["lse", "pos", "row_loss", "lse_col", "dq", "ds", "dk"], [n, n, n, n, n * d, 1, c * d])
+    return _shaped(out, n, c, d)
+
+
+def _shaped(out, n, c, d):
     out["dq"], out["dk"], out["ds"] = out["dq"].view(n, d), out["dk"].view(c, d), out["ds"][0]
     return out
 
@@ -85,6 +89,24 @@ def test_cuda_kernels_against_float64(runner, tmp_path, dtype, n, m, d):
         if not symmetric:  # lse_col is the symmetric loss's only
             del want["lse_col"]
         _check(got, want, dtype, f"contrastive {dtype} n={n} m={m} d={d} sym={symmetric}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,d,ld", [(65, 70, 40, 48), (40, 64, 37, 40), (64, 65, 96, 104), (3, 5, 42, 43)])
+def test_row_stride_longer_than_d(runner, tmp_path, monkeypatch, dtype, n, c, d, ld):
+    """Inputs whose rows are ld > D apart, NaN past D (MSF_EMU_LD): the loader's 16-byte
+    pieces (taken when the pointer, ld and D are whole pieces: D = 40, 96 here) must not
+    read past D, nor the element-by-element path (D = 37, 42)."""
+    monkeypatch.setenv("MSF_EMU_LD", str(ld))
+    q, k, g = _operands(n, c, d, dtype, seed=ld)
+    w = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+    for symmetric in (False, True):
+        out = _call(runner, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), 7.5], [q, k, w.float().double()],
+                    ["lse", "pos", "row_loss", "lse_col", "dq", "ds", "dk"], [n, n, n, n, n * d, 1, c * d])
+        want = _reference(q, k, w.float().double(), 7.5, symmetric)
+        if not symmetric:
+            del want["lse_col"]
+        _check(_shaped(out, n, c, d), want, dtype, f"ld={ld} {dtype} n={n} c={c} d={d} sym={symmetric}")
 
 
 def _check(got, want, dtype, what):

@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -89,12 +90,56 @@ struct ChunkSmem {
   alignas(32) T b[kTile][kChunk + kPad];
 };
 
+// 16 bytes from global to shared memory: one 128-bit load (LDG.E.128) and store (STS.128);
+// both addresses 16-byte aligned.  (The CPU emulation copies the bytes.)
+template <typename T>
+__device__ __forceinline__ void copy16(T* dst, const T* src) {
+#ifdef MSF_CPU_EMULATION
+  std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// 16 zero bytes (+0 in every element type).
+template <typename T>
+__device__ __forceinline__ void zero16(T* dst) {
+#ifdef MSF_CPU_EMULATION
+  std::memset(static_cast<void*>(dst), 0, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
 // rows [r0, r0 + 64) x features [d0, d0 + W) of X (bound rows < r_end, d < D) into dst,
 // zeros outside: the S product's chunks (W = kChunk) and the backward's output-chunk
 // operand (W = Traits<T>::kOutChunk).
+// Where X, its row stride and D are whole 16-byte pieces (d0 is a multiple of W), each
+// thread moves 16 bytes at a time (8 fp16 / bf16 or 4 fp32 elements): a piece is then all
+// inside or all outside the rows' D.  Otherwise one element at a time (as Triton's kernels,
+// pad D to a multiple of 8 / 4 for the wide loads).  The branch is uniform: it depends on
+// the kernel's arguments only.
 template <int W, typename T>
 __device__ __forceinline__ void load_rows(T (*dst)[W + kPad], const T* X, int64_t ld, int64_t r0, int64_t r_end,
                                           int d0, int D) {
+  constexpr int kVec = static_cast<int>(16 / sizeof(T));
+  static_assert(W % kVec == 0 && ((W + kPad) * sizeof(T)) % 16 == 0, "16-byte pieces must tile a shared row");
+  if (reinterpret_cast<uintptr_t>(X) % 16 == 0 && ld % kVec == 0 && D % kVec == 0) {
+    // not unrolled: the 1-4 pieces per thread, unrolled, had their addresses computed up
+    // front, which pushed the kernels at their __launch_bounds__ cap into spills
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < kTile * (W / kVec); idx += kThreads) {
+      const int r = idx / (W / kVec), k = (idx % (W / kVec)) * kVec;
+      const int64_t gr = r0 + r;
+      const int gd = d0 + k;
+      if (gr < r_end && gd < D) {
+        copy16(&dst[r][k], X + gr * ld + gd);
+      } else {
+        zero16(&dst[r][k]);
+      }
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < kTile * W; idx += kThreads) {
     const int r = idx / W, k = idx % W;
     const int64_t gr = r0 + r;

@@ -22,6 +22,7 @@
 #include "../../csrc/cuda/siglip.cu"
 #include "../../csrc/cuda/inner_loop.cu"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -38,19 +39,21 @@ std::vector<T> operand(const float* x, size_t n) {
 // dQ over the query blocks and dK in two calls, [0, c1) and [c1, C), as Python may ask
 // for keys and negatives apart; part: kParts per query block, summed.
 template <typename T, typename L>
-void backward(const L& loss, const T* Q, const T* K, int N, int C, int D, bool split_dk, std::vector<float>& out) {
+void backward(const L& loss, const T* Q, const T* K, int N, int C, int D, bool split_dk, std::vector<float>& out,
+              int64_t ld = 0) {
+  if (ld == 0) ld = D;  // the inputs' row stride (the outputs' is D)
   constexpr int kOut = Traits<T>::kOutChunk;
   const unsigned rb = static_cast<unsigned>((N + kTile - 1) / kTile);
   const unsigned dchunks = static_cast<unsigned>((D + kOut - 1) / kOut);
   std::vector<float> dq(static_cast<size_t>(N) * D, NAN), parts(L::kParts * rb, NAN),
       dk(static_cast<size_t>(C) * D, NAN);
   emu::launch(dim3(rb, dchunks), kThreads,
-              [&] { grad_kernel<T, L, false>(Q, K, loss, dq.data(), parts.data(), N, C, D, 0, 0, D, D, D); });
+              [&] { grad_kernel<T, L, false>(Q, K, loss, dq.data(), parts.data(), N, C, D, 0, 0, ld, ld, D); });
   const int c1 = split_dk && C > 1 ? C / 2 + 1 : C;
   for (auto [a, b] : {std::pair<int, int>{0, c1}, std::pair<int, int>{c1, C}}) {
     if (b <= a) continue;
     emu::launch(dim3(static_cast<unsigned>((b - a + kTile - 1) / kTile), dchunks), kThreads, [&, a = a, b = b] {
-      grad_kernel<T, L, true>(Q, K, loss, dk.data() + static_cast<size_t>(a) * D, nullptr, N, C, D, a, b, D, D, D);
+      grad_kernel<T, L, true>(Q, K, loss, dk.data() + static_cast<size_t>(a) * D, nullptr, N, C, D, a, b, ld, ld, D);
     });
   }
   out.insert(out.end(), dq.begin(), dq.end());
@@ -97,22 +100,27 @@ void run_labeled(int N, int C, int D, const float* p, const std::vector<float>& 
               K.data(), N, C, D, false, out);
 }
 
+// MSF_EMU_LD (contrastive mode): the inputs' row stride, >= D (default D); the elements past
+// D in each row are NaN, so a kernel that reads them poisons its outputs.
 template <typename T>
 int run(int N, int C, int D, bool sym, float scale, const std::vector<float>& in, std::vector<float>& out) {
-  std::vector<T> Q(static_cast<size_t>(N) * D), K(static_cast<size_t>(C) * D);
-  for (size_t i = 0; i < Q.size(); ++i) Q[i] = from_float<T>(in[i]);
-  for (size_t i = 0; i < K.size(); ++i) K[i] = from_float<T>(in[Q.size() + i]);
-  const float* g = in.data() + Q.size() + K.size();
+  const char* ld_env = std::getenv("MSF_EMU_LD");
+  const int64_t ld = ld_env ? std::max<int64_t>(D, std::atoll(ld_env)) : D;
+  std::vector<T> Q(static_cast<size_t>(N * ld), from_float<T>(NAN)), K(static_cast<size_t>(C * ld), from_float<T>(NAN));
+  const size_t nq = static_cast<size_t>(N) * D, nk = static_cast<size_t>(C) * D;
+  for (size_t i = 0; i < nq; ++i) Q[i / D * ld + i % D] = from_float<T>(in[i]);
+  for (size_t i = 0; i < nk; ++i) K[i / D * ld + i % D] = from_float<T>(in[nq + i]);
+  const float* g = in.data() + nq + nk;
   std::vector<float> lse(N), pos(N), row_loss(N), col_max(N, -INFINITY), col_sum(N, 0.f), lse_col(N, 0.f);
   std::vector<int> lock((C + kTile - 1) / kTile, 0);
   const unsigned rb = static_cast<unsigned>((N + kTile - 1) / kTile);
   auto fwd = [&] {
     if (sym)
       fwd_kernel<T, true>(Q.data(), K.data(), lse.data(), pos.data(), row_loss.data(), col_max.data(),
-                          col_sum.data(), lock.data(), N, C, D, D, D, scale);
+                          col_sum.data(), lock.data(), N, C, D, ld, ld, scale);
     else
       fwd_kernel<T, false>(Q.data(), K.data(), lse.data(), pos.data(), row_loss.data(), col_max.data(),
-                           col_sum.data(), lock.data(), N, C, D, D, D, scale);
+                           col_sum.data(), lock.data(), N, C, D, ld, ld, scale);
   };
   emu::launch(dim3(rb), kThreads, fwd);
   if (sym)
@@ -120,10 +128,10 @@ int run(int N, int C, int D, bool sym, float scale, const std::vector<float>& in
   for (auto* v : {&lse, &pos, &row_loss, &lse_col}) out.insert(out.end(), v->begin(), v->end());
   if (sym)
     backward<T>(ContrastiveGrad<true>{scale, lse.data(), g, lse_col.data(), g, N}, Q.data(), K.data(), N, C, D,
-                true, out);
+                true, out, ld);
   else
     backward<T>(ContrastiveGrad<false>{scale, lse.data(), g, lse_col.data(), g, N}, Q.data(), K.data(), N, C, D,
-                true, out);
+                true, out, ld);
   return 0;
 }
 
