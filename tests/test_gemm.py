@@ -146,3 +146,45 @@ def test_the_sweep_takes_the_chosen_products(monkeypatch, choice, floor, small_b
     k = torch.randn(40, 9, dtype=torch.float64, requires_grad=True)
     msf.clip_loss(q, k, torch.tensor(1.0, dtype=torch.float64)).backward()
     assert bool(made) == (choice == "own" and floor is not None)
+
+
+STRIDED = {
+    "clip_loss": lambda q, k: msf.clip_loss(q, k, torch.tensor(3.0, dtype=q.dtype)),
+    "info_nce raw": lambda q, k: msf.info_nce(q, k, temperature=0.5, normalize=False),
+    "siglip_loss": lambda q, k: msf.siglip_loss(q, k, torch.tensor(2.0, dtype=q.dtype),
+                                                torch.tensor(-1.0, dtype=q.dtype)),
+    "supcon_loss": lambda q, k: msf.supcon_loss(torch.stack([q, k], 1), torch.arange(q.shape[0]) % 3),
+    "nt_xent": lambda q, k: msf.nt_xent(q, k, normalize=False),
+}
+
+
+@pytest.mark.parametrize("name", list(STRIDED))
+def test_strided_views_on_the_own_path(monkeypatch, name, small_blocks):
+    """Features that are column slices of a wider tensor (row stride > D) reach the products
+    as views: their span, not their numel, is what the C++ side is told."""
+    monkeypatch.setattr(ops, "OWN_GEMM_MIN_MACS", 0)
+    z = torch.randn(37, 2 * 19, dtype=torch.float64, requires_grad=True)
+    got = {}
+    for choice in ("own", "blas"):
+        monkeypatch.setenv("METASSL_FAST_GEMM", choice)
+        z.grad = None
+        q, k = z.chunk(2, dim=1)
+        assert q.stride(0) == 38 and not q.is_contiguous()
+        loss = STRIDED[name](q, k)
+        loss.backward()
+        got[choice] = (loss.detach(), z.grad.clone())
+    torch.testing.assert_close(got["own"][0], got["blas"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["own"][1], got["blas"][1], rtol=1e-12, atol=1e-12)
+
+
+def test_bad_env_value_is_refused_at_every_size(monkeypatch):
+    monkeypatch.setenv("METASSL_FAST_GEMM", "fast")
+    q = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="METASSL_FAST_GEMM"):
+        msf.info_nce(q, q.clone())
+
+
+def test_key_cols_outside_the_keys_are_refused():
+    rows, keys = torch.randn(3, 2), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="key_cols"):
+        ops.row_sweep(rows, keys, lambda S, r0, r1: None, d_keys=torch.zeros(5, 2), key_cols=(-3, 2))

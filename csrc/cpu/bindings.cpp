@@ -507,8 +507,9 @@ bool advise_huge_pages(uintptr_t p, int64_t nbytes) {
 
 
 // The row sweep's products (cpu/gemm.h).  Every matrix row-major; each buffer must hold
-// the span its sizes and row stride touch; C must not overlap A or B (not checked: an
-// overlap gives wrong numbers, never an access outside the buffers).
+// the span its sizes and row stride touch; C must not overlap A or B, nor gemm_nt's work
+// overlap A, Bp or C (not checked: an overlap gives wrong numbers, never an access outside
+// the buffers).
 void require_gemm_sizes(int dtype, int64_t M, int64_t N, int64_t K, int nthreads) {
   require_dtype(dtype);
   require(M >= 1 && N >= 1 && K >= 1, "need M, N, K >= 1");

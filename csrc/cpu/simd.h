@@ -58,7 +58,8 @@ struct Vec {
 
  public:
   // x - (+0) is x for every x (-0 and NaN included), so the compiler drops the subtraction and
-  // emits a bare broadcast; V{} + x would keep an add (-0 + 0 is +0).
+  // emits a bare broadcast (with GCC's defaults, -fno-rounding-math -fno-signaling-nans, which
+  // the builds keep); V{} + x would keep an add (-0 + 0 is +0).
   static V splat(T x) { return x - V{}; }
   static T hsum(V v) {
     T s = 0;

@@ -130,35 +130,41 @@ class _OwnProducts:
         n, d = keys.shape
         self.work = torch.empty(self.C.gemm_nt_work_numel(self.code, block, d), dtype=keys.dtype)
         self.packed = torch.empty(self.C.gemm_packed_numel(self.code, n, d), dtype=keys.dtype)
-        self.C.gemm_pack(self.code, keys.data_ptr(), keys.numel(), n, d, keys.stride(0), self.packed.data_ptr(),
+        self.C.gemm_pack(self.code, keys.data_ptr(), _extent(keys), n, d, keys.stride(0), self.packed.data_ptr(),
                          self.packed.numel(), self.nt)
 
     def scores(self, r0: int, r1: int, S: Tensor) -> None:
         """S = rows[r0:r1] keys^T."""
         a = self.rows[r0:r1]
         n, d = self.keys.shape
-        self.C.gemm_nt(self.code, a.data_ptr(), a.numel(), a.stride(0), self.packed.data_ptr(), self.packed.numel(),
+        self.C.gemm_nt(self.code, a.data_ptr(), _extent(a), a.stride(0), self.packed.data_ptr(), self.packed.numel(),
                        S.data_ptr(), S.numel(), S.stride(0), r1 - r0, n, d, 1.0, self.work.data_ptr(),
                        self.work.numel(), self.nt)
 
     def rows_grad(self, S: Tensor, out: Tensor, alpha: float, accumulate: bool) -> None:
         """out (+)= alpha S keys."""
         n, d = self.keys.shape
-        self.C.gemm_nn_tn(self.code, False, S.data_ptr(), S.numel(), S.stride(0), self.keys.data_ptr(),
-                          self.keys.numel(), self.keys.stride(0), out.data_ptr(), out.numel(), out.stride(0),
+        self.C.gemm_nn_tn(self.code, False, S.data_ptr(), _extent(S), S.stride(0), self.keys.data_ptr(),
+                          _extent(self.keys), self.keys.stride(0), out.data_ptr(), _extent(out), out.stride(0),
                           S.shape[0], d, n, alpha, accumulate, self.nt)
 
     def keys_grad(self, S: Tensor, r0: int, r1: int, c0: int, c1: int, d_keys: Tensor, alpha: float) -> None:
         """d_keys += alpha S[:, c0:c1]^T rows[r0:r1]."""
         a = S[:, c0:c1]
         b = self.rows[r0:r1]
-        self.C.gemm_nn_tn(self.code, True, a.data_ptr(), S.numel() - c0, S.stride(0), b.data_ptr(), b.numel(),
-                          b.stride(0), d_keys.data_ptr(), d_keys.numel(), d_keys.stride(0), c1 - c0, b.shape[1],
+        self.C.gemm_nn_tn(self.code, True, a.data_ptr(), _extent(a), S.stride(0), b.data_ptr(), _extent(b),
+                          b.stride(0), d_keys.data_ptr(), _extent(d_keys), d_keys.stride(0), c1 - c0, b.shape[1],
                           r1 - r0, alpha, True, self.nt)
 
 
 def _row_major(t: Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+
+
+def _extent(t: Tensor) -> int:
+    """Elements a row-major 2-D view spans from its first: (rows - 1) * stride + cols (a
+    strided view's numel is less: the C++ side checks the span)."""
+    return (t.shape[0] - 1) * t.stride(0) + t.shape[1] if t.shape[0] else 0
 
 
 def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = None, d_keys: Tensor | None = None,
@@ -174,8 +180,11 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
     keys_t = keys.t()
     c0, c1 = key_cols if key_cols is not None else (0, n_cols)
     rows_beta = 1.0 if d_rows is not None and d_rows is d_keys else 0.0
+    if not 0 <= c0 <= c1 <= n_cols:
+        raise ValueError(f"key_cols must satisfy 0 <= c0 <= c1 <= {n_cols}, got {key_cols}")
     own = None
-    if (n_rows * n_cols * rows.shape[1] >= OWN_GEMM_MIN_MACS and sweep_gemm() == "own" and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
+    gemm = sweep_gemm()  # a bad METASSL_FAST_GEMM is refused at every size
+    if (gemm == "own" and n_rows * n_cols * rows.shape[1] >= OWN_GEMM_MIN_MACS and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
             and rows.shape[1] > 0 and n_rows > 0 and n_cols > 0 and _row_major(rows) and _row_major(keys)
             and all(t is None or (t.is_contiguous() and t.dtype == rows.dtype) for t in (d_rows, d_keys))):
         own = _OwnProducts(rows, keys, B)
