@@ -50,6 +50,10 @@ def test_bench_small_run_is_correct_and_recorded(tmp_path):
         assert comp["compile_s"] is not None and comp["compile_s"] >= 0 and comp["speedup_vs_compile"] == 1.0
     assert by[("info_nce", "eager", 70)]["speedup"] == 1.0
     assert by[("info_nce", "ours", 300)]["speedup_vs_compile"] is None  # no compile row at the large N
+    # times and peak memory come from two workers (default / pinned allocator), merged per row
+    for r in rows:
+        assert r["median_ms"] is not None and r["median_ms"] > 0, (r["op"], r["impl"], r["N"])
+        assert r["peak_mb"] is not None and r["peak_mb"] >= 0, (r["op"], r["impl"], r["N"])
     with open(tmp_path / "results.csv") as f:
         recorded = list(csv.DictReader(f))
     assert len(recorded) == len(rows)

@@ -3,11 +3,14 @@ against that code under torch.compile (inductor, dynamic=False; compiled from sc
 each N on an empty inductor cache, its compile time reported apart and kept out of the
 medians; a compile that fails is reported with its error).
 
-Each (op, N) runs in a fresh worker process, so peak memory on the CPU counts all of
-torch's allocations: peak RSS (VmHWM, reset through /proc/self/clear_refs) over the
-RSS before the measured call.  glibc's mmap threshold is pinned in the worker so a
-freed buffer goes back to the OS at once instead of hiding in the heap.
-Times are forward+backward, median (and 20/80 quantiles) of repeats after a warm-up.
+Each N runs in fresh worker processes, so peak memory on the CPU counts all of torch's
+allocations: peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS before the
+measured call, in a worker whose glibc mmap threshold is pinned so that a freed buffer goes
+back to the OS at once instead of hiding in the heap.  Times come from a second worker with
+glibc's default allocator (under the pinned threshold every buffer past 128 KiB is fresh
+pages on every call: info_nce at N=1024 took 12.2 ms there against 6.4 with the default).
+Times are forward+backward, median (and 20/80 quantiles) of interleaved repeats after a
+warm-up; the large sizes (ours alone, one call) are timed in the memory worker.
 """
 from __future__ import annotations
 
@@ -79,13 +82,18 @@ def _max_rel_err(fn, op, q, k, s):
 
 def _worker(args):
     impls = args.impls.split(",")
-    out = {"compile_startup_s": c.compile_startup_s() if "compile" in impls else None, "ops": {}}
+    out = {"compile_startup_s": c.compile_startup_s() if "compile" in impls and args.mode != "memory" else None,
+           "ops": {}}
     for op in args.ops.split(","):
         out["ops"][op] = _measure(op, impls, args)
     print("RESULT " + json.dumps(out))
 
 
 def _measure(op, impls, args):
+    """args.mode "time": the interleaved medians (and the error check), no peak memory;
+    "memory": each contender's peak memory only (in a worker whose mmap threshold is pinned,
+    which would make fresh pages of every buffer in a timed call); "both": one call, timed
+    and measured (the large sizes, ours alone)."""
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     q, k, s = _inputs(op, args.n, args.d, dtype)
@@ -104,19 +112,25 @@ def _measure(op, impls, args):
                 out[impl] = {"note": step.failure}
                 del steps[impl]
                 continue
-        elif args.repeats > 1:
+        elif args.mode != "both":
             step()  # warm-up: lazy initialisation, thread pools, BLAS buffers
+        if args.mode == "time":
+            continue
         t0 = time.perf_counter()
         peaks[impl] = c.peak_extra_mb(step)
-        if args.repeats == 1:  # one run (the large sizes): it is also the timed one
+        if args.mode == "both":  # one run (the large sizes): it is also the timed one
             times[impl].append((time.perf_counter() - t0) * 1e3)
-    for _ in range(args.repeats if args.repeats > 1 else 0):
+    if args.mode == "memory":
+        for impl in steps:
+            out[impl] = {"peak_mb": peaks[impl]}
+        return {impl: out[impl] for impl in impls}
+    for _ in range(args.repeats if args.mode == "time" else 0):
         for impl, step in steps.items():  # interleaved, so machine noise hits all alike
             t0 = time.perf_counter()
             step()
             times[impl].append((time.perf_counter() - t0) * 1e3)
     for impl, step in steps.items():
-        out[impl] = {**c.quantiles(times[impl]), "peak_mb": peaks[impl],
+        out[impl] = {**c.quantiles(times[impl]), "peak_mb": peaks.get(impl),
                      "max_rel_err": _max_rel_err(fns[impl], op, q, k, s) if args.check_error else None}
         if impl == "compile":
             out[impl].update(step.fields(out[impl]["median_ms"]))
@@ -132,19 +146,35 @@ def _configs(sizes, large, repeats, check_max, compile=True):
         # fewer repeats where one eager call takes seconds: the default run stays < 3 min
         reps = repeats if n < 8192 else max(3, repeats // 2)
         cfgs.append(dict(ops=",".join(OPS), n=n, impls="ours,eager,compile" if compile else "ours,eager",
-                         repeats=reps, check_error=n <= check_max))
+                         repeats=reps, check_error=n <= check_max, modes=("time", "memory")))
     for n in large:  # eager would need n^2 * 4 bytes several times over: ours only, one timed run
-        cfgs.append(dict(ops="info_nce", n=n, impls="ours", repeats=1, check_error=False))
+        cfgs.append(dict(ops="info_nce", n=n, impls="ours", repeats=1, check_error=False, modes=("both",)))
     return cfgs
 
 
 def _run_worker(cfg, d, dtype, threads):
-    args = ["--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
-            "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads)]
-    if cfg["check_error"]:
-        args.append("--check-error")
-    with c.cold_compile_cache() as cache:
-        return c.worker_result("metassl_fast.benchmarks.contrastive", args, {**c.pinned_malloc_env(), **cache})
+    """The config's workers: timing with glibc's default allocator, peak memory with its mmap
+    threshold pinned (c.pinned_malloc_env: every freed buffer leaves the RSS, so the peak is
+    what a call allocates, but every buffer past 128 KiB is fresh pages, which would tax the
+    contender that allocates more buffers per call); their results merged."""
+    merged = None
+    for mode in cfg.get("modes", ("both",)):
+        args = ["--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
+                "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads),
+                "--mode", mode]
+        if cfg["check_error"] and mode != "memory":
+            args.append("--check-error")
+        env = c.pinned_malloc_env() if mode != "time" else dict(os.environ)
+        with c.cold_compile_cache() as cache:
+            res = c.worker_result("metassl_fast.benchmarks.contrastive", args, {**env, **cache})
+        if merged is None:
+            merged = res
+            continue
+        for op, by_impl in res["ops"].items():
+            for impl, fields in by_impl.items():
+                if "peak_mb" in fields:
+                    merged["ops"][op].setdefault(impl, {})["peak_mb"] = fields["peak_mb"]
+    return merged
 
 
 CSV_FIELDS = c.CSV_FIELDS + ["speedup_vs_compile", "fma_share", "compile_s", "graph_breaks", "note"]
@@ -278,6 +308,7 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int)
     p.add_argument("--impls", default="ours,eager,compile")
+    p.add_argument("--mode", default="both", choices=["time", "memory", "both"], help=argparse.SUPPRESS)
     p.add_argument("--check-error", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check-max", type=int, default=2048,
                    help="largest N whose error against the float64 reference is measured")
