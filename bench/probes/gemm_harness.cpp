@@ -1,7 +1,8 @@
 // Issue 14 probe (2026-12-08): csrc/cpu/gemm.cpp against a float64 loop on edge shapes, then GFLOP/s at the
 // contrastive sweep's block shapes (256 x 8192 x 128, fp32, 2 threads).  Build and run from the repository root:
-//   g++ -O3 -march=x86-64-v4 -mprefer-vector-width=512 -DMSF_VEC_BYTES=64 -fopenmp -fno-math-errno -Wno-psabi -Icsrc \
-//       bench/probes/gemm_harness.cpp -o /tmp/gemm_harness && OMP_NUM_THREADS=2 /tmp/gemm_harness
+//   g++ -O3 -march=x86-64-v4 -mprefer-vector-width=512 -DMSF_VEC_BYTES=64 -fopenmp -fno-math-errno -Wno-psabi
+//       -Icsrc bench/probes/gemm_harness.cpp -o /tmp/gemm_harness  (one line), then
+//   OMP_NUM_THREADS=2 /tmp/gemm_harness
 //   (AVX2: -march=x86-64-v3 -DMSF_VEC_BYTES=32)
 #include "cpu/gemm.cpp"
 #include <chrono>

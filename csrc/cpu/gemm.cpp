@@ -90,16 +90,17 @@ inline void micro(int64_t kc, const T* a, int64_t a_ks, int64_t a_rs, const T* b
     }
 }
 
-// ap[k MR + r] = A[(r0 + r) lda + k0 + k] for r < rows, k < kc; zero for r >= rows.
-template <typename T>
-void pack_rows(const T* A, int64_t lda, int64_t r0, int rows, int64_t k0, int64_t kc, T* ap) {
-  constexpr int MR = Tile<T>::MR;
-  for (int r = 0; r < MR; ++r) {
+// dst[k WIDTH + r] = src[r ld + k] for r < rows, k < kc; zero for rows <= r < WIDTH: rows
+// of src interleaved step by step (A's row groups for gemm_nt, MR wide; B's column panels
+// for gemm_pack, NR wide).
+template <int WIDTH, typename T>
+void interleave(const T* src, int64_t ld, int rows, int64_t kc, T* dst) {
+  for (int r = 0; r < WIDTH; ++r) {
     if (r < rows) {
-      const T* src = A + (r0 + r) * lda + k0;
-      for (int64_t k = 0; k < kc; ++k) ap[k * MR + r] = src[k];
+      const T* row = src + r * ld;
+      for (int64_t k = 0; k < kc; ++k) dst[k * WIDTH + r] = row[k];
     } else {
-      for (int64_t k = 0; k < kc; ++k) ap[k * MR + r] = T(0);
+      for (int64_t k = 0; k < kc; ++k) dst[k * WIDTH + r] = T(0);
     }
   }
 }
@@ -180,18 +181,8 @@ void pack(const T* B, int64_t n, int64_t k, int64_t ldb, T* Bp, int nthreads) {
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = (n + NR - 1) / NR;
   parallel_chunks(panels, nthreads, [&](int64_t p0, int64_t p1, int) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T* dst = Bp + p * k * NR;
-      const int cols = static_cast<int>(std::min<int64_t>(NR, n - p * NR));
-      for (int j = 0; j < NR; ++j) {
-        if (j < cols) {
-          const T* src = B + (p * NR + j) * ldb;
-          for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = src[kk];
-        } else {
-          for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = T(0);
-        }
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      interleave<NR>(B + p * NR * ldb, ldb, static_cast<int>(std::min<int64_t>(NR, n - p * NR)), k, Bp + p * k * NR);
   });
 }
 
@@ -212,7 +203,7 @@ void nt(const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, int64_t M, int6
   T* ap = work;
   parallel_chunks(groups, nthreads, [&](int64_t g0, int64_t g1, int) {
     for (int64_t g = g0; g < g1; ++g)
-      pack_rows(A, lda, g * MR, static_cast<int>(std::min<int64_t>(MR, M - g * MR)), 0, K, ap + g * MR * K);
+      interleave<MR>(A + g * MR * lda, lda, static_cast<int>(std::min<int64_t>(MR, M - g * MR)), K, ap + g * MR * K);
   });
   parallel_chunks(panels, nthreads, [&](int64_t p0, int64_t p1, int) {
     for (int64_t p = p0; p < p1; ++p) {

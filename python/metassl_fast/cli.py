@@ -30,11 +30,10 @@ def info(stream=sys.stdout) -> None:
 
         try:
             gemm = sweep_gemm()
+            products = f"{gemm} ({'csrc/cpu/gemm.cpp' if gemm == 'own' else 'torch BLAS'}; {GEMM_ENV}=own|blas|auto)"
         except ValueError as exc:
-            gemm = f"none ({exc})"
-        print(f"contrastive CPU products: {gemm} ({'csrc/cpu/gemm.cpp' if gemm == 'own' else 'torch BLAS'}"
-              f"; {GEMM_ENV}=own|blas|auto)" if gemm in ("own", "blas") else f"contrastive CPU products: {gemm}",
-              file=stream)
+            products = f"none ({exc})"
+        print(f"contrastive CPU products: {products}", file=stream)
     if _ext.available("_C_cuda"):
         mod = _ext.require("_C_cuda")
         print(f"_C_cuda: built against CUDA runtime {mod.runtime_version()}, "

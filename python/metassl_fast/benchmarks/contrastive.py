@@ -158,7 +158,7 @@ def _run_worker(cfg, d, dtype, threads):
     what a call allocates, but every buffer past 128 KiB is fresh pages, which would tax the
     contender that allocates more buffers per call); their results merged."""
     merged = None
-    for mode in cfg.get("modes", ("both",)):
+    for mode in cfg["modes"]:
         args = ["--ops", cfg["ops"], "--n", str(cfg["n"]), "--d", str(d), "--dtype", dtype,
                 "--impls", cfg["impls"], "--repeats", str(cfg["repeats"]), "--threads", str(threads),
                 "--mode", mode]

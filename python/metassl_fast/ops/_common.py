@@ -35,7 +35,7 @@ GEMM_CHOICES = ("auto", "own", "blas")
 # Sweeps below this many multiply-adds per product keep torch's BLAS whatever sweep_gemm
 # says: there the own path's fixed costs (packing the keys, two parallel regions per
 # product) outweigh its speed (measured on a Zen 4: info_nce N=256 D=128 5-8% slower with
-# it, N=2048 the same, N=4096 8% faster; bench/RESULTS.md).
+# it, N=2048 the same, N=4096 10-14% faster; bench/RESULTS.md).
 OWN_GEMM_MIN_MACS = 1 << 28
 
 
@@ -105,10 +105,11 @@ def sweep_gemm() -> str:
     AVX2 / AVX-512 micro-kernels) or "blas" (torch.mm, MKL in torch's x86 wheels).
 
     METASSL_FAST_GEMM=own|blas forces one (read on every call); "auto" (the default) picks
-    "own" on x86 CPUs not made by Intel whose loaded _C has AVX2 or AVX-512 (MKL runs the
-    sweep's block shapes at 34-58% of the FMA peak on AMD Zen 3 / Zen 4, ours at 70-85%:
-    bench/RESULTS.md) and "blas" elsewhere (Intel, where MKL is the vendor's own kernel and
-    ours is unmeasured; the SSE base build; other architectures)."""
+    "own" on x86 CPUs not made by Intel whose loaded _C has AVX2 or AVX-512 (on a Zen 4 MKL
+    ran the sweep's block shapes at 34-67% of the FMA peak, ours at 71-85% in a C++ harness;
+    whole losses 10-14% faster at N=4096: bench/RESULTS.md) and "blas" elsewhere (Intel,
+    where MKL is the vendor's own kernel and ours is unmeasured; the SSE base build; other
+    architectures)."""
     choice = os.environ.get(GEMM_ENV, "auto").strip() or "auto"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {GEMM_CHOICES}")
@@ -184,8 +185,9 @@ def row_sweep(rows: Tensor, keys: Tensor, kernel, *, d_rows: Tensor | None = Non
         raise ValueError(f"key_cols must satisfy 0 <= c0 <= c1 <= {n_cols}, got {key_cols}")
     own = None
     gemm = sweep_gemm()  # a bad METASSL_FAST_GEMM is refused at every size
-    if (gemm == "own" and n_rows * n_cols * rows.shape[1] >= OWN_GEMM_MIN_MACS and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
-            and rows.shape[1] > 0 and n_rows > 0 and n_cols > 0 and _row_major(rows) and _row_major(keys)
+    if (gemm == "own" and n_rows * n_cols * rows.shape[1] >= max(1, OWN_GEMM_MIN_MACS)
+            and rows.dtype in (torch.float32, torch.float64) and keys.dtype == rows.dtype
+            and _row_major(rows) and _row_major(keys)
             and all(t is None or (t.is_contiguous() and t.dtype == rows.dtype) for t in (d_rows, d_keys))):
         own = _OwnProducts(rows, keys, B)
     for r0 in range(0, n_rows, B):

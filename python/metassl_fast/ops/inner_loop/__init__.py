@@ -335,8 +335,8 @@ def anil(support: Tensor, labels: Tensor, query: Tensor, query_labels: Tensor, w
     without checking them again) on the resolved backend, and each task's number of
     correctly classified queries (T,): the per-task autograd loop for "torch", else one
     fused op call (the one-pass training op where one_pass says so; lr_is_constant: the
-    step size is one number that needs no gradient).  head_dtype: the caller's input dtype (the reference rounds the adapted
-    heads to it).  any_query_count (ANILHead): where the GPU kernel of the fused loss
+    step size is one number that needs no gradient).  head_dtype: the caller's input dtype
+    (the reference rounds the adapted heads to it).  any_query_count (ANILHead): where the GPU kernel of the fused loss
     cannot hold the query rows, adapt with the kernel and score the queries in torch."""
     if steps == 0:  # no inner step: the support does not enter (d support is 0, not 0 * inf = NaN)
         support = support.detach()
