@@ -4,8 +4,8 @@
 # included), GPU tests of the Triton and CUDA C++ backends, GPU benchmarks of both (with Inf-CL
 # as a baseline where its wheel came along: run bash bench/fetch_gpu_wheels.sh here first).
 # Everything it prints also lands under $OUT (8 files: the device tool brings back 8).
-# Budget: each step has its own timeout (210 s tests, 150 s + 75 s benchmarks) and the build is
-# for this GPU's architecture only: about 8 minutes at most with the build.  Run from the repository root:  bash bench/gpu_check.sh
+# Budget: each step has its own timeout (210 s tests, 150 s + 75 s + 60 s benchmarks) and the build is
+# for this GPU's architecture only: about 9 minutes at most with the build.  Run from the repository root:  bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
@@ -42,3 +42,7 @@ timeout 150 metassl-fast bench --section contrastive --device cuda --out "$OUT" 
 echo "== GPU benchmark: ANIL meta-loss (Triton and CUDA C++ kernels vs vmap and the autograd loop)"
 # its table file goes to /tmp: $OUT may hold 8 files and the log has the table
 timeout 75 python -m metassl_fast.benchmarks.inner_loop --gpu --out /tmp/msf_inner 2>&1 | tee "$OUT/bench_inner_loop.log" | tail -12
+
+# appended to bench.log: a ninth file would not come back
+echo "== CUDA C++ backward: accumulators for all of D in shared memory vs one chunk per block"
+timeout 60 python bench/probes/cuda_grad_span.py 2>&1 | tee -a "$OUT/bench.log" | tail -6

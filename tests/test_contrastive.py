@@ -830,6 +830,24 @@ def test_gpu_grid_against_float64(backend, dtype, n, d, m):
               what=f"n={n} d={d} m={m} {symmetric} {reduction}", names=_names(neg))
 
 
+@pytest.mark.parametrize("span", [None, "128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and msf._ext.available("_C_cuda")),
+                    reason="needs a CUDA device and _C_cuda")
+def test_cuda_backward_spans_on_the_gpu(monkeypatch, dtype, span):
+    """The CUDA C++ backward at D = 2000: its accumulators in shared memory, D in several
+    pieces on every card (grad_span; sm_90 holds 640 bf16 / 704 fp32 columns a block), and
+    with one 64 / 128-column chunk per block (METASSL_FAST_CUDA_GRAD_SPAN=128: fp32 two
+    chunks in shared memory, bf16 one in registers)."""
+    if span is not None:
+        monkeypatch.setenv("METASSL_FAST_CUDA_GRAD_SPAN", span)
+    g = torch.Generator().manual_seed(2000)
+    q, k = (torch.randn(150, 2000, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    t = torch.tensor(0.3, requires_grad=True)
+    check(_info_nce(True, "mean"), [q, k, None, t], backend="cuda", what=f"D=2000 span={span}", names=_names(None))
+
+
 @pytest.mark.parametrize("backend", GPU)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

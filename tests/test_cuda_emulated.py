@@ -109,6 +109,66 @@ def test_row_stride_longer_than_d(runner, tmp_path, monkeypatch, dtype, n, c, d,
         _check(_shaped(out, n, c, d), want, dtype, f"ld={ld} {dtype} n={n} c={c} d={d} sym={symmetric}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("env", [{"MSF_EMU_SMEM": "0"}, {"METASSL_FAST_CUDA_GRAD_SPAN": "256"},
+                                 {"METASSL_FAST_CUDA_GRAD_SPAN": "128"}, {}])
+def test_backward_span(runner, tmp_path, monkeypatch, dtype, env):
+    """The backward's output columns per block (grad_span): one output chunk in registers
+    (no shared memory for them: S computed once per chunk), the fewest pieces of several
+    chunks under a cap (accumulators in shared memory, a short last piece: D = 330 is 6
+    fp32 / 3 bf16 chunks), all of D (the default: S computed once)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    n, c, d = 66, 70, 330
+    q, k, g = _operands(n, c, d, dtype, seed=330)
+    w = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+    for symmetric in (False, True):
+        out = _call(runner, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), 7.5], [q, k, w.float().double()],
+                    ["lse", "pos", "row_loss", "lse_col", "dq", "ds", "dk"], [n, n, n, n, n * d, 1, c * d])
+        want = _reference(q, k, w.float().double(), 7.5, symmetric)
+        if not symmetric:
+            del want["lse_col"]
+        _check(_shaped(out, n, c, d), want, dtype, f"span env={env} {dtype} sym={symmetric}")
+
+
+def _span(runner, dtype_code, d, budget, cap):
+    out = subprocess.run([runner, "span", str(dtype_code), str(d), str(budget), str(cap)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return tuple(int(x) for x in out)
+
+
+@pytest.mark.parametrize("dtype_code", [0, 3])
+def test_grad_span_plan(runner, dtype_code):
+    """grad_span: a whole number of output chunks; all of D where the accumulators fit the
+    budget (the dynamic shared memory within it), else the fewest pieces that fit, of
+    near-equal size; one chunk (no dynamic shared memory) where D is one chunk or not two
+    chunks fit; a cap honoured."""
+    sm90 = 232448 - 48 * 1024  # an opt-in per block minus static buffers of ~48 KB
+    for d in (1, 64, 65, 128, 129, 300, 512, 640, 1000, 2048, 4096, 16384):
+        for budget in (0, 40_000, 70_000, sm90, 163 * 1024 - 48 * 1024):
+            for cap in (0, 64, 128, 256, 1000):
+                span, chunk, smem = _span(runner, dtype_code, d, budget, cap)
+                chunks = -(-d // chunk)
+                what = (d, budget, cap, span, chunk, smem)
+                assert span % chunk == 0 and span >= chunk, what
+                if span == chunk:
+                    assert smem == 0, what
+                    fit = (budget // 256 - 4) // chunk
+                    if cap:
+                        fit = min(fit, cap // chunk)
+                    assert chunks == 1 or fit < 2, what  # wider spans were possible otherwise
+                    continue
+                assert smem == 64 * (span + 4) * 4 <= budget, what
+                assert cap == 0 or span <= cap, what
+                pieces = -(-d // span)
+                # the fewest pieces: one fewer would need a span over the budget or the cap
+                wider = -(-chunks // (pieces - 1)) * chunk if pieces > 1 else None
+                assert wider is None or 64 * (wider + 4) * 4 > budget or (cap and wider > cap), what
+                assert span - chunk < -(-d // pieces), what  # near-equal: no piece a chunk too wide
+    # sm_90 at D = 512 fp32 / bf16: the whole of D in one piece, S computed once
+    assert _span(runner, dtype_code, 512, sm90, 0)[0] == 512
+
+
 def _check(got, want, dtype, what):
     atol, rtol = TOL[dtype]
     for name, b in want.items():

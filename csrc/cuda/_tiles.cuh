@@ -4,7 +4,7 @@
 // L), small device math, and the host-side launch helpers.
 //
 //     S tile   = scale * A[a0 .. a0 + 64) B[b0 .. b0 + 64)^T                   (s_tile)
-//     backward: out (64 outer rows x a chunk of D) = G_outer . Inner[:, chunk]  (grad_kernel)
+//     backward: out (64 outer rows x a span of D) = G_outer . Inner[:, span]    (grad_kernel)
 //
 // Products: fp16 / bf16 operands on tensor cores (WMMA 16x16x16, fp32 accumulation);
 // fp32 operands on CUDA cores in exact fp32 (no tf32).  Requires sm_80 or newer (bf16
@@ -25,10 +25,20 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+
+// A kernel's dynamic shared memory (sized at launch) as float* name.
+#ifdef MSF_CPU_EMULATION
+#define MSF_DYNAMIC_SMEM(name) float* name = emu::dynamic_smem
+#else
+#define MSF_DYNAMIC_SMEM(name)           \
+  extern __shared__ float name##_raw[]; \
+  float* name = name##_raw
+#endif
 
 namespace msf {
 namespace cuda {
@@ -227,12 +237,18 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
 }
 
 // ---------------------------------------------------------------------------------
-// Backward, shared by every loss: out (64 outer rows x a chunk of D) = G_outer .
-// Inner[:, chunk] over every inner tile, G recomputed from S by the loss's policy L.
+// Backward, shared by every loss: out (64 outer rows x a span of D) = G_outer .
+// Inner[:, span] over every inner tile, G recomputed from S by the loss's policy L.
 // kDK false: outer = queries (rows [r0, N)), inner = keys (C columns), out = dQ / s,
 // and the block's partial sums (L::kParts of them: sum G S, and SigLIP's sum G) go to
 // part[L::kParts * block].  kDK true: outer = keys [col0, col1), inner = queries (N),
 // out row r = key row col0 + r, dK / s.
+//
+// A block computes each S tile once and applies its G to every output chunk (kOutChunk
+// columns) of its span: span = kOutChunk keeps the accumulators in registers (one chunk
+// per block, S computed once per chunk of D: ceil(D / kOutChunk) times in all); a wider
+// span (grad_span: all of D where it fits) keeps them in dynamic shared memory, fp32,
+// kTile x (span + kAccPad), so S is computed once per span, once in all where D fits.
 //
 // A policy L holds its pointers and scalars and gives
 //   float scale                              the S tile is scale * Q K^T
@@ -244,12 +260,46 @@ struct RowData {
   int64_t y = 0;
 };
 
+constexpr int kAccPad = 4;  // floats of padding per row of the shared accumulators (16 B)
+
+// Output columns one grad_kernel block covers, a multiple of out_chunk: all of D (rounded
+// up to whole chunks) where kTile x (span + kAccPad) fp32 accumulators fit budget_bytes
+// of dynamic shared memory, else the fewest equal pieces that fit; out_chunk (the
+// register path, no dynamic shared memory) where not even two chunks fit or D needs one
+// chunk.  cap > 0 caps the span (rounded down to whole chunks, at least one).
+inline int grad_span(int64_t D, int out_chunk, int64_t budget_bytes, int64_t cap) {
+  const int64_t chunks = (D + out_chunk - 1) / out_chunk;
+  int64_t fit = (budget_bytes / (kTile * static_cast<int64_t>(sizeof(float))) - kAccPad) / out_chunk;
+  if (cap > 0) fit = fit < cap / out_chunk ? fit : cap / out_chunk;
+  if (chunks <= 1 || fit < 2) return out_chunk;
+  const int64_t pieces = (chunks + fit - 1) / fit;
+  return static_cast<int>((chunks + pieces - 1) / pieces * out_chunk);
+}
+
+// Dynamic shared memory of a grad_kernel launch with this span.
+inline int64_t grad_smem_bytes(int span, int out_chunk) {
+  return span > out_chunk ? static_cast<int64_t>(kTile) * (span + kAccPad) * static_cast<int64_t>(sizeof(float)) : 0;
+}
+
+// METASSL_FAST_CUDA_GRAD_SPAN: a cap on grad_span's span in columns (unset or 0: none;
+// e.g. 64 / 128, one output chunk, gives the register path of every earlier version).
+inline int64_t grad_span_cap() {
+  const char* v = std::getenv("METASSL_FAST_CUDA_GRAD_SPAN");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long cap = std::strtoll(v, &end, 10);
+  if (*end != '\0' || cap < 0)
+    throw std::invalid_argument(std::string("metassl_fast._C_cuda: METASSL_FAST_CUDA_GRAD_SPAN must be a "
+                                            "non-negative integer (columns), got '") + v + "'");
+  return cap;
+}
+
 template <typename T>
 struct GradSmem {
   static constexpr int kOut = Traits<T>::kOutChunk;
   union alignas(32) {
     ChunkSmem<T> chunk;
-    T inner[kTile][kOut + kPad];  // the inner rows' features of this block's chunk
+    T inner[kTile][kOut + kPad];  // the inner rows' features of one output chunk
     float stage[8][16][16];       // per-warp staging of the result (tensor-core path)
   } u;
   alignas(32) float S[kTile][kLdS];
@@ -258,13 +308,17 @@ struct GradSmem {
   float red[2][kThreads / 32];
 };
 
+// span: grad_span's, a multiple of kOutChunk; block (x, y) covers output columns
+// [y span, min(D, (y + 1) span)); with span > kOutChunk the launch gives it
+// grad_smem_bytes(span) of dynamic shared memory.
 template <typename T, typename L, bool kDK>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ Q, const T* __restrict__ K, const L loss, float* __restrict__ out,
                 float* __restrict__ part, int N, int C, int D, int64_t col0, int64_t col1, int64_t ldq, int64_t ldk,
-                int64_t ldo) {
+                int64_t ldo, int span) {
   constexpr int kOut = Traits<T>::kOutChunk;
   __shared__ GradSmem<T> sm;
+  MSF_DYNAMIC_SMEM(acc_sm);  // span > kOut: the accumulators, kTile x (span + kAccPad)
   // outer rows [o0, o_end) of matrix A; inner rows [0, i_end) of matrix B
   const T* A = kDK ? K : Q;
   const T* B = kDK ? Q : K;
@@ -272,11 +326,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t o0 = (kDK ? col0 : 0) + static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t o_end = kDK ? col1 : N;
   const int64_t i_end = kDK ? N : C;
-  const int d_out0 = blockIdx.y * kOut;
+  const int d_base = static_cast<int>(blockIdx.y) * span;
+  const bool shared_acc = span > kOut;
+  const int ld_acc = span + kAccPad;
+  // this block's output chunks (the last span may hold fewer than span / kOut)
+  const int rest = (D - d_base + kOut - 1) / kOut;
+  const int n_chunks = span / kOut < rest ? span / kOut : rest;
   if (threadIdx.x < kTile) {
     const int64_t o = o0 + threadIdx.x;
     sm.outer[threadIdx.x] = o < o_end ? (kDK ? loss.key(o) : loss.query(o)) : RowData{};
   }
+  if (shared_acc)
+    for (int idx = threadIdx.x; idx < kTile * ld_acc; idx += kThreads) acc_sm[idx] = 0.f;
   float p[2] = {0.f, 0.f};
   // accumulators: tensor cores 4 fragments per warp over (64 x 128); CUDA cores 4 x 4 per thread
   const int warp = threadIdx.x / 32;
@@ -308,44 +369,78 @@ __global__ void __launch_bounds__(kThreads)
       else
         sm.S[r][c] = g;  // in place: fp32 G is its own operand
     }
-    // the inner rows' features of this block's output chunk (the chunk buffers are free)
-    load_rows<kOut>(sm.u.inner, B, ldb, i0, i_end, d_out0, D);
-    __syncthreads();
-    if constexpr (Traits<T>::kTensorCores) {
-      using namespace nvcuda;
+    for (int ch = 0; ch < n_chunks; ++ch) {  // G (this tile) times every output chunk of the span
+      const int ca = ch * kOut;               // the chunk's first column in the accumulators
+      // the inner rows' features of this output chunk (the chunk buffers are free)
+      load_rows<kOut>(sm.u.inner, B, ldb, i0, i_end, d_base + ca, D);
+      __syncthreads();
+      if constexpr (Traits<T>::kTensorCores) {
+        using namespace nvcuda;
+        if (shared_acc) {
 #pragma unroll
-      for (int kk = 0; kk < kTile; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.G[16 * fr][kk], kTile + kPad);
+          for (int j = 0; j < 4; ++j)
+            wmma::load_matrix_sync(facc[j], &acc_sm[16 * fr * ld_acc + ca + 16 * (fc0 + j)], ld_acc,
+                                   wmma::mem_row_major);
+        }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fb, &sm.u.inner[kk][16 * (fc0 + j)], kOut + kPad);
-          wmma::mma_sync(facc[j], fa, fb, facc[j]);
+        for (int kk = 0; kk < kTile; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, &sm.G[16 * fr][kk], kTile + kPad);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, &sm.u.inner[kk][16 * (fc0 + j)], kOut + kPad);
+            wmma::mma_sync(facc[j], fa, fb, facc[j]);
+          }
+        }
+        if (shared_acc) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            wmma::store_matrix_sync(&acc_sm[16 * fr * ld_acc + ca + 16 * (fc0 + j)], facc[j], ld_acc,
+                                    wmma::mem_row_major);
+        }
+      } else {
+        if (shared_acc) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = acc_sm[(ty * 4 + i) * ld_acc + ca + tx * 4 + j];
+        }
+#pragma unroll 8
+        for (int k = 0; k < kTile; ++k) {
+          float a[4], b[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = sm.S[ty * 4 + i][k];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx * 4 + j]);
+          fma_4x4(acc, a, b);
+        }
+        if (shared_acc) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc_sm[(ty * 4 + i) * ld_acc + ca + tx * 4 + j] = acc[i][j];
         }
       }
-    } else {
-#pragma unroll 8
-      for (int k = 0; k < kTile; ++k) {
-        float a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = sm.S[ty * 4 + i][k];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx * 4 + j]);
-        fma_4x4(acc, a, b);
-      }
+      __syncthreads();  // the inner rows are rewritten by the next chunk; S and G by the next tile
     }
-    __syncthreads();  // S, G and the inner rows are rewritten by the next tile
   }
   // results, bounded by the outer rows and D
   const int64_t out0 = kDK ? col0 : 0;
-  if constexpr (Traits<T>::kTensorCores) {
+  if (shared_acc) {  // complete and visible after the loop's last barrier
+    const int cols = n_chunks * kOut;
+    for (int idx = threadIdx.x; idx < kTile * cols; idx += kThreads) {
+      const int r = idx / cols, k = d_base + idx % cols;
+      const int64_t row = o0 + r;
+      if (row < o_end && k < D) out[(row - out0) * ldo + k] = acc_sm[r * ld_acc + idx % cols];
+    }
+  } else if constexpr (Traits<T>::kTensorCores) {
     const int lane = threadIdx.x % 32;
     for (int j = 0; j < 4; ++j) {
       nvcuda::wmma::store_matrix_sync(&sm.u.stage[warp][0][0], facc[j], 16, nvcuda::wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
-        const int r = 16 * fr + e / 16, k = d_out0 + 16 * (fc0 + j) + e % 16;
+        const int r = 16 * fr + e / 16, k = d_base + 16 * (fc0 + j) + e % 16;
         const int64_t row = o0 + r;
         if (row < o_end && k < D) out[(row - out0) * ldo + k] = sm.u.stage[warp][e / 16][e % 16];
       }
@@ -357,12 +452,12 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = o0 + ty * 4 + i;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int k = d_out0 + tx * 4 + j;
+        const int k = d_base + tx * 4 + j;
         if (row < o_end && k < D) out[(row - out0) * ldo + k] = acc[i][j];
       }
     }
   }
-  if (!kDK) {  // the block's partial sums (first chunk of D only: the others repeat them)
+  if (!kDK) {  // the block's partial sums (first span of D only: the others repeat them)
     for (int q = 0; q < L::kParts; ++q) {
       float v = p[q];
       v = warp_sum(v);
@@ -398,19 +493,40 @@ __device__ __forceinline__ float quad_max(float v) {
 #ifndef MSF_CPU_EMULATION
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+template <typename T, typename L, bool kDK>
+void launch_grad_as(const T* q, const T* k, const L& loss, float* out, float* part, int N, int C, int D, int64_t col0,
+                    int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, int64_t outer, cudaStream_t stream) {
+  constexpr int kOut = Traits<T>::kOutChunk;
+  auto* kernel = grad_kernel<T, L, kDK>;
+  const char* what = kDK ? "grad_kernel (dK)" : "grad_kernel (dQ)";
+  // the dynamic shared memory this card gives a block beside the kernel's static buffers
+  cudaFuncAttributes attr;
+  check(cudaFuncGetAttributes(&attr, kernel), what);
+  int dev = 0, optin = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory per block");
+  const int span = grad_span(D, kOut, static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes),
+                             grad_span_cap());
+  const int64_t smem = grad_smem_bytes(span, kOut);
+  if (smem > 0)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), what);
+  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, span)));
+  kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk,
+                                                                ldo, span);
+  check(cudaGetLastError(), what);
+}
+
 template <typename T, typename L>
 void launch_grad(bool dk, const void* Q, const void* K, const L& loss, float* out, float* part, int N, int C, int D,
                  int64_t col0, int64_t col1, int64_t ldq, int64_t ldk, int64_t ldo, cudaStream_t stream) {
   const int64_t outer = dk ? col1 - col0 : N;
   if (outer <= 0) return;
-  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, Traits<T>::kOutChunk)));
   const T* q = static_cast<const T*>(Q);
   const T* k = static_cast<const T*>(K);
   if (dk)
-    grad_kernel<T, L, true><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
+    launch_grad_as<T, L, true>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo, outer, stream);
   else
-    grad_kernel<T, L, false><<<grid, kThreads, 0, stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo);
-  check(cudaGetLastError(), dk ? "grad_kernel (dK) launch" : "grad_kernel (dQ) launch");
+    launch_grad_as<T, L, false>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk, ldo, outer, stream);
 }
 
 // dtype codes (csrc/cuda/bindings.cpp): 0 float32, 2 float16, 3 bfloat16.

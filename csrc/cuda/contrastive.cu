@@ -13,10 +13,10 @@
 // per-column (max, sum) over its rows into global running pairs under a per-tile spin
 // lock, so row and column LSE come from one pass.  Blocks start at a column tile offset
 // by their index, which spreads them over the locks.  S never reaches global memory.
-// Backward (grad_kernel): one block per (64 outer rows, a chunk of D) recomputes S
-// tile by tile: outer = queries (dQ, and the block's share of sum G S) or outer = keys
-// (dK for the key rows [col0, col1)).  No atomics in the backward: bit-for-bit
-// repeatable.  The forward's column merge order varies with scheduling, so lse_col can
+// Backward (grad_kernel): one block per (64 outer rows, a span of D: all of D where its
+// accumulators fit the card's shared memory, see grad_span) recomputes S tile by tile:
+// outer = queries (dQ, and the block's share of sum G S) or outer = keys (dK for the key
+// rows [col0, col1)).  No atomics in the backward: bit-for-bit repeatable.  The forward's column merge order varies with scheduling, so lse_col can
 // differ in the last bits between runs.
 //
 // Tiles, products and limits: cuda/_tiles.cuh.

@@ -25,15 +25,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "cuda/_tiles.cuh"  // warp_sum
-
-#ifdef MSF_CPU_EMULATION
-#define MSF_DYNAMIC_SMEM(name) float* name = emu::dynamic_smem
-#else
-#define MSF_DYNAMIC_SMEM(name)           \
-  extern __shared__ float name##_raw[]; \
-  float* name = name##_raw
-#endif
+#include "cuda/_tiles.cuh"  // warp_sum, MSF_DYNAMIC_SMEM
 
 namespace msf {
 namespace cuda {

@@ -119,6 +119,11 @@ void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* 
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[16 * k + n] = static_cast<float>(p[n * ldm + k]);
 }
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
 template <typename FA, typename FB, typename FC>
 void mma_sync(FC& d, const FA& a, const FB& b, const FC& c) {
   float out[256];
