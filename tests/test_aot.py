@@ -223,6 +223,11 @@ def test_cuda_kernels_within_the_limits():
         assert r["mma"] in ("mma.sync", "fma"), (r["arch"], r["function"], r["mma"])
     # the known gap: no wgmma on sm_90 (when a wgmma path lands, this assertion goes)
     assert all(r["mma"] != "wgmma" for r in rows if r["arch"] == 90)
+    # every contrastive-family kernel streams its operands with cp.async (the S product's
+    # two-stage pipeline; the backward's inner rows): LDGSTS in its SASS
+    family = [r for r in rows if r["source"] != "inner_loop.cu"]
+    assert family and all(r["sass"].get("LDGSTS", 0) > 0 for r in family), \
+        [(r["arch"], r["function"]) for r in family if not r["sass"].get("LDGSTS", 0)]
 
 
 def test_cuda_recompiling_gives_the_committed_numbers():

@@ -5,10 +5,11 @@ host thread per CUDA thread, barriers, shuffles, atomics, WMMA by its documented
 load / mma / store semantics, fp16 / bf16 rounding), and run_kernels.cpp drives
 the real kernel code: forward, then dQ and dK, for InfoNCE / CLIP, SigLIP and the
 labelled rows (SupCon / NT-Xent, pairwise, extra logit).  Every output is compared with the
-float64 formulas written out here, on shapes that cut tiles (64), feature chunks (32)
+float64 formulas written out here, on shapes that cut tiles (64), feature chunks (32 fp16 / bf16, 16 fp32)
 and output chunks (64 fp32 / 128 fp16, bf16).  What it cannot check: the hardware's
-fragment layout, the memory model under concurrency, speed (tests/test_contrastive.py (gpu-marked)
-runs the kernels on a GPU).
+fragment layout, the memory model under concurrency (cp.async copies land at once here, so a
+missing wait or barrier goes unseen), speed (tests/test_contrastive.py (gpu-marked) runs the
+kernels on a GPU).
 """
 from __future__ import annotations
 

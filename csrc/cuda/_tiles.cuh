@@ -8,7 +8,9 @@
 //
 // Products: fp16 / bf16 operands on tensor cores (WMMA 16x16x16, fp32 accumulation);
 // fp32 operands on CUDA cores in exact fp32 (no tf32).  Requires sm_80 or newer (bf16
-// WMMA).  Tiles are zero-filled past the edges, so any N, C, D >= 1 are valid.
+// WMMA, cp.async).  Tiles are zero-filled past the edges, so any N, C, D >= 1 are valid.
+// Operands reach shared memory by cp.async (16 bytes a copy where pointer, row stride
+// and D allow, else element by element): the S product in a two-stage pipeline over D.
 // The two WMMA loops (s_tile, grad_kernel) stay apart: s_tile's second operand is B^T
 // (B's rows as a column-major K x N fragment), grad_kernel's is the inner rows as stored
 // (row-major), and their accumulators cover 64 x 64 and 64 x 128.
@@ -50,7 +52,6 @@ void check(cudaError_t err, const char* what);  // _runtime.cu
 namespace {
 
 constexpr int kTile = 64;      // rows and columns of an S tile
-constexpr int kChunk = 32;     // feature chunk of the S product
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kPad = 8;        // elements of padding per shared row (16-byte aligned rows)
 constexpr int kLdS = kTile + 4;
@@ -60,16 +61,19 @@ struct Traits;
 template <>
 struct Traits<float> {
   static constexpr bool kTensorCores = false;
+  static constexpr int kChunk = 16;     // features of the S product per pipeline stage
   static constexpr int kOutChunk = 64;  // feature columns of a dQ / dK block
 };
 template <>
 struct Traits<__half> {
   static constexpr bool kTensorCores = true;
+  static constexpr int kChunk = 32;
   static constexpr int kOutChunk = 128;
 };
 template <>
 struct Traits<__nv_bfloat16> {
   static constexpr bool kTensorCores = true;
+  static constexpr int kChunk = 32;
   static constexpr int kOutChunk = 128;
 };
 
@@ -93,11 +97,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// Shared memory of one S-tile product: a chunk of the outer rows and one of the inner.
+// Shared memory of one S-tile product: two pipeline stages, each a feature chunk of the
+// outer rows (a) and of the inner rows (b).
 template <typename T>
 struct ChunkSmem {
-  alignas(32) T a[kTile][kChunk + kPad];  // WMMA operands need 32-byte aligned tiles
-  alignas(32) T b[kTile][kChunk + kPad];
+  static constexpr int kC = Traits<T>::kChunk;
+  alignas(32) T a[2][kTile][kC + kPad];  // WMMA operands need 32-byte aligned tiles
+  alignas(32) T b[2][kTile][kC + kPad];
 };
 
 // 16 bytes from global to shared memory: one 128-bit load (LDG.E.128) and store (STS.128);
@@ -108,6 +114,31 @@ __device__ __forceinline__ void copy16(T* dst, const T* src) {
   std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), 16);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// The same 16 bytes as an asynchronous copy (cp.async.cg, sm_80+: LDGSTS, no registers);
+// visible to the block after cp_async_wait<> and a barrier.  (The emulation copies at once.)
+template <typename T>
+__device__ __forceinline__ void copy16_async(T* dst, const T* src) {
+#ifdef MSF_CPU_EMULATION
+  std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), 16);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(src) : "memory");
+#endif
+}
+
+// Close this thread's group of asynchronous copies; wait until at most N groups are pending.
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef MSF_CPU_EMULATION
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef MSF_CPU_EMULATION
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -122,14 +153,15 @@ __device__ __forceinline__ void zero16(T* dst) {
 }
 
 // rows [r0, r0 + 64) x features [d0, d0 + W) of X (bound rows < r_end, d < D) into dst,
-// zeros outside: the S product's chunks (W = kChunk) and the backward's output-chunk
-// operand (W = Traits<T>::kOutChunk).
+// zeros outside: the S product's chunks (W = Traits<T>::kChunk) and the backward's
+// output-chunk operand (W = Traits<T>::kOutChunk).  kAsync: the 16-byte pieces as
+// asynchronous copies (the caller commits and waits before its barrier).
 // Where X, its row stride and D are whole 16-byte pieces (d0 is a multiple of W), each
 // thread moves 16 bytes at a time (8 fp16 / bf16 or 4 fp32 elements): a piece is then all
 // inside or all outside the rows' D.  Otherwise one element at a time (as Triton's kernels,
 // pad D to a multiple of 8 / 4 for the wide loads).  The branch is uniform: it depends on
 // the kernel's arguments only.
-template <int W, typename T>
+template <int W, bool kAsync, typename T>
 __device__ __forceinline__ void load_rows(T (*dst)[W + kPad], const T* X, int64_t ld, int64_t r0, int64_t r_end,
                                           int d0, int D) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
@@ -143,7 +175,10 @@ __device__ __forceinline__ void load_rows(T (*dst)[W + kPad], const T* X, int64_
       const int64_t gr = r0 + r;
       const int gd = d0 + k;
       if (gr < r_end && gd < D) {
-        copy16(&dst[r][k], X + gr * ld + gd);
+        if constexpr (kAsync)
+          copy16_async(&dst[r][k], X + gr * ld + gd);
+        else
+          copy16(&dst[r][k], X + gr * ld + gd);
       } else {
         zero16(&dst[r][k]);
       }
@@ -171,12 +206,30 @@ __device__ __forceinline__ void fma_4x4(float (&acc)[4][4], const float (&a)[4],
     for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
 }
 
+// Stage st of the S product's chunk c (features [c kChunk, (c + 1) kChunk)), as
+// asynchronous copies in one committed group.
+template <typename T>
+__device__ __forceinline__ void issue_chunk(ChunkSmem<T>& sm, int st, int c, const T* A, int64_t lda, int64_t a0,
+                                            int64_t a_end, const T* B, int64_t ldb, int64_t b0, int64_t b_end,
+                                            int D) {
+  constexpr int kC = Traits<T>::kChunk;
+  load_rows<kC, true>(sm.a[st], A, lda, a0, a_end, c * kC, D);
+  load_rows<kC, true>(sm.b[st], B, ldb, b0, b_end, c * kC, D);
+  cp_async_commit();
+}
+
 // S[r][c] = scale * A[a0 + r] . B[b0 + c] for the 64 x 64 tile (0 where a row is out of
-// range).  All threads take part; S is complete and visible on return.
+// range).  All threads take part; S is complete and visible on return.  Two-stage
+// pipeline over D: chunk c + 1 is in flight (cp.async) while chunk c is multiplied; a
+// stage is refilled only after the barrier that ends the product reading it.  S may
+// share memory with sm: it is written after the last chunk's barrier, no copy pending.
 template <typename T>
 __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t lda, int64_t a0,
                        int64_t a_end, const T* B, int64_t ldb, int64_t b0, int64_t b_end, int D,
                        float scale) {
+  constexpr int kC = Traits<T>::kChunk;
+  const int n = (D + kC - 1) / kC;
+  issue_chunk(sm, 0, 0, A, lda, a0, a_end, B, ldb, b0, b_end, D);
   if constexpr (Traits<T>::kTensorCores) {
     using namespace nvcuda;
     const int warp = threadIdx.x / 32;
@@ -185,23 +238,28 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
-    for (int d0 = 0; d0 < D; d0 += kChunk) {
-      load_rows<kChunk>(sm.a, A, lda, a0, a_end, d0, D);
-      load_rows<kChunk>(sm.b, B, ldb, b0, b_end, d0, D);
+    for (int c = 0; c < n; ++c) {
+      const int st = c & 1;
+      if (c + 1 < n) {
+        issue_chunk(sm, st ^ 1, c + 1, A, lda, a0, a_end, B, ldb, b0, b_end, D);
+        cp_async_wait<1>();  // chunk c has landed; c + 1 may be in flight
+      } else {
+        cp_async_wait<0>();
+      }
       __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kChunk; kk += 16) {
+      for (int kk = 0; kk < kC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.a[16 * fr][kk], kChunk + kPad);
+        wmma::load_matrix_sync(fa, &sm.a[st][16 * fr][kk], kC + kPad);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           // B^T as a column-major K x N operand is B's rows as stored
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.b[16 * (fc + j)][kk], kChunk + kPad);
+          wmma::load_matrix_sync(fb, &sm.b[st][16 * (fc + j)][kk], kC + kPad);
           wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
       }
-      __syncthreads();
+      __syncthreads();  // stage st is refilled by the next iteration's copies
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -213,17 +271,22 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
   } else {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;  // a 4 x 4 block each
     float acc[4][4] = {};
-    for (int d0 = 0; d0 < D; d0 += kChunk) {
-      load_rows<kChunk>(sm.a, A, lda, a0, a_end, d0, D);
-      load_rows<kChunk>(sm.b, B, ldb, b0, b_end, d0, D);
+    for (int c = 0; c < n; ++c) {
+      const int st = c & 1;
+      if (c + 1 < n) {
+        issue_chunk(sm, st ^ 1, c + 1, A, lda, a0, a_end, B, ldb, b0, b_end, D);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
       __syncthreads();
-#pragma unroll 8
-      for (int k = 0; k < kChunk; ++k) {
+#pragma unroll
+      for (int k = 0; k < kC; ++k) {
         float a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_float(sm.a[ty * 4 + i][k]);
+        for (int i = 0; i < 4; ++i) a[i] = to_float(sm.a[st][ty * 4 + i][k]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[tx * 4 + j][k]);
+        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[st][tx * 4 + j][k]);
         fma_4x4(acc, a, b);
       }
       __syncthreads();
@@ -294,18 +357,39 @@ inline int64_t grad_span_cap() {
   return cap;
 }
 
+// grad_kernel's static shared memory.  Lifetimes within one inner tile: the S product's
+// stages (chunk), then S, then (16-bit types) G from S, then the inner rows of each output
+// chunk (inner) against G; the result's staging (stage) after the last tile.  With 16-bit
+// operands G has its own buffer, so S shares the union (a barrier separates the G pass
+// from the first inner load); fp32 G is S itself, rewritten in place, and lives beside
+// the inner rows.
+template <typename T, bool k16 = Traits<T>::kTensorCores>
+struct GradSmem;
 template <typename T>
-struct GradSmem {
+struct GradSmem<T, true> {
   static constexpr int kOut = Traits<T>::kOutChunk;
   union alignas(32) {
     ChunkSmem<T> chunk;
+    float S[kTile][kLdS];
     T inner[kTile][kOut + kPad];  // the inner rows' features of one output chunk
-    float stage[8][16][16];       // per-warp staging of the result (tensor-core path)
+    float stage[8][16][16];       // per-warp staging of the result
   } u;
-  alignas(32) float S[kTile][kLdS];
-  alignas(32) T G[Traits<T>::kTensorCores ? kTile : 1][kTile + kPad];  // G as an operand (16-bit types)
+  alignas(32) T G[kTile][kTile + kPad];  // G as the product's operand
   RowData outer[kTile], inner_row[kTile];
   float red[2][kThreads / 32];
+  __device__ float (*s())[kLdS] { return u.S; }
+};
+template <typename T>
+struct GradSmem<T, false> {
+  static constexpr int kOut = Traits<T>::kOutChunk;
+  union alignas(32) {
+    ChunkSmem<T> chunk;
+    T inner[kTile][kOut + kPad];
+  } u;
+  alignas(32) float S[kTile][kLdS];  // S, then G in place
+  RowData outer[kTile], inner_row[kTile];
+  float red[2][kThreads / 32];
+  __device__ float (*s())[kLdS] { return S; }
 };
 
 // span: grad_span's, a multiple of kOutChunk; block (x, y) covers output columns
@@ -319,6 +403,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kOut = Traits<T>::kOutChunk;
   __shared__ GradSmem<T> sm;
   MSF_DYNAMIC_SMEM(acc_sm);  // span > kOut: the accumulators, kTile x (span + kAccPad)
+  float(*S)[kLdS] = sm.s();
   // outer rows [o0, o_end) of matrix A; inner rows [0, i_end) of matrix B
   const T* A = kDK ? K : Q;
   const T* B = kDK ? Q : K;
@@ -353,7 +438,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + threadIdx.x;
       sm.inner_row[threadIdx.x] = i < i_end ? (kDK ? loss.query(i) : loss.key(i)) : RowData{};
     }
-    s_tile<T>(sm.S, sm.u.chunk, A, lda, o0, o_end, B, ldb, i0, i_end, D, loss.scale);
+    s_tile<T>(S, sm.u.chunk, A, lda, o0, o_end, B, ldb, i0, i_end, D, loss.scale);
     // G on the tile: rows = outer, columns = inner
     for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
       const int r = idx / kTile, c = idx % kTile;
@@ -361,18 +446,21 @@ __global__ void __launch_bounds__(kThreads)
       float g = 0.f;
       if (o < o_end && i < i_end) {
         float* pp = kDK ? nullptr : p;  // partial sums from the dQ direction only
-        g = kDK ? loss.grad(sm.S[r][c], i, o, sm.inner_row[c], sm.outer[r], pp)
-                : loss.grad(sm.S[r][c], o, i, sm.outer[r], sm.inner_row[c], pp);
+        g = kDK ? loss.grad(S[r][c], i, o, sm.inner_row[c], sm.outer[r], pp)
+                : loss.grad(S[r][c], o, i, sm.outer[r], sm.inner_row[c], pp);
       }
       if constexpr (Traits<T>::kTensorCores)
         sm.G[r][c] = from_float<T>(g);
       else
-        sm.S[r][c] = g;  // in place: fp32 G is its own operand
+        S[r][c] = g;  // in place: fp32 G is its own operand
     }
+    if constexpr (Traits<T>::kTensorCores) __syncthreads();  // S, which inner overwrites, is read until here
     for (int ch = 0; ch < n_chunks; ++ch) {  // G (this tile) times every output chunk of the span
       const int ca = ch * kOut;               // the chunk's first column in the accumulators
-      // the inner rows' features of this output chunk (the chunk buffers are free)
-      load_rows<kOut>(sm.u.inner, B, ldb, i0, i_end, d_base + ca, D);
+      // the inner rows' features of this output chunk (the S product's stages are free)
+      load_rows<kOut, true>(sm.u.inner, B, ldb, i0, i_end, d_base + ca, D);
+      cp_async_commit();
+      cp_async_wait<0>();
       __syncthreads();
       if constexpr (Traits<T>::kTensorCores) {
         using namespace nvcuda;
@@ -410,7 +498,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < kTile; ++k) {
           float a[4], b[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = sm.S[ty * 4 + i][k];
+          for (int i = 0; i < 4; ++i) a[i] = S[ty * 4 + i][k];
 #pragma unroll
           for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx * 4 + j]);
           fma_4x4(acc, a, b);

@@ -6,7 +6,8 @@
 // mma (D = A B + C): each thread holds the whole 16 x 16 tile, lane 0 stores it; an
 // operation applied to every element of .x is then the same as on the hardware.
 // __half / __nv_bfloat16 store floats rounded to the 16-bit type.
-// What this does not check: the hardware's fragment layout, timing, memory model.
+// What this does not check: the hardware's fragment layout, timing, memory model (the
+// kernels' cp.async copies are plain copies here: a missing wait shows no error).
 #pragma once
 #include <atomic>
 #include <barrier>
