@@ -837,7 +837,7 @@ def test_gpu_grid_against_float64(backend, dtype, n, d, m):
                     reason="needs a CUDA device and _C_cuda")
 def test_cuda_backward_spans_on_the_gpu(monkeypatch, dtype, span):
     """The CUDA C++ backward at D = 2000: its accumulators in shared memory, D in several
-    pieces on every card (grad_span; sm_90 holds 640 bf16 / 704 fp32 columns a block), and
+    pieces on every card (grad_span; sm_90 holds 768 bf16 / 704 fp32 columns a block), and
     with one 64 / 128-column chunk per block (METASSL_FAST_CUDA_GRAD_SPAN=128: fp32 two
     chunks in shared memory, bf16 one in registers)."""
     if span is not None:

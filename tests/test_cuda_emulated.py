@@ -112,15 +112,18 @@ def test_row_stride_longer_than_d(runner, tmp_path, monkeypatch, dtype, n, c, d,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("env", [{"MSF_EMU_SMEM": "0"}, {"METASSL_FAST_CUDA_GRAD_SPAN": "256"},
-                                 {"METASSL_FAST_CUDA_GRAD_SPAN": "128"}, {}])
-def test_backward_span(runner, tmp_path, monkeypatch, dtype, env):
+                                 {"METASSL_FAST_CUDA_GRAD_SPAN": "128"}, {"MSF_EMU_SMS": "4"}, {}])
+@pytest.mark.parametrize("d", [330, 392])
+def test_backward_span(runner, tmp_path, monkeypatch, dtype, env, d):
     """The backward's output columns per block (grad_span): one output chunk in registers
     (no shared memory for them: S computed once per chunk), the fewest pieces of several
     chunks under a cap (accumulators in shared memory, a short last piece: D = 330 is 6
-    fp32 / 3 bf16 chunks), all of D (the default: S computed once)."""
+    fp32 / 3 bf16 chunks), at least a piece per SM for the 2 row blocks of 4 emulated SMs,
+    all of D (the default: S computed once); D = 330 loads element by element, D = 392
+    (a multiple of 8) in 16-byte copies."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    n, c, d = 66, 70, 330
+    n, c = 66, 70
     q, k, g = _operands(n, c, d, dtype, seed=330)
     w = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
     for symmetric in (False, True):
@@ -129,12 +132,12 @@ def test_backward_span(runner, tmp_path, monkeypatch, dtype, env):
         want = _reference(q, k, w.float().double(), 7.5, symmetric)
         if not symmetric:
             del want["lse_col"]
-        _check(_shaped(out, n, c, d), want, dtype, f"span env={env} {dtype} sym={symmetric}")
+        _check(_shaped(out, n, c, d), want, dtype, f"span env={env} {dtype} d={d} sym={symmetric}")
 
 
-def _span(runner, dtype_code, d, budget, cap):
-    out = subprocess.run([runner, "span", str(dtype_code), str(d), str(budget), str(cap)], check=True,
-                         capture_output=True, text=True).stdout.split()
+def _span(runner, dtype_code, d, budget, cap, min_pieces=1):
+    out = subprocess.run([runner, "span", str(dtype_code), str(d), str(budget), str(cap), str(min_pieces)],
+                         check=True, capture_output=True, text=True).stdout.split()
     return tuple(int(x) for x in out)
 
 
@@ -143,7 +146,8 @@ def test_grad_span_plan(runner, dtype_code):
     """grad_span: a whole number of output chunks; all of D where the accumulators fit the
     budget (the dynamic shared memory within it), else the fewest pieces that fit, of
     near-equal size; one chunk (no dynamic shared memory) where D is one chunk or not two
-    chunks fit; a cap honoured."""
+    chunks fit; a cap honoured; with min_pieces (few row blocks), spans of at most
+    ceil(chunks / min_pieces) chunks."""
     sm90 = 232448 - 48 * 1024  # an opt-in per block minus static buffers of ~48 KB
     for d in (1, 64, 65, 128, 129, 300, 512, 640, 1000, 2048, 4096, 16384):
         for budget in (0, 40_000, 70_000, sm90, 163 * 1024 - 48 * 1024):
@@ -168,6 +172,13 @@ def test_grad_span_plan(runner, dtype_code):
                 assert span - chunk < -(-d // pieces), what  # near-equal: no piece a chunk too wide
     # sm_90 at D = 512 fp32 / bf16: the whole of D in one piece, S computed once
     assert _span(runner, dtype_code, 512, sm90, 0)[0] == 512
+    # few row blocks (132 SMs, 64 row blocks: min_pieces 3): narrower spans, never wider than without
+    for d in (512, 1000, 4096):
+        span, chunk, _ = _span(runner, dtype_code, d, sm90, 0, 3)
+        chunks = -(-d // chunk)
+        assert span <= -(-chunks // min(3, chunks)) * chunk, (d, span)
+        assert span <= _span(runner, dtype_code, d, sm90, 0, 1)[0], (d, span)
+    assert _span(runner, dtype_code, 100, sm90, 0, 50)[0] == (64 if dtype_code == 0 else 128)
 
 
 def _check(got, want, dtype, what):
@@ -340,3 +351,69 @@ def test_inner_loop_kernel_against_autograd(runner, tmp_path, cfg, meta_sgd, fir
                 daW=back["daW"].view(T, -1).sum(0), dab=back["dab"].view(T, -1).sum(0)),
            dict(dX=g2[0].flatten(), dW0=g2[1].flatten(), db0=g2[2].flatten(), daW=g2[3].flatten(),
                 dab=g2[4].flatten()), torch.float32, "adapt backward " + what)
+
+
+# --------------------------------------------------------------------------- barriers: ThreadSanitizer
+
+@pytest.fixture(scope="module")
+def tsan_runner(tmp_path_factory):
+    """run_kernels built with -fsanitize=thread: every emulated CUDA thread is a host thread
+    and __shared__ memory is shared between them, so a read or write of shared memory that
+    no barrier orders against another thread's write is a data race TSan reports (removing
+    the 16-bit backward's barrier between its G pass and the inner loads is reported)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not on PATH")
+    exe = str(tmp_path_factory.mktemp("cuda_emu_tsan") / "run_kernels")
+    build = subprocess.run([gxx, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=thread", "-Wno-unknown-pragmas",
+                            "-Wno-tsan", "-I", os.path.join(HERE, "..", "csrc"), "-o", exe,
+                            os.path.join(HERE, "cuda_emu", "run_kernels.cpp")], capture_output=True, text=True)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip("this compiler cannot build with -fsanitize=thread: " + build.stderr[-200:])
+    assert build.returncode == 0, build.stderr[-2000:]
+    return exe
+
+
+TSAN_CASES = [  # (mode, dtype, n, c, d, params, environment)
+    ("contrastive", torch.bfloat16, 66, 70, 330, [1, 7.5], {}),  # all of D in shared accumulators
+    ("contrastive", torch.float32, 66, 70, 330, [0, 7.5], {"METASSL_FAST_CUDA_GRAD_SPAN": "128"}),  # pieces
+    ("contrastive", torch.float16, 40, 64, 40, [1, 7.5], {"MSF_EMU_SMEM": "0"}),  # register accumulators
+    ("contrastive", torch.bfloat16, 40, 64, 37, [0, 7.5], {}),  # element-by-element loads
+    ("labeled", torch.bfloat16, 65, 130, 17, [5.0, 64, 1, 0], {}),
+    ("labeled", torch.float32, 65, 130, 40, [5.0, -1, 0, 0], {}),
+    ("siglip", torch.bfloat16, 40, 130, 33, [10.0, -5.0, 64, 1.0], {}),
+    ("siglip", torch.float32, 40, 130, 33, [10.0, -5.0, 64, 1.0], {}),
+]
+
+
+@pytest.mark.parametrize("case", TSAN_CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-d{c[4]}-{'+'.join(c[6]) or 'default'}")
+def test_no_shared_memory_race(tsan_runner, tmp_path, monkeypatch, case):
+    """The contrastive-family kernels (forward, dQ and dK, every accumulator layout) under
+    ThreadSanitizer: a race is a non-zero exit (TSan's report on stderr)."""
+    mode, dtype, n, c, d, params, env = case
+    monkeypatch.setenv("TSAN_OPTIONS", "halt_on_error=1 exitcode=66")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    q, k, g = _operands(n, c, d, dtype, seed=n + c + d)
+    if mode == "contrastive":
+        inputs, names, sizes = [q, k, torch.ones(n, dtype=torch.float64)], None, [n, n, n, n, n * d, 1, c * d]
+    elif mode == "labeled":
+        y = torch.randint(0, 4, (n + c,), generator=g).double()
+        inputs, sizes = [q, k, y[:n], y[n:], torch.zeros(n, dtype=torch.float64),
+                         torch.ones(n, dtype=torch.float64)], [n, n, n, n * d, 1, c * d]
+    else:
+        inputs, sizes = [q, k], [n, n * d, 1, 1, c * d]
+    names = [f"out{i}" for i in range(len(sizes))]
+    out = _call(tsan_runner, tmp_path, mode, dtype, n, c, d, params, inputs, names, sizes)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_inner_loop_no_shared_memory_race(tsan_runner, tmp_path, monkeypatch):
+    """The inner-loop kernel's three modes under ThreadSanitizer."""
+    monkeypatch.setenv("TSAN_OPTIONS", "halt_on_error=1 exitcode=66")
+    cfg = (2, 5, 7, 17, 5, 2)
+    X, y, Xq, yq, W0, b0, aW, ab, tw, dWK, dbK = _inner_inputs(*cfg[:5], seed=3, meta_sgd=True)
+    flat = [X, y.double(), Xq, yq.double(), W0, b0, aW, ab, tw, dWK, dbK]
+    for mode in (0, 1, 2):
+        out = _inner_call(tsan_runner, tmp_path, cfg, flat, mode, True, False, True)
+        assert torch.isfinite(out["W_traj"]).all() or mode == 0

@@ -38,7 +38,7 @@
 #define MSF_DYNAMIC_SMEM(name) float* name = emu::dynamic_smem
 #else
 #define MSF_DYNAMIC_SMEM(name)           \
-  extern __shared__ float name##_raw[]; \
+  extern __shared__ __align__(128) float name##_raw[]; \
   float* name = name##_raw
 #endif
 
@@ -327,15 +327,18 @@ constexpr int kAccPad = 4;  // floats of padding per row of the shared accumulat
 
 // Output columns one grad_kernel block covers, a multiple of out_chunk: all of D (rounded
 // up to whole chunks) where kTile x (span + kAccPad) fp32 accumulators fit budget_bytes
-// of dynamic shared memory, else the fewest equal pieces that fit; out_chunk (the
-// register path, no dynamic shared memory) where not even two chunks fit or D needs one
-// chunk.  cap > 0 caps the span (rounded down to whole chunks, at least one).
-inline int grad_span(int64_t D, int out_chunk, int64_t budget_bytes, int64_t cap) {
+// of dynamic shared memory, else the fewest near-equal pieces that fit; pieces of at most
+// ceil(chunks / min_pieces) chunks, so that a grid of few row blocks still has about a
+// block for every SM; out_chunk (the register path, no dynamic shared memory) where not
+// even two chunks fit or a piece is one chunk.  cap > 0 caps the span (rounded down to
+// whole chunks, at least one).
+inline int grad_span(int64_t D, int out_chunk, int64_t budget_bytes, int64_t cap, int64_t min_pieces) {
   const int64_t chunks = (D + out_chunk - 1) / out_chunk;
   int64_t fit = (budget_bytes / (kTile * static_cast<int64_t>(sizeof(float))) - kAccPad) / out_chunk;
   if (cap > 0) fit = fit < cap / out_chunk ? fit : cap / out_chunk;
   if (chunks <= 1 || fit < 2) return out_chunk;
-  const int64_t pieces = (chunks + fit - 1) / fit;
+  int64_t pieces = (chunks + fit - 1) / fit;
+  if (pieces < min_pieces) pieces = min_pieces < chunks ? min_pieces : chunks;
   return static_cast<int>((chunks + pieces - 1) / pieces * out_chunk);
 }
 
@@ -590,15 +593,19 @@ void launch_grad_as(const T* q, const T* k, const L& loss, float* out, float* pa
   // the dynamic shared memory this card gives a block beside the kernel's static buffers
   cudaFuncAttributes attr;
   check(cudaFuncGetAttributes(&attr, kernel), what);
-  int dev = 0, optin = 0;
+  int dev = 0, optin = 0, sms = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory per block");
-  const int span = grad_span(D, kOut, static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes),
-                             grad_span_cap());
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
+  const int64_t budget = static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  const int64_t row_blocks = cdiv(outer, kTile);
+  const int span = grad_span(D, kOut, budget, grad_span_cap(), cdiv(sms, row_blocks));
   const int64_t smem = grad_smem_bytes(span, kOut);
+  // the kernel's limit is set to all the card allows, never to this launch's need: a launch
+  // on another host thread with a wider span must not find it lowered
   if (smem > 0)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), what);
-  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, span)));
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)), what);
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(cdiv(D, span)));
   kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk,
                                                                 ldo, span);
   check(cudaGetLastError(), what);

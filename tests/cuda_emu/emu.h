@@ -13,6 +13,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -37,7 +39,7 @@ inline thread_local dim3 tidx, bidx;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::barrier<>* warp_barrier[32] = {};
 inline float exchange[1024];
-inline float dynamic_smem[1 << 16];  // extern __shared__ of the kernels that size it at launch
+alignas(128) inline float dynamic_smem[1 << 16];  // extern __shared__ of the kernels that size it at launch
 }  // namespace emu
 
 #define threadIdx emu::tidx
@@ -86,6 +88,25 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {  // round to nearest even on
   return __nv_bfloat16{r};
 }
 
+namespace emu {
+// WMMA's documented requirements on a float tile in memory: a 256-bit aligned pointer and
+// ldm a multiple of 4 elements (16 bytes).  (16-bit tiles: ldm a multiple of 8 elements;
+// their pointers are not checked, the emulated 16-bit types being 4 bytes wide.)
+inline void wmma_requires(const float* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    std::fprintf(stderr, "emu: WMMA float tile at %p with ldm %u: needs 32-byte alignment, ldm %% 4 == 0\n",
+                 static_cast<const void*>(p), ldm);
+    std::abort();
+  }
+}
+inline void wmma_requires_ldm16(unsigned ldm) {
+  if (ldm % 8 != 0) {
+    std::fprintf(stderr, "emu: WMMA 16-bit tile with ldm %u: needs ldm %% 8 == 0\n", ldm);
+    std::abort();
+  }
+}
+}  // namespace emu
+
 namespace nvcuda {
 namespace wmma {
 struct row_major {};
@@ -107,21 +128,25 @@ void fill_fragment(F& f, float v) {
 }
 template <typename T>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  emu::wmma_requires_ldm16(ldm);
   for (int r = 0; r < 16; ++r)
     for (int k = 0; k < 16; ++k) f.x[16 * r + k] = static_cast<float>(p[r * ldm + k]);
 }
 template <typename T>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  emu::wmma_requires_ldm16(ldm);
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[16 * k + n] = static_cast<float>(p[k * ldm + n]);
 }
 template <typename T>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  emu::wmma_requires_ldm16(ldm);
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[16 * k + n] = static_cast<float>(p[n * ldm + k]);
 }
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
+  emu::wmma_requires(p, ldm);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
@@ -136,16 +161,23 @@ void mma_sync(FC& d, const FA& a, const FB& b, const FC& c) {
     }
   std::memcpy(d.x, out, sizeof out);
 }
+// Warp-collective, as on the hardware (where each lane stores its own fragment elements,
+// which depend through mma_sync on every lane's loads): the warp meets before lane 0
+// writes the tile (its lanes' earlier loads of it are done) and after (the tile is
+// visible to the warp's next loads).
 template <typename F>
 void store_matrix_sync(float* p, const F& f, unsigned ldm, layout_t layout) {
-  if (threadIdx.x % 32 != 0) return;  // a warp-wide store: one lane writes the tile
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) {
-      if (layout == mem_row_major)
-        p[r * ldm + c] = f.x[16 * r + c];
-      else
-        p[c * ldm + r] = f.x[16 * r + c];
-    }
+  emu::wmma_requires(p, ldm);
+  __syncwarp();
+  if (threadIdx.x % 32 == 0)
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) {
+        if (layout == mem_row_major)
+          p[r * ldm + c] = f.x[16 * r + c];
+        else
+          p[c * ldm + r] = f.x[16 * r + c];
+      }
+  __syncwarp();
 }
 }  // namespace wmma
 }  // namespace nvcuda

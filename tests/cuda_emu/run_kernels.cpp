@@ -1,8 +1,9 @@
 // Runs the kernels of csrc/cuda/{contrastive,labeled,siglip,inner_loop}.cu under the host emulation (emu.h) on the
 // inputs of a file and writes every output: the driver of tests/test_cuda_emulated.py.
 //   run_kernels MODE DTYPE N C D P0 P1 P2 P3 P4 IN OUT
-//   run_kernels span DTYPE D BUDGET CAP      (prints grad_span's span, the output chunk, the dynamic smem bytes)
-// MSF_EMU_SMEM: the emulated card's shared memory opt-in per block (see emu_span).
+//   run_kernels span DTYPE D BUDGET CAP MIN_PIECES  (prints grad_span's span, the output chunk, the dynamic smem bytes)
+// MSF_EMU_SMEM, MSF_EMU_SMS: the emulated card's shared memory opt-in per block and its
+// multiprocessors (see emu_span).
 // DTYPE 0 float32, 2 float16, 3 bfloat16; all files float32.
 // MODE contrastive: P0 symmetric, P1 scale.  IN: Q (N D), K (C D), g (N).
 //   OUT: lse, pos, row_loss, lse_col (N each; lse_col 0 one-sided), dq (N D), ds, dk (C D).
@@ -38,15 +39,20 @@ std::vector<T> operand(const float* x, size_t n) {
   return out;
 }
 
-// The backward's span (grad_span) for a card whose per-block shared memory opt-in is
-// MSF_EMU_SMEM bytes (default 232448, sm_90's; 0: the register path), capped by
-// METASSL_FAST_CUDA_GRAD_SPAN as on a GPU.
+// The backward's span (grad_span) for `outer` rows on a card whose per-block shared memory
+// opt-in is MSF_EMU_SMEM bytes (default 232448, sm_90's; 0: the register path) with
+// MSF_EMU_SMS multiprocessors (default 1), capped by METASSL_FAST_CUDA_GRAD_SPAN as on a
+// GPU.  The static buffers subtracted are the emulation's own (its 16-bit types are 4
+// bytes wide, so 16-bit spans here are narrower than on the card).
 template <typename T>
-int emu_span(int D) {
+int emu_span(int D, int64_t outer) {
   const char* env = std::getenv("MSF_EMU_SMEM");
+  const char* sms = std::getenv("MSF_EMU_SMS");
   const int64_t optin = env ? std::atoll(env) : 232448;
+  const int64_t row_blocks = (outer + kTile - 1) / kTile;
+  const int64_t min_pieces = sms ? (std::atoll(sms) + row_blocks - 1) / row_blocks : 1;
   const int span = grad_span(D, Traits<T>::kOutChunk, optin - static_cast<int64_t>(sizeof(GradSmem<T>)),
-                             grad_span_cap());
+                             grad_span_cap(), min_pieces);
   if (grad_smem_bytes(span, Traits<T>::kOutChunk) > static_cast<int64_t>(sizeof emu::dynamic_smem)) {
     std::fprintf(stderr, "span %d needs more than the emulation's dynamic shared memory\n", span);
     std::exit(5);
@@ -60,20 +66,21 @@ template <typename T, typename L>
 void backward(const L& loss, const T* Q, const T* K, int N, int C, int D, bool split_dk, std::vector<float>& out,
               int64_t ld = 0) {
   if (ld == 0) ld = D;  // the inputs' row stride (the outputs' is D)
-  const int span = emu_span<T>(D);
+  const int span = emu_span<T>(D, N);
   const unsigned rb = static_cast<unsigned>((N + kTile - 1) / kTile);
-  const unsigned pieces = static_cast<unsigned>((D + span - 1) / span);
   std::vector<float> dq(static_cast<size_t>(N) * D, NAN), parts(L::kParts * rb, NAN),
       dk(static_cast<size_t>(C) * D, NAN);
-  emu::launch(dim3(rb, pieces), kThreads, [&] {
+  emu::launch(dim3(rb, static_cast<unsigned>((D + span - 1) / span)), kThreads, [&] {
     grad_kernel<T, L, false>(Q, K, loss, dq.data(), parts.data(), N, C, D, 0, 0, ld, ld, D, span);
   });
   const int c1 = split_dk && C > 1 ? C / 2 + 1 : C;
   for (auto [a, b] : {std::pair<int, int>{0, c1}, std::pair<int, int>{c1, C}}) {
     if (b <= a) continue;
-    emu::launch(dim3(static_cast<unsigned>((b - a + kTile - 1) / kTile), pieces), kThreads, [&, a = a, b = b] {
+    const int span_k = emu_span<T>(D, b - a);
+    const dim3 grid(static_cast<unsigned>((b - a + kTile - 1) / kTile), static_cast<unsigned>((D + span_k - 1) / span_k));
+    emu::launch(grid, kThreads, [&, a = a, b = b] {
       grad_kernel<T, L, true>(Q, K, loss, dk.data() + static_cast<size_t>(a) * D, nullptr, N, C, D, a, b, ld, ld, D,
-                              span);
+                              span_k);
     });
   }
   out.insert(out.end(), dq.begin(), dq.end());
@@ -216,10 +223,11 @@ void dispatch(const std::string& mode, int N, int C, int D, const float* p, cons
 }
 
 int main(int argc, char** argv) {
-  if (argc == 6 && std::string(argv[1]) == "span") {  // span DTYPE D BUDGET CAP: grad_span's span on stdout
+  if (argc == 7 && std::string(argv[1]) == "span") {  // span DTYPE D BUDGET CAP MIN_PIECES: grad_span's span
     const int dtype = std::atoi(argv[2]);
     const int out_chunk = dtype == 0 ? Traits<float>::kOutChunk : Traits<__half>::kOutChunk;
-    const int span = grad_span(std::atoll(argv[3]), out_chunk, std::atoll(argv[4]), std::atoll(argv[5]));
+    const int span = grad_span(std::atoll(argv[3]), out_chunk, std::atoll(argv[4]), std::atoll(argv[5]),
+                               std::atoll(argv[6]));
     std::printf("%d %d %lld\n", span, out_chunk, static_cast<long long>(grad_smem_bytes(span, out_chunk)));
     return 0;
   }
