@@ -99,7 +99,12 @@ def test_row_stride_longer_than_d(runner, tmp_path, monkeypatch, dtype, n, c, d,
     pieces (taken when the pointer, ld and D are whole pieces: D = 40, 96 here) must not
     read past D, nor the element-by-element path (D = 37, 42)."""
     monkeypatch.setenv("MSF_EMU_LD", str(ld))
-    q, k, g = _operands(n, c, d, dtype, seed=ld)
+    _both_directions(runner, tmp_path, dtype, n, c, d, seed=ld, what=f"ld={ld}")
+
+
+def _both_directions(runner, tmp_path, dtype, n, c, d, seed, what):
+    """The contrastive kernels one-sided and symmetric on seeded operands against float64."""
+    q, k, g = _operands(n, c, d, dtype, seed=seed)
     w = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
     for symmetric in (False, True):
         out = _call(runner, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), 7.5], [q, k, w.float().double()],
@@ -107,7 +112,7 @@ def test_row_stride_longer_than_d(runner, tmp_path, monkeypatch, dtype, n, c, d,
         want = _reference(q, k, w.float().double(), 7.5, symmetric)
         if not symmetric:
             del want["lse_col"]
-        _check(_shaped(out, n, c, d), want, dtype, f"ld={ld} {dtype} n={n} c={c} d={d} sym={symmetric}")
+        _check(_shaped(out, n, c, d), want, dtype, f"{what} {dtype} n={n} c={c} d={d} sym={symmetric}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,16 +128,7 @@ def test_backward_span(runner, tmp_path, monkeypatch, dtype, env, d):
     (a multiple of 8) in 16-byte copies."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    n, c = 66, 70
-    q, k, g = _operands(n, c, d, dtype, seed=330)
-    w = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
-    for symmetric in (False, True):
-        out = _call(runner, tmp_path, "contrastive", dtype, n, c, d, [int(symmetric), 7.5], [q, k, w.float().double()],
-                    ["lse", "pos", "row_loss", "lse_col", "dq", "ds", "dk"], [n, n, n, n, n * d, 1, c * d])
-        want = _reference(q, k, w.float().double(), 7.5, symmetric)
-        if not symmetric:
-            del want["lse_col"]
-        _check(_shaped(out, n, c, d), want, dtype, f"span env={env} {dtype} d={d} sym={symmetric}")
+    _both_directions(runner, tmp_path, dtype, 66, 70, d, seed=330, what=f"span env={env}")
 
 
 def _span(runner, dtype_code, d, budget, cap, min_pieces=1):
