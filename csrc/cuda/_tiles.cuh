@@ -53,7 +53,6 @@ namespace {
 
 constexpr int kTile = 64;      // rows and columns of an S tile
 constexpr int kThreads = 256;  // 8 warps
-constexpr int kPad = 8;        // elements of padding per shared row (16-byte aligned rows)
 constexpr int kLdS = kTile + 4;
 
 template <typename T>
@@ -63,18 +62,23 @@ struct Traits<float> {
   static constexpr bool kTensorCores = false;
   static constexpr int kChunk = 16;     // features of the S product per pipeline stage
   static constexpr int kOutChunk = 64;  // feature columns of a dQ / dK block
+  // elements of padding per shared row: 16 bytes (rows stay 16-byte aligned for the copies);
+  // the fp32 products read 16 consecutive rows of 20 floats, 2 lanes to a bank at most
+  static constexpr int kPad = 4;
 };
 template <>
 struct Traits<__half> {
   static constexpr bool kTensorCores = true;
   static constexpr int kChunk = 32;
   static constexpr int kOutChunk = 128;
+  static constexpr int kPad = 8;  // WMMA: ldm a multiple of 8 elements
 };
 template <>
 struct Traits<__nv_bfloat16> {
   static constexpr bool kTensorCores = true;
   static constexpr int kChunk = 32;
   static constexpr int kOutChunk = 128;
+  static constexpr int kPad = 8;  // WMMA: ldm a multiple of 8 elements
 };
 
 template <typename T>
@@ -101,9 +105,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // outer rows (a) and of the inner rows (b).
 template <typename T>
 struct ChunkSmem {
-  static constexpr int kC = Traits<T>::kChunk;
-  alignas(32) T a[2][kTile][kC + kPad];  // WMMA operands need 32-byte aligned tiles
-  alignas(32) T b[2][kTile][kC + kPad];
+  static constexpr int kC = Traits<T>::kChunk, kP = Traits<T>::kPad;
+  alignas(32) T a[2][kTile][kC + kP];  // WMMA operands need 32-byte aligned tiles
+  alignas(32) T b[2][kTile][kC + kP];
 };
 
 // 16 bytes from global to shared memory: one 128-bit load (LDG.E.128) and store (STS.128);
@@ -162,10 +166,11 @@ __device__ __forceinline__ void zero16(T* dst) {
 // pad D to a multiple of 8 / 4 for the wide loads).  The branch is uniform: it depends on
 // the kernel's arguments only.
 template <int W, bool kAsync, typename T>
-__device__ __forceinline__ void load_rows(T (*dst)[W + kPad], const T* X, int64_t ld, int64_t r0, int64_t r_end,
+__device__ __forceinline__ void load_rows(T (*dst)[W + Traits<T>::kPad], const T* X, int64_t ld, int64_t r0, int64_t r_end,
                                           int d0, int D) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
-  static_assert(W % kVec == 0 && ((W + kPad) * sizeof(T)) % 16 == 0, "16-byte pieces must tile a shared row");
+  static_assert(W % kVec == 0 && ((W + Traits<T>::kPad) * sizeof(T)) % 16 == 0,
+                "16-byte pieces must tile a shared row");
   if (reinterpret_cast<uintptr_t>(X) % 16 == 0 && ld % kVec == 0 && D % kVec == 0) {
     // not unrolled: the 1-4 pieces per thread, unrolled, had their addresses computed up
     // front, which pushed the kernels at their __launch_bounds__ cap into spills
@@ -250,12 +255,12 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
 #pragma unroll
       for (int kk = 0; kk < kC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.a[st][16 * fr][kk], kC + kPad);
+        wmma::load_matrix_sync(fa, &sm.a[st][16 * fr][kk], kC + Traits<T>::kPad);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           // B^T as a column-major K x N operand is B's rows as stored
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.b[st][16 * (fc + j)][kk], kC + kPad);
+          wmma::load_matrix_sync(fb, &sm.b[st][16 * (fc + j)][kk], kC + Traits<T>::kPad);
           wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
       }
@@ -269,7 +274,9 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
     }
     __syncthreads();
   } else {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;  // a 4 x 4 block each
+    // rows ty + 16 i, columns tx + 16 j: a warp reads 2 rows of A (broadcast) and 16
+    // consecutive rows of B, writes 16 consecutive columns of S
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     float acc[4][4] = {};
     for (int c = 0; c < n; ++c) {
       const int st = c & 1;
@@ -284,9 +291,9 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
       for (int k = 0; k < kC; ++k) {
         float a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_float(sm.a[st][ty * 4 + i][k]);
+        for (int i = 0; i < 4; ++i) a[i] = to_float(sm.a[st][ty + 16 * i][k]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[st][tx * 4 + j][k]);
+        for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[st][tx + 16 * j][k]);
         fma_4x4(acc, a, b);
       }
       __syncthreads();
@@ -294,7 +301,7 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) S[ty * 4 + i][tx * 4 + j] = scale * acc[i][j];
+      for (int j = 0; j < 4; ++j) S[ty + 16 * i][tx + 16 * j] = scale * acc[i][j];
     __syncthreads();
   }
 }
@@ -374,10 +381,10 @@ struct GradSmem<T, true> {
   union alignas(32) {
     ChunkSmem<T> chunk;
     float S[kTile][kLdS];
-    T inner[kTile][kOut + kPad];  // the inner rows' features of one output chunk
+    T inner[kTile][kOut + Traits<T>::kPad];  // the inner rows' features of one output chunk
     float stage[8][16][16];       // per-warp staging of the result
   } u;
-  alignas(32) T G[kTile][kTile + kPad];  // G as the product's operand
+  alignas(32) T G[kTile][kTile + Traits<T>::kPad];  // G as the product's operand
   RowData outer[kTile], inner_row[kTile];
   float red[2][kThreads / 32];
   __device__ float (*s())[kLdS] { return u.S; }
@@ -387,7 +394,7 @@ struct GradSmem<T, false> {
   static constexpr int kOut = Traits<T>::kOutChunk;
   union alignas(32) {
     ChunkSmem<T> chunk;
-    T inner[kTile][kOut + kPad];
+    T inner[kTile][kOut + Traits<T>::kPad];
   } u;
   alignas(32) float S[kTile][kLdS];  // S, then G in place
   RowData outer[kTile], inner_row[kTile];
@@ -476,11 +483,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int kk = 0; kk < kTile; kk += 16) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, &sm.G[16 * fr][kk], kTile + kPad);
+          wmma::load_matrix_sync(fa, &sm.G[16 * fr][kk], kTile + Traits<T>::kPad);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, &sm.u.inner[kk][16 * (fc0 + j)], kOut + kPad);
+            wmma::load_matrix_sync(fb, &sm.u.inner[kk][16 * (fc0 + j)], kOut + Traits<T>::kPad);
             wmma::mma_sync(facc[j], fa, fb, facc[j]);
           }
         }
@@ -495,22 +502,22 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] = acc_sm[(ty * 4 + i) * ld_acc + ca + tx * 4 + j];
+            for (int j = 0; j < 4; ++j) acc[i][j] = acc_sm[(ty + 16 * i) * ld_acc + ca + tx + 16 * j];
         }
 #pragma unroll 8
         for (int k = 0; k < kTile; ++k) {
           float a[4], b[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = S[ty * 4 + i][k];
+          for (int i = 0; i < 4; ++i) a[i] = S[ty + 16 * i][k];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx * 4 + j]);
+          for (int j = 0; j < 4; ++j) b[j] = to_float(sm.u.inner[k][tx + 16 * j]);
           fma_4x4(acc, a, b);
         }
         if (shared_acc) {
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc_sm[(ty * 4 + i) * ld_acc + ca + tx * 4 + j] = acc[i][j];
+            for (int j = 0; j < 4; ++j) acc_sm[(ty + 16 * i) * ld_acc + ca + tx + 16 * j] = acc[i][j];
         }
       }
       __syncthreads();  // the inner rows are rewritten by the next chunk; S and G by the next tile
@@ -540,10 +547,10 @@ __global__ void __launch_bounds__(kThreads)
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = o0 + ty * 4 + i;
+      const int64_t row = o0 + ty + 16 * i;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int k = d_base + tx * 4 + j;
+        const int k = d_base + tx + 16 * j;
         if (row < o_end && k < D) out[(row - out0) * ldo + k] = acc[i][j];
       }
     }
