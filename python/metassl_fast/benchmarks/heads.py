@@ -47,7 +47,7 @@ EVAL_CHUNK = 16  # episodes per fit_logreg call: 25 was as fast at 15-shot and 4
 # peak RSS (0.8-1.0 MiB with a view of a whole chunk's W kept) exceeded scikit-learn's 0.55-1.0; 16: 0.45
 
 FULL = dict(T=8, Ds=(640, 16000), shots=(5, 15), q=Q_PER_CLASS, episodes=2000, logreg_D=640,
-            repeats={"svm": 7, "ridge": 21, "logreg": 3}, qpth_iters=(3, 15), compile=True)
+            repeats={"svm": 7, "ridge": 21, "logreg": 7}, qpth_iters=(3, 15), compile=True)
 QUICK = dict(T=2, Ds=(24,), shots=(2,), q=3, episodes=12, logreg_D=24,
              repeats={"svm": 2, "ridge": 2, "logreg": 2}, qpth_iters=(3,), compile=False)
 
