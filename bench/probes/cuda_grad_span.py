@@ -1,5 +1,6 @@
 # Issue 11 probe for a lent GPU (bench/gpu_check.sh runs it): the CUDA C++ backward with its
-# accumulators for all of D in shared memory (S computed once per 64 outer rows) against one
+# accumulators for all of D in shared memory (S computed once per 64 outer rows; narrower spans,
+# more pieces, where the grid has fewer row blocks than SMs) against one
 # output chunk per block in registers (METASSL_FAST_CUDA_GRAD_SPAN = the chunk: S computed
 # ceil(D / chunk) times, the layout before 2026-12-08), clip_loss forward+backward, interleaved
 # rounds, median ms.  Unrun: no GPU had been lent when it was written.
@@ -16,8 +17,9 @@ import metassl_fast as msf
 if not torch.cuda.is_available():
     sys.exit("cuda_grad_span.py needs a GPU")
 CHUNK = {torch.bfloat16: "128", torch.float32: "64"}  # csrc/cuda/_tiles.cuh Traits<T>::kOutChunk
+# N = 4096: 64 row blocks, fewer than an H100's 132 SMs, so grad_span narrows the span (min pieces)
 CASES = [(16384, 256, torch.bfloat16), (16384, 512, torch.bfloat16), (16384, 1024, torch.bfloat16),
-         (8192, 512, torch.float32)]
+         (4096, 512, torch.bfloat16), (8192, 512, torch.float32)]
 
 
 def step(q, k, s):
