@@ -223,18 +223,39 @@ __device__ __forceinline__ void issue_chunk(ChunkSmem<T>& sm, int st, int c, con
   cp_async_commit();
 }
 
+// The two-stage pipeline over D's chunks: multiply(st) runs on stage st once its copies
+// have landed (every thread's: wait, then barrier) while the next chunk's are in flight;
+// a stage is refilled only after the barrier that ends the product reading it.  Ends with
+// the block synchronised and no copy pending.
+template <typename T, typename F>
+__device__ __forceinline__ void chunk_pipeline(ChunkSmem<T>& sm, const T* A, int64_t lda, int64_t a0, int64_t a_end,
+                                               const T* B, int64_t ldb, int64_t b0, int64_t b_end, int D,
+                                               F&& multiply) {
+  const int n = (D + Traits<T>::kChunk - 1) / Traits<T>::kChunk;
+  issue_chunk(sm, 0, 0, A, lda, a0, a_end, B, ldb, b0, b_end, D);
+  for (int c = 0; c < n; ++c) {
+    const int st = c & 1;
+    if (c + 1 < n) {
+      issue_chunk(sm, st ^ 1, c + 1, A, lda, a0, a_end, B, ldb, b0, b_end, D);
+      cp_async_wait<1>();  // chunk c has landed; c + 1 may be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    multiply(st);
+    __syncthreads();  // stage st is refilled by the next iteration's copies
+  }
+}
+
 // S[r][c] = scale * A[a0 + r] . B[b0 + c] for the 64 x 64 tile (0 where a row is out of
-// range).  All threads take part; S is complete and visible on return.  Two-stage
-// pipeline over D: chunk c + 1 is in flight (cp.async) while chunk c is multiplied; a
-// stage is refilled only after the barrier that ends the product reading it.  S may
-// share memory with sm: it is written after the last chunk's barrier, no copy pending.
+// range).  All threads take part; S is complete and visible on return.  D streams
+// through chunk_pipeline; S may share memory with sm: it is written after the last
+// chunk's barrier, no copy pending.
 template <typename T>
 __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t lda, int64_t a0,
                        int64_t a_end, const T* B, int64_t ldb, int64_t b0, int64_t b_end, int D,
                        float scale) {
   constexpr int kC = Traits<T>::kChunk;
-  const int n = (D + kC - 1) / kC;
-  issue_chunk(sm, 0, 0, A, lda, a0, a_end, B, ldb, b0, b_end, D);
   if constexpr (Traits<T>::kTensorCores) {
     using namespace nvcuda;
     const int warp = threadIdx.x / 32;
@@ -243,15 +264,7 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
-    for (int c = 0; c < n; ++c) {
-      const int st = c & 1;
-      if (c + 1 < n) {
-        issue_chunk(sm, st ^ 1, c + 1, A, lda, a0, a_end, B, ldb, b0, b_end, D);
-        cp_async_wait<1>();  // chunk c has landed; c + 1 may be in flight
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+    chunk_pipeline(sm, A, lda, a0, a_end, B, ldb, b0, b_end, D, [&](int st) {
 #pragma unroll
       for (int kk = 0; kk < kC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
@@ -264,8 +277,7 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
           wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
       }
-      __syncthreads();  // stage st is refilled by the next iteration's copies
-    }
+    });
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -278,15 +290,7 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
     // consecutive rows of B, writes 16 consecutive columns of S
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     float acc[4][4] = {};
-    for (int c = 0; c < n; ++c) {
-      const int st = c & 1;
-      if (c + 1 < n) {
-        issue_chunk(sm, st ^ 1, c + 1, A, lda, a0, a_end, B, ldb, b0, b_end, D);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+    chunk_pipeline(sm, A, lda, a0, a_end, B, ldb, b0, b_end, D, [&](int st) {
 #pragma unroll
       for (int k = 0; k < kC; ++k) {
         float a[4], b[4];
@@ -296,8 +300,7 @@ __device__ void s_tile(float (*S)[kLdS], ChunkSmem<T>& sm, const T* A, int64_t l
         for (int j = 0; j < 4; ++j) b[j] = to_float(sm.b[st][tx + 16 * j][k]);
         fma_4x4(acc, a, b);
       }
-      __syncthreads();
-    }
+    });
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -365,6 +368,16 @@ inline int64_t grad_span_cap() {
     throw std::invalid_argument(std::string("metassl_fast._C_cuda: METASSL_FAST_CUDA_GRAD_SPAN must be a "
                                             "non-negative integer (columns), got '") + v + "'");
   return cap;
+}
+
+// The span a launch of grad_kernel uses for `outer` rows on a card with `optin` bytes of
+// shared memory per block (opt-in limit) and `sms` multiprocessors, the kernel holding
+// `static_bytes` of static shared memory; METASSL_FAST_CUDA_GRAD_SPAN caps it.  (The
+// launcher and the CPU emulation both plan through it.)
+inline int grad_launch_span(int64_t D, int out_chunk, int64_t optin, int64_t static_bytes, int64_t sms,
+                            int64_t outer) {
+  const int64_t row_blocks = (outer + kTile - 1) / kTile;
+  return grad_span(D, out_chunk, optin - static_bytes, grad_span_cap(), (sms + row_blocks - 1) / row_blocks);
 }
 
 // grad_kernel's static shared memory.  Lifetimes within one inner tile: the S product's
@@ -605,14 +618,13 @@ void launch_grad_as(const T* q, const T* k, const L& loss, float* out, float* pa
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory per block");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
   const int64_t budget = static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
-  const int64_t row_blocks = cdiv(outer, kTile);
-  const int span = grad_span(D, kOut, budget, grad_span_cap(), cdiv(sms, row_blocks));
+  const int span = grad_launch_span(D, kOut, optin, static_cast<int64_t>(attr.sharedSizeBytes), sms, outer);
   const int64_t smem = grad_smem_bytes(span, kOut);
   // the kernel's limit is set to all the card allows, never to this launch's need: a launch
   // on another host thread with a wider span must not find it lowered
   if (smem > 0)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)), what);
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(cdiv(D, span)));
+  const dim3 grid(static_cast<unsigned>(cdiv(outer, kTile)), static_cast<unsigned>(cdiv(D, span)));
   kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(q, k, loss, out, part, N, C, D, col0, col1, ldq, ldk,
                                                                 ldo, span);
   check(cudaGetLastError(), what);

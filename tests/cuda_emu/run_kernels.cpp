@@ -48,11 +48,8 @@ template <typename T>
 int emu_span(int D, int64_t outer) {
   const char* env = std::getenv("MSF_EMU_SMEM");
   const char* sms = std::getenv("MSF_EMU_SMS");
-  const int64_t optin = env ? std::atoll(env) : 232448;
-  const int64_t row_blocks = (outer + kTile - 1) / kTile;
-  const int64_t min_pieces = sms ? (std::atoll(sms) + row_blocks - 1) / row_blocks : 1;
-  const int span = grad_span(D, Traits<T>::kOutChunk, optin - static_cast<int64_t>(sizeof(GradSmem<T>)),
-                             grad_span_cap(), min_pieces);
+  const int span = grad_launch_span(D, Traits<T>::kOutChunk, env ? std::atoll(env) : 232448,
+                                    static_cast<int64_t>(sizeof(GradSmem<T>)), sms ? std::atoll(sms) : 1, outer);
   if (grad_smem_bytes(span, Traits<T>::kOutChunk) > static_cast<int64_t>(sizeof emu::dynamic_smem)) {
     std::fprintf(stderr, "span %d needs more than the emulation's dynamic shared memory\n", span);
     std::exit(5);
